@@ -1,0 +1,269 @@
+"""python -m mlx_holo.compress: load a model, calibrate, compress, save MLX weights + evidence.json.
+
+Example: python -m mlx_holo.compress --method gptq --bits 4 --group-size 64 --out runs/smollm2-gptq4
+The output folder opens with stock ``mlx_lm.load``; ``evidence.json`` beside the weights records what was done and
+measured, with gates and a GO/NO-GO verdict. Everything is written to a temp folder first and renamed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+from .hardware import ensure_fast_blas
+
+
+def _peak_rss() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[dict, dict]:
+    """Sensitivity pass + knapsack -> ({linear path: bits}, details). The embedding keeps ``recipe.bits``."""
+    import mlx.core as mx
+
+    from . import models, pipeline
+    from .quant.mixed import allocate_bits, allocation_bytes, layer_bytes, rtn_layer_cost
+
+    model = models.open_model(model_spec, lazy=True)[0]
+    costs = pipeline.scan(model, calib, lambda i, path, w, X: rtn_layer_cost(
+        path, w, pipeline.hessian(X), recipe.group_size, candidate_bits=recipe.candidate_bits),
+        on_progress=on_progress)
+    n_lin = sum(c.n_params for c in costs)
+    emb = [(k, v.size) for k, v in _outside_quantizable(model, recipe)]
+    n_emb = sum(n for _, n in emb)
+    emb_bytes = sum(layer_bytes(n, recipe.bits, recipe.group_size) for _, n in emb)
+    if recipe.bits_per_weight is not None:
+        budget = int(recipe.bits_per_weight * (n_lin + n_emb) / 8) - emb_bytes
+    else:
+        other = sum(v.size * 2 for k, v in _float_params(model))
+        budget = int(recipe.target_mb * 1e6) - emb_bytes - other
+    bits = allocate_bits(costs, target_bytes=budget, candidate_bits=recipe.candidate_bits)
+    used = allocation_bytes(costs, bits)
+    hist = {}
+    for b in bits.values():
+        hist[str(b)] = hist.get(str(b), 0) + 1
+    del model
+    mx.clear_cache()
+    return bits, {"budget_bytes_linears": budget, "allocated_bytes_linears": used, "bits_histogram": hist,
+                  "embedding_bits": recipe.bits}
+
+
+def _outside_quantizable(model, recipe):
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from . import models, pipeline
+    prefix = pipeline._block_prefix(model)
+    out = []
+    for k, v in tree_flatten(model.parameters()):
+        if k.startswith(prefix + ".") or not k.endswith(".weight"):
+            continue
+        m = pipeline._get(model, k.rsplit(".", 1)[0])
+        if isinstance(m, (nn.Linear, nn.Embedding)) and recipe.quantize_embeddings:
+            out.append((k, v))
+    del models
+    return out
+
+
+def _float_params(model):
+    from mlx.utils import tree_flatten
+    return [(k, v) for k, v in tree_flatten(model.parameters()) if v.ndim == 1]
+
+
+def sparsity_report(folder, layers: list, nm: str | None) -> dict:
+    """Read the saved tensors back and check the claimed sparsity / N:M pattern on float (unquantized) layers."""
+    import mlx.core as mx
+
+    from . import models
+    from .prune.masks import check_nm, parse_nm
+
+    weights = models.load_weights(folder)
+    total = zeros = 0
+    nm_ok = True
+    checked = 0
+    for r in layers:
+        w = weights.get(f"{r['name']}.weight")
+        if w is None or f"{r['name']}.scales" in weights or w.ndim != 2:
+            continue
+        z = int((w == 0).sum().item())
+        r["sparsity_saved"] = z / w.size
+        total += w.size
+        zeros += z
+        checked += 1
+        if nm:
+            n, m = parse_nm(nm)
+            nm_ok &= bool(check_nm(w != 0, n, m))
+    del mx
+    return {"overall": zeros / total if total else 0.0, "checked": checked > 0, "layers_checked": checked,
+            "nm": nm, "nm_pattern_holds": (nm_ok if nm and checked else None)}
+
+
+def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, eval_seq_len: int = 512,
+             calib_corpus: str = "c4", eval_corpus: str = "wiki", gates: list[str] | None = None,
+             overwrite: bool = False, on_progress=None) -> dict:
+    """Compress ``model`` with ``recipe`` into ``out`` -> evidence dict (also written to out/evidence.json)."""
+    import mlx.core as mx
+
+    from . import data, evaluate, evidence, hardware, models, pipeline
+    from .recipe import PRUNE_METHODS
+
+    recipe.validate()
+    t0 = time.perf_counter()
+    base, tok, config, info = models.open_model(model, lazy=True)
+    needs_calib = recipe.method not in ("rtn", "magnitude") or recipe.allocation != "uniform"
+    calib = corpus_c = None
+    if needs_calib:
+        corpus_c = data.load_corpus(calib_corpus)
+        calib = data.calibration_windows(tok, corpus_c, recipe.calib_tokens, recipe.calib_seq_len, recipe.seed)
+    details = {}
+    layer_bits = layer_sparsity = None
+    if recipe.method == "mixed":
+        layer_bits, details["allocation"] = mixed_allocation(model, calib, recipe, on_progress=on_progress)
+    if recipe.method in PRUNE_METHODS and recipe.allocation != "uniform":
+        from .allocation import allocate_sparsity
+        layer_sparsity, details["allocation"] = allocate_sparsity(model, calib, recipe, on_progress=on_progress)
+    res = pipeline.run(base, calib, recipe, layer_bits=layer_bits, layer_sparsity=layer_sparsity,
+                       on_progress=on_progress)
+    compress_s = time.perf_counter() - t0
+    del base
+    mx.clear_cache()
+    with models.atomic_dir(out, overwrite=overwrite) as tmp:
+        nbytes = models.save_compressed(res.floats, res.quantized, config, info.path, tmp,
+                                        default_bits=recipe.bits, default_group_size=max(recipe.group_size, 32)
+                                        if recipe.group_size != -1 else 128, mode=recipe.mode)
+        nbytes["original"] = 2 * info.n_params
+        layers = res.layer_dicts()
+        extra = dict(details)
+        if recipe.method in PRUNE_METHODS:
+            extra["sparsity"] = sparsity_report(tmp, layers, recipe.nm)
+            if not extra["sparsity"]["checked"]:  # quantized after pruning: report the pre-quantization masks
+                n = sum(r["sparsity"] * 0 + 1 for r in layers)
+                extra["sparsity"]["overall"] = sum(r["sparsity"] for r in layers) / max(n, 1)
+        t1 = time.perf_counter()
+        metrics: dict = {}
+        corpus_e = data.load_corpus(eval_corpus)
+        if eval_tokens > 0:
+            cm = models.open_model(str(tmp))[0]
+            bm = models.open_model(model)[0]
+            wins = data.windows(data.tokenize(tok, corpus_e, eval_tokens), eval_seq_len)
+            metrics = evaluate.compare(cm, bm, wins, on_progress=on_progress).to_dict()
+            del cm, bm
+        else:
+            wins = None
+            metrics = {k: None for k in ("ppl", "base_ppl", "delta_ppl_pct", "kl", "top1", "cos_min",
+                                         "determinism_delta")}
+        corpora = {"evaluation": corpus_e.record(int(wins.size) if wins is not None else 0)}
+        if corpus_c is not None:
+            corpora["calibration"] = corpus_c.record(int(calib.size))
+        n_quant = sum((q.codes.size if hasattr(q, "codes") else q[0].size * 32 // q[3]) for q in res.quantized.values())
+        ev = evidence.build(
+            model={"id": info.id, "path": info.path, "hash": info.hash, "model_type": info.model_type,
+                   "n_params": info.n_params},
+            recipe=recipe.to_dict(), corpora=corpora, nbytes=nbytes, n_quant_params=n_quant, metrics=metrics,
+            environment=hardware.device_info(),
+            timings={"compress_s": compress_s, "eval_s": time.perf_counter() - t1,
+                     "total_s": time.perf_counter() - t0},
+            peak_memory_bytes=_peak_rss(), gates=gates or evidence.DEFAULT_GATES, layers=layers,
+            output={"path": str(out)}, pipeline_peak_mlx_bytes=int(res.peak_memory_bytes),
+            command=" ".join(sys.orig_argv), **extra)
+        evidence.write(ev, tmp / "evidence.json")
+    return ev
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .recipe import METHODS
+
+    ap = argparse.ArgumentParser(prog="python -m mlx_holo.compress", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default", help="local HF folder, hub id, .gguf file, or 'default' "
+                    "(embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--out", required=True, help="output folder (mlx-lm layout + evidence.json)")
+    ap.add_argument("--method", default="rtn", choices=METHODS)
+    ap.add_argument("--bits", type=int, default=4, help="2,3,4,5,6,8 (0 = keep float, e.g. pruning only)")
+    ap.add_argument("--group-size", type=int, default=64, help="32, 64, 128 or -1 (per-channel)")
+    ap.add_argument("--mode", default="affine", choices=["affine", "mxfp4", "nvfp4", "mxfp8"])
+    ap.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping per group (RTN/GPTQ)")
+    ap.add_argument("--grid-offset", type=float, default=0.0, help="shift of the integer grid, in steps")
+    ap.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"])
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--calib-corpus", default="c4", help="built-in corpus name or a text file")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-act-order", dest="act_order", action="store_false", help="GPTQ without act-order")
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
+    ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
+    ap.add_argument("--sparsity", type=float, default=0.0)
+    ap.add_argument("--nm", default=None, help="N:M structured sparsity, e.g. 2:4")
+    ap.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "zero-order"])
+    ap.add_argument("--recover", default=None, choices=["admm"])
+    ap.add_argument("--no-quantize-embeddings", dest="quantize_embeddings", action="store_false")
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="0 skips evaluation (gates then fail)")
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-corpus", default="wiki")
+    ap.add_argument("--gate", action="append", default=None, help="e.g. --gate cos_min>=0.95 (repeatable)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return ap
+
+
+def recipe_from_args(args):
+    from .recipe import Recipe
+
+    return Recipe(method=args.method, bits=args.bits or None, group_size=args.group_size, mode=args.mode,
+                  clip_search=args.clip_search, grid_offset=args.grid_offset, rounding=args.rounding,
+                  calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
+                  act_order=args.act_order, damp=args.damp, bits_per_weight=args.bits_per_weight,
+                  target_mb=args.target_mb, sparsity=args.sparsity, nm=args.nm, allocation=args.allocation,
+                  recover=args.recover, quantize_embeddings=args.quantize_embeddings)
+
+
+def progress_printer():
+    """on_progress for the terminal: one updating line per stage on stderr."""
+    last = {}
+
+    def cb(stage, done, total):
+        now = time.perf_counter()
+        if done < total and now - last.get(stage, 0) < 0.5:
+            return
+        last[stage] = now
+        width = 30
+        fill = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r{stage:>10} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return cb
+
+
+def main(argv=None) -> int:
+    ensure_fast_blas()
+    args = build_parser().parse_args(argv)
+    from . import evidence
+    from .data import DataError
+    from .models import ModelError
+    from .recipe import RecipeError
+
+    try:
+        recipe = recipe_from_args(args).validate()
+        for g in args.gate or []:
+            evidence.parse_gate(g)
+        ev = compress(args.model, recipe, args.out, eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len,
+                      calib_corpus=args.calib_corpus, eval_corpus=args.eval_corpus, gates=args.gate,
+                      overwrite=args.overwrite, on_progress=progress_printer())
+    except (RecipeError, ModelError, DataError, evidence.EvidenceError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = ev["metrics"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    print(f"{ev['verdict']}  {args.out}  bits/weight {ev['bits_per_weight']:.3f}  ratio {ev['ratio']:.2f}x  "
+          f"ppl {fmt(m.get('ppl'))} (base {fmt(m.get('base_ppl'))}, {fmt(m.get('delta_ppl_pct'))}%)  "
+          f"kl {fmt(m.get('kl'))}  top1 {fmt(m.get('top1'))}  cos_min {fmt(m.get('cos_min'))}")
+    for g in ev["gates"]:
+        print(f"  {'pass' if g['passed'] else 'FAIL'}  {g['metric']} {g['op']} {g['threshold']:g}  "
+              f"(value {fmt(g['value'])})")
+    return 0 if ev["verdict"] == "GO" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Quality of a compressed model against its base: perplexity, KL, top-1 agreement, per-layer cosine, determinism.
+
+Perplexity uses non-overlapping windows (the GPTQ/SparseGPT convention, Frantar et al. 2022, sec. 4): the text is
+cut into ``seq_len`` windows, each scored independently, ``ppl = exp(mean NLL)`` over every predicted token.
+KL is ``KL(p_base || p_model)`` per token, averaged; top-1 agreement is the fraction of positions where both
+models' argmax agree. Per-layer cosine is the mean cosine similarity of each transformer block's output between
+the two models on the same input; ``cos_min`` is its minimum over blocks. ``determinism_delta`` is the largest
+absolute logit difference between two runs of the compressed model on the same window (0 when deterministic).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import data, models
+
+
+@contextmanager
+def capture_blocks(model: nn.Module):
+    """Record every transformer block's output during forward passes: yields a list that fills with [B, S, D]."""
+    outs: list[mx.array] = []
+    layers = models.blocks(model)
+    originals = []
+    for layer in layers:
+        cls = type(layer)
+        hooked = type(f"Hooked{cls.__name__}", (cls,), {
+            "__call__": lambda self, *a, _cls=cls, **k: outs.append(_cls.__call__(self, *a, **k)) or outs[-1]})
+        originals.append(cls)
+        layer.__class__ = hooked
+    try:
+        yield outs
+    finally:
+        for layer, cls in zip(layers, originals):
+            layer.__class__ = cls
+
+
+def _nll_kl_top1(logits: mx.array, targets: mx.array, base_logits: mx.array | None):
+    """logits/base_logits: [S, V], targets: [S] -> (nll_sum, kl_sum, top1_count) as mx scalars."""
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    nll = -mx.take_along_axis(logp, targets[:, None], axis=-1).sum()
+    if base_logits is None:
+        return nll, None, None
+    logq = base_logits - mx.logsumexp(base_logits, axis=-1, keepdims=True)
+    kl = (mx.exp(logq) * (logq - logp)).sum()
+    top1 = (mx.argmax(logits, axis=-1) == mx.argmax(base_logits, axis=-1)).sum()
+    return nll, kl, top1
+
+
+def _cosines(a: list[mx.array], b: list[mx.array]) -> mx.array:
+    """Per-block mean token cosine: lists of [1, S, D] -> [L]."""
+    cs = []
+    for x, y in zip(a, b):
+        x, y = x.astype(mx.float32), y.astype(mx.float32)
+        num = (x * y).sum(-1)
+        den = mx.sqrt((x * x).sum(-1) * (y * y).sum(-1)) + 1e-12
+        cs.append((num / den).mean())
+    return mx.stack(cs)
+
+
+@dataclass
+class Metrics:
+    ppl: float | None = None
+    base_ppl: float | None = None
+    delta_ppl_pct: float | None = None
+    kl: float | None = None
+    top1: float | None = None
+    cos_min: float | None = None
+    determinism_delta: float | None = None
+    cos_per_layer: list = field(default_factory=list)
+    tokens: int = 0
+    windows: int = 0
+    seq_len: int = 0
+    eval_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_windows: int = 1,
+            on_progress=None) -> Metrics:
+    """model/base: loaded float LMs; windows: [N, S] token ids -> Metrics."""
+    t0 = time.perf_counter()
+    n, s = windows.shape
+    nll_t = kl_t = top1_t = 0.0
+    base_nll_t = 0.0
+    cos_sum = None
+    first_logits = []
+    for i in range(n):
+        x = windows[i:i + 1]
+        with capture_blocks(model) as hc:
+            logits = model(x)[0].astype(mx.float32)  # [S, V]
+        blogits = None
+        if base is not None:
+            with capture_blocks(base) as hb:
+                blogits = base(x)[0].astype(mx.float32)
+            cos = _cosines(hc, hb)
+            cos_sum = cos if cos_sum is None else cos_sum + cos
+        nll, kl, top1 = _nll_kl_top1(logits[:-1], x[0, 1:], None if blogits is None else blogits[:-1])
+        if blogits is not None:
+            bnll, _, _ = _nll_kl_top1(blogits[:-1], x[0, 1:], None)
+            mx.eval(nll, kl, top1, bnll, cos_sum)
+            kl_t += kl.item()
+            top1_t += top1.item()
+            base_nll_t += bnll.item()
+        else:
+            mx.eval(nll)
+        nll_t += nll.item()
+        if i < det_windows:
+            first_logits.append(logits)
+        if on_progress:
+            on_progress("evaluate", i + 1, n)
+    count = n * (s - 1)
+    m = Metrics(tokens=int(n * s), windows=int(n), seq_len=int(s))
+    m.ppl = float(mx.exp(mx.array(nll_t / count)).item())
+    if base is not None:
+        m.base_ppl = float(mx.exp(mx.array(base_nll_t / count)).item())
+        m.delta_ppl_pct = 100.0 * (m.ppl - m.base_ppl) / m.base_ppl
+        m.kl = kl_t / count
+        m.top1 = top1_t / count
+        m.cos_per_layer = [float(c) for c in (cos_sum / n).tolist()]
+        m.cos_min = min(m.cos_per_layer)
+    if det_windows:
+        delta = 0.0
+        for i, ref in enumerate(first_logits):
+            again = model(windows[i:i + 1])[0].astype(mx.float32)
+            delta = max(delta, mx.abs(again - ref).max().item())
+        m.determinism_delta = float(delta)
+    m.eval_s = time.perf_counter() - t0
+    return m
+
+
+def evaluate(model: str, base: str | None = None, *, eval_tokens: int = 8192, seq_len: int = 512,
+             corpus: str = "wiki", det_windows: int = 1, on_progress=None) -> dict:
+    """Open ``model`` (and ``base``) and score it on ``eval_tokens`` tokens of ``corpus`` -> metrics dict."""
+    m, tok, _, info = models.open_model(model)
+    b = models.open_model(base)[0] if base is not None else None
+    text = data.load_corpus(corpus)
+    wins = data.windows(data.tokenize(tok, text, eval_tokens), seq_len)
+    out = compare(m, b, wins, det_windows=det_windows, on_progress=on_progress).to_dict()
+    out["corpus"] = text.record(int(wins.size))
+    out["model"] = {"id": info.id, "path": info.path, "hash": info.hash}
+    return out

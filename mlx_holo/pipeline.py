@@ -1,0 +1,298 @@
+"""Streaming block-by-block compression (the sequential convention of GPTQ, Frantar et al. 2022, sec. 3).
+
+Calibration windows enter block 0; for each transformer block in turn we record the inputs of its linear layers,
+compress those layers (RTN, GPTQ, AWQ, pruning, or a per-layer mix), and push the calibration activations through
+the *compressed* block to get the next block's inputs. A finished block's float weights are dropped at once, so
+peak memory is about one block in float32 plus the calibration activations, whatever the depth of the model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from . import models
+from .quant.formats import QuantizedWeight
+from .recipe import PRUNE_METHODS, Recipe
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    bits: int | None
+    group_size: int | None
+    sparsity: float = 0.0
+    error: float | None = None      # relative Hessian-weighted output error trace(dW H dW^T) / trace(W H W^T)
+    seconds: float = 0.0
+
+
+@dataclass
+class PipelineResult:
+    quantized: dict = field(default_factory=dict)   # module path -> QuantizedWeight
+    floats: dict = field(default_factory=dict)      # parameter path -> float array (kept weights, norms, pruned)
+    layers: list = field(default_factory=list)      # LayerRecord
+    peak_memory_bytes: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)       # allocation details etc.
+
+    def layer_dicts(self) -> list[dict]:
+        return [asdict(r) for r in self.layers]
+
+
+# ------------------------------------------------------------------------------------------------ hooks
+
+def block_inputs(model: nn.Module, tokens: mx.array) -> tuple[mx.array, object]:
+    """tokens [N, S] -> (hidden [N, S, D] entering block 0, attention mask) exactly as the model prepares them."""
+    layer0 = models.blocks(model)[0]
+    cls = type(layer0)
+    got = {}
+
+    def grab(self, x, mask=None, *a, **k):
+        got["x"], got["mask"] = x, mask
+        raise _StopForward
+
+    layer0.__class__ = type("Grab" + cls.__name__, (cls,), {"__call__": grab})
+    try:
+        model(tokens)
+    except _StopForward:
+        pass
+    finally:
+        layer0.__class__ = cls
+    return got["x"], got["mask"]
+
+
+def linear_modules(block: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(p, m) for p, m in block.named_modules() if isinstance(m, nn.Linear)][::-1]
+
+
+def capture_linear_inputs(block: nn.Module, x: mx.array, mask) -> tuple[mx.array, dict[str, mx.array]]:
+    """Run block on x [N, S, D]; -> (output, {linear path: its input [N*S, in]})."""
+    seen: dict[str, mx.array] = {}
+    mods = linear_modules(block)
+    saved = []
+    for path, m in mods:
+        cls = type(m)
+
+        def call(self, inp, _cls=cls, _path=path):
+            seen[_path] = inp.reshape(-1, inp.shape[-1])
+            return _cls.__call__(self, inp)
+
+        saved.append((m, cls))
+        m.__class__ = type("Cap" + cls.__name__, (cls,), {"__call__": call})
+    try:
+        y = block(x, mask)
+        mx.eval(y, seen)
+    finally:
+        for m, cls in saved:
+            m.__class__ = cls
+    return y, seen
+
+
+def hessian(x: mx.array) -> mx.array:
+    """x [n, in] -> H = x^T x / n [in, in] (float32)."""
+    x = x.astype(mx.float32)
+    return (x.T @ x) / x.shape[0]
+
+
+def rel_error(w: mx.array, w_hat: mx.array, H: mx.array) -> float:
+    d = (w_hat - w).astype(mx.float32)
+    num = ((d @ H) * d).sum()
+    den = ((w.astype(mx.float32) @ H) * w).sum()
+    return float((num / mx.maximum(den, 1e-12)).item())
+
+
+def _get(block: nn.Module, path: str) -> nn.Module:
+    m = block
+    for part in path.split("."):
+        m = m[int(part)] if isinstance(m, list) else getattr(m, part)
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ per-layer methods
+
+def quantize_weight(w: mx.array, X: mx.array | None, H: mx.array | None, recipe: Recipe, bits: int,
+                    method: str) -> QuantizedWeight:
+    """One linear: w [out, in], its calibration input X [n, in] / Hessian H [in, in] -> QuantizedWeight."""
+    from .quant.rtn import quantize_rtn
+
+    g = recipe.group_size
+    if method == "gptq":
+        from .quant.gptq import gptq_quantize
+        return gptq_quantize(w, H, bits, g, act_order=recipe.act_order, damp=recipe.damp,
+                             clip_search=recipe.clip_search)
+    if method == "awq":
+        from .quant.awq import awq_clip
+        return awq_clip(w, X, bits, g)
+    imp = None
+    if recipe.clip_search and H is not None:
+        imp = mx.diag(H)
+    return quantize_rtn(w, bits, g, clip_search=recipe.clip_search, importance=imp, grid_offset=recipe.grid_offset,
+                        rounding=recipe.rounding, seed=recipe.seed)
+
+
+def prune_weight(w: mx.array, X: mx.array | None, H: mx.array | None, method: str, sparsity: float,
+                 nm: str | None, recover: str | None, damp: float) -> tuple[mx.array, mx.array]:
+    """-> (pruned weight, keep mask)."""
+    if method == "magnitude":
+        from .prune.magnitude import magnitude_prune
+        r = magnitude_prune(w, sparsity, nm)
+    elif method == "wanda":
+        from .prune.wanda import wanda_prune
+        r = wanda_prune(w, mx.sqrt((X.astype(mx.float32) ** 2).sum(axis=0)), sparsity, nm)
+    elif method == "sparsegpt":
+        from .prune.sparsegpt import sparsegpt_prune
+        r = sparsegpt_prune(w, H, sparsity, nm, damp=damp)
+    else:
+        raise ValueError(f"unknown pruner {method!r}")
+    weight = r.weight
+    if recover == "admm":
+        from .prune.admm import admm_recover
+        weight = admm_recover(w, r.mask, H, damp=damp)
+    return weight, r.mask
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+
+def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits: dict[str, int | None] | None = None,
+        layer_sparsity: list[float] | None = None, on_progress=None) -> PipelineResult:
+    """Compress ``model`` block by block with ``recipe``.
+
+    calib: [N, S] calibration token windows (None for data-free RTN / magnitude).
+    layer_bits: optional per-linear bits (full paths, e.g. from mixed precision); None value = keep float.
+    layer_sparsity: optional per-block sparsity (OWL / zero-order allocation).
+    The model is consumed: its float weights are released as blocks finish.
+    """
+    t0 = time.perf_counter()
+    mx.reset_peak_memory()
+    res = PipelineResult()
+    blocks = models.blocks(model)
+    quant_method = recipe.method if recipe.method in ("rtn", "gptq", "awq") else "gptq" if recipe.method == "mixed" \
+        else ("gptq" if recipe.method == "sparsegpt" else "rtn")
+    pruning = recipe.method in PRUNE_METHODS
+    needs_data = recipe.method not in ("rtn", "magnitude") or (recipe.clip_search and calib is not None)
+    x = mask = None
+    if needs_data:
+        if calib is None:
+            raise ValueError(f"method {recipe.method} needs calibration data")
+        x, mask = block_inputs(model, calib)
+        mx.eval(x)
+    prefix = _block_prefix(model)
+    for i, block in enumerate(blocks):
+        mx.eval(block.parameters())
+        X = {}
+        if x is not None:
+            _, X = capture_linear_inputs(block, x, mask)
+        if recipe.method == "awq":
+            from .quant import awq_block
+            awq_block.apply(block, X, recipe)
+            _, X = capture_linear_inputs(block, x, mask)  # inputs after the scale fold
+        for path, lin in linear_modules(block):
+            full = f"{prefix}.{i}.{path}"
+            ts = time.perf_counter()
+            w = lin.weight.astype(mx.float32)
+            Xl = X.get(path)
+            H = hessian(Xl) if Xl is not None else None
+            sparsity = 0.0
+            w_new = w
+            if pruning:
+                s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
+                w_new, keep = prune_weight(w, Xl, H, recipe.method, s, recipe.nm, recipe.recover, recipe.damp)
+                sparsity = 1.0 - float(keep.astype(mx.float32).mean().item())
+            bits = recipe.bits if layer_bits is None else layer_bits.get(full, recipe.bits)
+            if bits is not None and recipe.mode == "affine":
+                qw = quantize_weight(w_new, Xl, H, recipe, bits, quant_method)
+                w_hat = qw.dequantize()
+                res.quantized[full] = qw
+            elif bits is not None:
+                wq, sc, bi = mx.quantize(w_new, mode=recipe.mode)
+                w_hat = mx.dequantize(wq, sc, bi, mode=recipe.mode).astype(mx.float32)
+                res.quantized[full] = (wq, sc, bi, *_float_mode_bits(recipe.mode))
+            else:
+                w_hat = w_new
+                res.floats[f"{full}.weight"] = w_new
+            lin.weight = w_hat  # later blocks see the compressed block (sequential calibration)
+            mx.eval(lin.weight, res.quantized.get(full, w_hat))
+            err = rel_error(w, w_hat, H) if H is not None else None
+            res.layers.append(LayerRecord(full, bits, recipe.group_size if bits is not None else None, sparsity, err,
+                                          time.perf_counter() - ts))
+        if x is not None:
+            x = block(x, mask)
+            mx.eval(x)
+        for k, v in tree_flatten(block.parameters()):
+            full = f"{prefix}.{i}.{k}"
+            if full.rsplit(".", 1)[0] not in res.quantized and full not in res.floats:
+                res.floats[full] = v
+        block.update(tree_map(lambda a: mx.zeros((0,), a.dtype), block.parameters()))  # release the block
+        res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
+        if on_progress:
+            on_progress("compress", i + 1, len(blocks))
+    _finish_outside_blocks(model, recipe, res, quant_method)
+    res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _float_mode_bits(mode: str) -> tuple[int, int]:
+    from .quant.formats import FLOAT_MODES
+    return FLOAT_MODES[mode]
+
+
+def _block_prefix(model: nn.Module) -> str:
+    layers = models.blocks(model)
+    for path, m in model.named_modules():
+        if m is layers[0]:
+            return path.rsplit(".", 1)[0]
+    return "model.layers"
+
+
+def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult, quant_method: str) -> None:
+    """Embeddings and lm_head: RTN at the recipe's bits (as mlx_lm.convert does); everything else kept float."""
+    from .quant.rtn import quantize_rtn
+
+    prefix = _block_prefix(model)
+    for k, v in tree_flatten(model.parameters()):
+        if k.startswith(prefix + ".") or v.size == 0:
+            continue
+        mod = k.rsplit(".", 1)[0]
+        m = _get(model, mod)
+        quantizable = isinstance(m, (nn.Linear, nn.Embedding)) and k.endswith(".weight") and recipe.bits is not None
+        if quantizable and (recipe.quantize_embeddings or isinstance(m, nn.Linear)) \
+                and v.shape[-1] % max(recipe.group_size, 32) == 0:
+            if recipe.mode == "affine":
+                qw = quantize_rtn(v.astype(mx.float32), recipe.bits, recipe.group_size)
+                mx.eval(qw.codes, qw.scales, qw.biases)
+                res.quantized[mod] = qw
+            else:
+                wq, sc, bi = mx.quantize(v.astype(mx.float32), mode=recipe.mode)
+                res.quantized[mod] = (wq, sc, bi, *_float_mode_bits(recipe.mode))
+            res.layers.append(LayerRecord(mod, recipe.bits, recipe.group_size, 0.0, None, 0.0))
+        else:
+            res.floats[k] = v
+
+
+def scan(model: nn.Module, calib: mx.array, fn, *, release: bool = True, on_progress=None) -> list:
+    """Run the *unmodified* model block by block over calib [N, S]; call fn(block_index, path, w, X) for every
+    linear (w [out, in] float32, X [n, in] its calibration input) and collect the results. Used for sensitivities
+    (mixed precision) and outlier ratios (OWL). Blocks are released as they finish when ``release``."""
+    out = []
+    x, mask = block_inputs(model, calib)
+    prefix = _block_prefix(model)
+    blocks = models.blocks(model)
+    for i, block in enumerate(blocks):
+        mx.eval(block.parameters())
+        y, X = capture_linear_inputs(block, x, mask)
+        for path, lin in linear_modules(block):
+            out.append(fn(i, f"{prefix}.{i}.{path}", lin.weight.astype(mx.float32), X[path]))
+        x = y
+        if release:
+            block.update(tree_map(lambda a: mx.zeros((0,), a.dtype), block.parameters()))
+        if on_progress:
+            on_progress("scan", i + 1, len(blocks))
+    return out

@@ -1,0 +1,143 @@
+"""AWQ: activation-aware weight quantization by per-input-channel scaling, then output-aware clipping.
+
+Lin, Tang, Tang, Yang, Dang, Gan, Han 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration" (arXiv:2306.00978). Sec. 3.2: the weights of salient input channels (large mean |x|) are protected by
+scaling them up before quantization, Q(w * s) (x / s)^T; s = mean|x|^alpha, normalised by sqrt(max(s) min(s)) as in
+the reference code, alpha searched on a grid in [0, 1) to minimise the output error of all linears that read the same
+input. The division by s is folded into whatever produces x (RMSNorm weight or previous linear's rows), so the float
+model is unchanged (``apply_awq_scale``). Finally each group's clipping range is searched to minimise the output
+error on x (``awq_clip``, the reference code's ``auto_clip``).
+
+Use: res = awq_search(ws, x, ...); prev, ws = apply_awq_scale(prev, ws, res.scales); then for each w in ws:
+awq_clip(w, x / res.scales, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+
+from .formats import AFFINE_BITS, FormatError, QuantizedWeight
+from .rtn import _groups, affine_params, quantize_rtn, round_codes
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class AwqResult:
+    scales: mx.array    # [in] multiply the following linears' columns, divide the previous op's output
+    ratio: float        # the chosen alpha; 0.0 means s = 1, i.e. plain RTN was best
+    loss_before: float  # sum over ws of ||Q(w) x^T - w x^T||^2 (plain RTN)
+    loss_after: float   # same with the chosen scales
+
+
+def _output_error(dw: mx.array, x: mx.array, gram: mx.array | None) -> mx.array:
+    """dw: [out, in], x: [n, in] -> ||x dw^T||^2, through the Gram matrix x^T x [in, in] when that is cheaper."""
+    if gram is not None:
+        return ((dw @ gram) * dw).sum()
+    return ((x @ dw.T) ** 2).sum()
+
+
+def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, grid: int = 20,
+               scale_dtype=mx.float16, on_progress: Progress | None = None) -> AwqResult:
+    """ws: linears [out_i, in] that share the input x: [n, in] -> AwqResult with the best per-channel scales [in].
+
+    loss(alpha) = sum_i ||Q(w_i * s) (x / s)^T - w_i x^T||^2 with Q = rtn.quantize_rtn; alpha = k / grid, k < grid.
+    """
+    if bits not in AFFINE_BITS:
+        raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
+    if not ws:
+        raise ValueError("awq_search needs at least one weight")
+    n_in = x.shape[1]
+    for w in ws:
+        if w.shape[1] != n_in:
+            raise ValueError(f"weight {tuple(w.shape)} does not read inputs of width {n_in}")
+    x = x.astype(mx.float32)  # x: [n, in]
+    ws = [w.astype(mx.float32) for w in ws]
+    gram = x.T @ x if x.shape[0] > n_in else None  # [in, in]
+    x_mean = mx.abs(x).mean(axis=0)  # [in]
+
+    best = None
+    losses = []
+    for k in range(grid):
+        ratio = k / grid
+        s = mx.maximum(x_mean**ratio, 1e-4)
+        s = s / mx.sqrt(s.max() * s.min())  # [in]
+        loss = mx.array(0.0)
+        for w in ws:
+            q = quantize_rtn(w * s[None, :], bits, group_size, scale_dtype=scale_dtype).dequantize()
+            loss = loss + _output_error(q / s[None, :] - w, x, gram)
+        loss = float(loss.item())
+        losses.append(loss)
+        if best is None or loss < best[0]:
+            best = (loss, ratio, s)
+        if on_progress is not None:
+            on_progress("awq-search", k + 1, grid)
+    loss, ratio, s = best
+    return AwqResult(scales=s, ratio=ratio, loss_before=losses[0], loss_after=loss)
+
+
+def apply_awq_scale(prev_weight_or_norm: mx.array, ws: list[mx.array], s: mx.array
+                    ) -> tuple[mx.array, list[mx.array]]:
+    """Fold the AWQ scales so the float model is unchanged: prev / s, each following w * s (columns).
+
+    prev_weight_or_norm: either a norm weight [in] (RMSNorm/LayerNorm gamma; pass a LayerNorm's beta or a previous
+    linear's bias through this function too, with ws=[], since they also produce x), or the previous linear's
+    weight [in, k] whose output rows are x (e.g. v_proj rows feeding o_proj). A grouped-query v_proj has fewer rows
+    than o_proj has inputs; that pair cannot be folded and raises ValueError.
+    ws: following linears [out_i, in]. s: [in].
+    """
+    s = s.astype(mx.float32)
+    n = s.shape[0]
+    if prev_weight_or_norm.shape[0] != n:
+        raise ValueError(f"previous op produces {prev_weight_or_norm.shape[0]} channels but the scales have {n} "
+                         "(grouped-query v_proj -> o_proj cannot be folded)")
+    for w in ws:
+        if w.shape[1] != n:
+            raise ValueError(f"weight {tuple(w.shape)} does not read inputs of width {n}")
+    dtype = prev_weight_or_norm.dtype
+    p = prev_weight_or_norm.astype(mx.float32)
+    p = p / s if p.ndim == 1 else p / s[:, None]
+    return p.astype(dtype), [(w.astype(mx.float32) * s[None, :]).astype(w.dtype) for w in ws]
+
+
+def awq_clip(w: mx.array, x: mx.array, bits: int, group_size: int, *, grid: int = 20, max_shrink: float = 0.5,
+             scale_dtype=mx.float16, on_progress: Progress | None = None) -> QuantizedWeight:
+    """w: [out, in], x: [n, in] -> QuantizedWeight whose per-group range minimises the group's output error.
+
+    As the reference ``auto_clip``: candidate ranges clamp w to [-m, m] with m = max|w_group| * (1 - k / grid),
+    k < max_shrink * grid; error of group G in row o = mean_t (sum_{j in G} x[t, j] (q[o, j] - w[o, j]))^2,
+    evaluated through the per-group Gram matrix. k = 0 is plain min/max RTN, so no group gets worse than RTN.
+    """
+    if bits not in AFFINE_BITS:
+        raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
+    wg, g = _groups(w, group_size)  # [out, G, g]
+    n_groups = wg.shape[1]
+    xg = x.astype(mx.float32).reshape(x.shape[0], n_groups, g).transpose(1, 0, 2)  # [G, n, g]
+    gram = (xg.transpose(0, 2, 1) @ xg) / x.shape[0]  # [G, g, g]
+    lo0, hi0 = wg.min(axis=2, keepdims=True), wg.max(axis=2, keepdims=True)  # [out, G, 1]
+    m0 = mx.maximum(mx.abs(lo0), mx.abs(hi0))
+    steps = max(int(max_shrink * grid), 1)
+    best_err = best_lo = best_hi = None
+    for k in range(steps):
+        m = m0 * (1.0 - k / grid)
+        lo, hi = mx.maximum(lo0, -m), mx.minimum(hi0, m)
+        scale, bias = affine_params(lo, hi, bits, scale_dtype)
+        d = round_codes(wg, scale, bias, bits) * scale + bias - wg  # [out, G, g]
+        dG = d.transpose(1, 0, 2)  # [G, out, g]
+        err = ((dG @ gram) * dG).sum(axis=2).T[..., None]  # [out, G, 1]
+        if best_err is None:
+            best_err, best_lo, best_hi = err, lo, hi
+        else:
+            better = err < best_err
+            best_err = mx.where(better, err, best_err)
+            best_lo, best_hi = mx.where(better, lo, best_lo), mx.where(better, hi, best_hi)
+        mx.eval(best_err, best_lo, best_hi)
+        if on_progress is not None:
+            on_progress("awq-clip", k + 1, steps)
+    scale, bias = affine_params(best_lo, best_hi, bits, scale_dtype)
+    q = round_codes(wg, scale, bias, bits)
+    out, n = w.shape
+    return QuantizedWeight(q.reshape(out, n).astype(mx.uint8), scale.squeeze(2), bias.squeeze(2), bits,
+                           g if group_size not in (-1, 0, None) else -1)

@@ -1,0 +1,59 @@
+"""AWQ on a whole llama/qwen-style transformer block: which linears share an input, and where the scale folds.
+
+Groups (as in the AWQ reference code, Lin et al. 2023): input_layernorm -> q/k/v; v_proj -> o_proj (only when
+v_proj's output rows map one-to-one onto o_proj's inputs, i.e. no grouped-query attention); post_attention_layernorm
+-> gate/up; up_proj -> down_proj. Any block with these attribute names works, whatever the model_type.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .awq import apply_awq_scale, awq_search
+
+
+def _find(block: nn.Module, *names: str):
+    m = block
+    for n in names:
+        m = getattr(m, n, None)
+        if m is None:
+            return None
+    return m
+
+
+def groups(block: nn.Module) -> list[tuple[object, str, list[str]]]:
+    """-> [(prev module (norm or linear), its kind 'norm'|'linear', [linear paths reading its output])]."""
+    attn = _find(block, "self_attn")
+    mlp = _find(block, "mlp")
+    ln1, ln2 = _find(block, "input_layernorm"), _find(block, "post_attention_layernorm")
+    if attn is None or mlp is None or ln1 is None or ln2 is None:
+        raise ValueError(f"AWQ needs a llama/qwen-style block (input_layernorm, self_attn, post_attention_layernorm,"
+                         f" mlp); {type(block).__name__} has another layout")
+    out = [(ln1, "norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])]
+    v, o = _find(attn, "v_proj"), _find(attn, "o_proj")
+    if v is not None and o is not None and v.weight.shape[0] == o.weight.shape[1]:
+        out.append((v, "linear", ["self_attn.o_proj"]))
+    out.append((ln2, "norm", ["mlp.gate_proj", "mlp.up_proj"]))
+    up, down = _find(mlp, "up_proj"), _find(mlp, "down_proj")
+    if up is not None and down is not None:
+        out.append((up, "linear", ["mlp.down_proj"]))
+    return out
+
+
+def apply(block: nn.Module, X: dict[str, mx.array], recipe) -> list[float]:
+    """Search and fold AWQ scales into ``block`` in place (float function unchanged). -> chosen alpha per group."""
+    alphas = []
+    for prev, kind, paths in groups(block):
+        lins = [_find(block, *p.split(".")) for p in paths]
+        x = X[paths[0]]
+        res = awq_search([m.weight.astype(mx.float32) for m in lins], x, recipe.bits, recipe.group_size)
+        new_prev, new_ws = apply_awq_scale(prev.weight.astype(mx.float32), [m.weight.astype(mx.float32) for m in lins],
+                                           res.scales)
+        if kind == "linear" and "bias" in prev:
+            prev.bias = prev.bias / res.scales
+        prev.weight = new_prev
+        for m, w in zip(lins, new_ws):
+            m.weight = w
+        mx.eval(block.parameters())
+        alphas.append(res.ratio)
+    return alphas

@@ -1,0 +1,86 @@
+"""MLX quantized storage formats: affine (2-8 bit, group 32/64/128) and the float modes.
+
+The affine layout is MLX's own (``mx.quantize``): per row, groups of ``group_size`` consecutive input
+features share a scale and a bias, ``w ~= scale * q + bias`` with ``q`` in ``[0, 2**bits - 1]``; codes are a
+contiguous least-significant-bit-first bitstream, read as little-endian uint32 words. ``pack`` is checked against
+``mx.quantize`` in the tests, so anything we write loads in stock ``mlx_lm``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+FLOAT_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}  # mode -> (bits, group size)
+
+
+class FormatError(ValueError):
+    """A bit-width, group size or shape that the MLX formats cannot hold."""
+
+
+def check_affine(bits: int, group_size: int, in_features: int | None = None) -> None:
+    """Raise FormatError unless (bits, group_size) is a storable MLX affine format for this width."""
+    if bits not in AFFINE_BITS:
+        raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
+    if group_size not in GROUP_SIZES:
+        raise FormatError(f"group_size={group_size} is not supported; choose one of {GROUP_SIZES}")
+    if in_features is not None and in_features % group_size:
+        raise FormatError(f"input width {in_features} is not a multiple of group_size={group_size}")
+
+
+def pack(codes: mx.array, bits: int) -> mx.array:
+    """codes: [out, in] integers in [0, 2**bits) -> packed uint32 [out, in * bits // 32]."""
+    q = np.asarray(codes, dtype=np.uint32)
+    assert q.ndim == 2 and (q.shape[1] * bits) % 32 == 0, (q.shape, bits)
+    assert int(q.max(initial=0)) < 2**bits, "code out of range"
+    if 32 % bits == 0:  # whole codes per word: shift-or, cheap
+        per = 32 // bits
+        q = q.reshape(q.shape[0], -1, per)
+        shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
+        return mx.array(np.bitwise_or.reduce(q << shifts, axis=2).astype(np.uint32))
+    planes = ((q[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)  # [out, in, bits]
+    packed = np.packbits(planes.reshape(q.shape[0], -1), axis=1, bitorder="little")
+    return mx.array(np.ascontiguousarray(packed).view(np.uint32))
+
+
+def unpack(packed: mx.array, bits: int, in_features: int) -> mx.array:
+    """packed uint32 [out, in * bits // 32] -> codes uint8 [out, in]."""
+    p = np.ascontiguousarray(np.asarray(packed, dtype=np.uint32))
+    planes = np.unpackbits(p.view(np.uint8), axis=1, bitorder="little")[:, : in_features * bits]
+    planes = planes.reshape(p.shape[0], in_features, bits).astype(np.uint32)
+    return mx.array((planes << np.arange(bits, dtype=np.uint32)).sum(axis=2).astype(np.uint8))
+
+
+def dequantize(codes: mx.array, scales: mx.array, biases: mx.array, group_size: int | None = None) -> mx.array:
+    """codes [out, in], scales/biases [out, in // g] -> w_hat [out, in] (float32). g is read off the shapes."""
+    out, n = codes.shape
+    group_size = n // scales.shape[1]
+    q = codes.astype(mx.float32).reshape(out, n // group_size, group_size)
+    w = q * scales.astype(mx.float32)[..., None] + biases.astype(mx.float32)[..., None]
+    return w.reshape(out, n)
+
+
+@dataclass
+class QuantizedWeight:
+    """One linear layer's affine quantization: codes [out, in] (unpacked), scales/biases [out, in // g]."""
+
+    codes: mx.array
+    scales: mx.array
+    biases: mx.array
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> mx.array:
+        return dequantize(self.codes, self.scales, self.biases, self.group_size)
+
+    def packed(self) -> mx.array:
+        return pack(self.codes, self.bits)
+
+    def nbytes(self, scale_dtype=mx.float16) -> dict:
+        """Stored bytes: packed codes and the scale/bias tensors in ``scale_dtype``."""
+        codes = self.codes.shape[0] * self.codes.shape[1] * self.bits // 8
+        params = 2 * self.scales.size * scale_dtype.size
+        return {"codes": codes, "scales_biases": params}

@@ -1,0 +1,146 @@
+"""GPTQ: second-order weight quantization with lazy-batch Cholesky updates.
+
+Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers" (arXiv:2210.17323), Algorithm 1. Columns are quantized one at a time; each column's rounding error,
+divided by the diagonal of the upper Cholesky factor of H^-1, is spread over the not-yet-quantized columns so that
+the layer output error ||(W - Q) X^T||^2 = trace((W - Q) H (W - Q)^T) (H = mean x x^T) stays small. Updates inside a
+block of ``block_size`` columns are applied eagerly, the rest lazily once per block (Sec. 4, "Lazy Batch-Updates").
+
+act-order (the paper's "desc_act") quantizes columns by descending H_ii. Its groups are *static*: every group's
+scale/bias is fixed from the original weight before the loop (optionally with ``rtn.quantize_rtn``'s clip search),
+so the result is plain MLX group format over the original column order. Without act-order the groups are
+*dynamic* as in the reference code: a group's parameters are taken from the GPTQ-updated weight when the loop
+reaches its first column.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+from .formats import AFFINE_BITS, GROUP_SIZES, FormatError, QuantizedWeight
+from .rtn import quantize_rtn
+
+Progress = Callable[[str, int, int], None]
+
+
+def inverse_cholesky(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """H [in, in] (dead inputs already fixed) -> upper U [in, in] with U^T U = (H + damp * mean(diag H) I)^-1.
+
+    float64 numpy: the matrix is small and the factorisation is the numerically delicate step.
+    """
+    H = np.asarray(H, dtype=np.float64)
+    n = H.shape[0]
+    Hd = H + damp * float(np.mean(np.diag(H))) * np.eye(n)
+    try:
+        Hinv = np.linalg.inv(Hd)
+        L = np.linalg.cholesky((Hinv + Hinv.T) / 2)
+    except np.linalg.LinAlgError:
+        raise ValueError(f"H + {damp} * mean(diag H) * I is not positive definite; raise damp or check the "
+                         "calibration statistics (NaN/inf?)") from None
+    return np.ascontiguousarray(L.T)
+
+
+def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bool = True, damp: float = 0.01,
+          block_size: int = 128, scale_dtype=mx.float16, clip_search: bool = False,
+          static_groups: bool | None = None, on_progress: Progress | None = None
+          ) -> tuple[QuantizedWeight, mx.array]:
+    """GPTQ core -> (QuantizedWeight, committed weight [out, in]); qw.dequantize() == committed exactly."""
+    if bits not in AFFINE_BITS:
+        raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
+    if group_size not in GROUP_SIZES + (-1,):
+        raise FormatError(f"group_size={group_size} is not supported; choose one of {GROUP_SIZES} or -1")
+    n_out, n_in = w.shape
+    g = n_in if group_size == -1 else group_size
+    if n_in % g:
+        raise FormatError(f"input width {n_in} is not a multiple of group_size={g}")
+    Hn = np.array(H, dtype=np.float64)  # [in, in]
+    if Hn.shape != (n_in, n_in):
+        raise ValueError(f"H must be [{n_in}, {n_in}] for a weight of shape {tuple(w.shape)}, got {Hn.shape}")
+    if not np.all(np.isfinite(Hn)):
+        raise ValueError("H contains NaN or inf")
+    maxq = 2**bits - 1
+    static = act_order if static_groups is None else static_groups
+    if act_order and not static:
+        raise ValueError("act_order needs static groups: dynamic groups over permuted columns are not MLX format")
+    static = static or group_size == -1  # one group per row: its range is known before the loop either way
+
+    diag = np.diag(Hn).copy()
+    dead = diag == 0
+    Hn[dead, dead] = 1.0
+    diag[dead] = 1.0
+    W = w.astype(mx.float32) * mx.array((~dead).astype(np.float32))[None, :]  # w: [out, in], dead columns zeroed
+    importance = mx.array(diag.astype(np.float32)) if clip_search else None  # E[x_i^2], for the clip-search error
+
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n_in)
+    U = mx.array(inverse_cholesky(Hn[np.ix_(perm, perm)], damp).astype(np.float32))  # [in, in] upper, permuted
+
+    if static:
+        ref = quantize_rtn(W, bits, group_size, clip_search=clip_search, importance=importance,
+                           scale_dtype=scale_dtype)
+        scales, biases = ref.scales, ref.biases  # [out, G]
+        gid = mx.array((perm // g).astype(np.int32))
+        col_s, col_b = scales[:, gid], biases[:, gid]  # [out, in], permuted column order
+        bs = block_size
+    else:  # dynamic groups need every group inside one block, so the block sees all updates when it starts
+        bs = max(block_size // g, 1) * g
+        s_groups, b_groups = [], []
+
+    rest = W[:, mx.array(perm.astype(np.int32))] if act_order else W  # [out, in - i1], columns not yet in a block
+    codes, commits = [], []
+    for i1 in range(0, n_in, bs):
+        i2 = min(i1 + bs, n_in)
+        W1, U1 = rest[:, : i2 - i1], U[i1:i2, i1:i2]  # [out, B], [B, B]
+        q_cols, e_cols, d_cols = [], [], []
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static:
+                s, b = col_s[:, col], col_b[:, col]  # [out]
+            elif col % g == 0:
+                imp = None if importance is None else importance[col: col + g]
+                grp = quantize_rtn(W1[:, i: i + g], bits, g, clip_search=clip_search, importance=imp,
+                                   scale_dtype=scale_dtype)
+                s, b = grp.scales[:, 0], grp.biases[:, 0]
+                s_groups.append(grp.scales)
+                b_groups.append(grp.biases)
+            wc = W1[:, i]  # [out]
+            q = mx.clip(mx.round((wc - b) / s), 0, maxq)
+            dq = q * s + b
+            e = (wc - dq) / U1[i, i]
+            W1 = W1 - e[:, None] * U1[i][None, :]  # U1 is upper: only columns >= i move
+            q_cols.append(q)
+            d_cols.append(dq)
+            e_cols.append(e)
+        E1 = mx.stack(e_cols, axis=1)  # [out, B]
+        rest = rest[:, i2 - i1:] - E1 @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
+        codes.append(mx.stack(q_cols, axis=1))
+        commits.append(mx.stack(d_cols, axis=1))
+        mx.eval(rest, codes[-1], commits[-1])
+        if on_progress is not None:
+            on_progress("gptq", i2, n_in)
+
+    Q = mx.concatenate(codes, axis=1)  # [out, in], permuted order
+    C = mx.concatenate(commits, axis=1)
+    if act_order:
+        inv = mx.array(np.argsort(perm).astype(np.int32))
+        Q, C = Q[:, inv], C[:, inv]
+    if not static:
+        scales, biases = mx.concatenate(s_groups, axis=1), mx.concatenate(b_groups, axis=1)
+    qw = QuantizedWeight(Q.astype(mx.uint8), scales, biases, bits, group_size)
+    return qw, C
+
+
+def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bool = True,
+                  damp: float = 0.01, block_size: int = 128, scale_dtype=mx.float16, clip_search: bool = False,
+                  static_groups: bool | None = None, on_progress: Progress | None = None) -> QuantizedWeight:
+    """w: [out, in], H: [in, in] = mean over calibration tokens of x x^T -> QuantizedWeight (MLX affine groups).
+
+    Dead inputs (H_ii == 0) get H_ii = 1 and w[:, i] = 0. ``damp`` adds damp * mean(diag H) to the diagonal.
+    ``static_groups`` (default: same as ``act_order``) fixes all group scales/biases from the original weight before
+    the loop; otherwise they are computed from the updated weight when the loop enters each group.
+    ``clip_search`` picks each group's range with rtn's clip search, weighted by diag(H).
+    """
+    return _gptq(w, H, bits, group_size, act_order=act_order, damp=damp, block_size=block_size,
+                 scale_dtype=scale_dtype, clip_search=clip_search, static_groups=static_groups,
+                 on_progress=on_progress)[0]

@@ -1,0 +1,96 @@
+"""Recipe: what to do to a model, as one small dataclass shared by the CLI, TOML files and the TUI."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .quant.formats import AFFINE_BITS, FLOAT_MODES, GROUP_SIZES
+
+QUANT_METHODS = ("none", "rtn", "gptq", "awq", "mixed")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = QUANT_METHODS + PRUNE_METHODS
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be carried out (bad bits, group size, sparsity, method...)."""
+
+
+@dataclass
+class Recipe:
+    method: str = "rtn"              # one of METHODS; pruners quantize afterwards when bits is set
+    bits: int | None = 4             # affine bits (2-8); None = keep weights in floating point
+    group_size: int = 64             # 32/64/128, or -1 per-channel (stored as 128-groups with repeated scales)
+    mode: str = "affine"             # affine | mxfp4 | nvfp4 | mxfp8
+    # RTN refinements
+    clip_search: bool = False
+    grid_offset: float = 0.0
+    rounding: str = "nearest"        # nearest | stochastic
+    # calibrated methods
+    calib_tokens: int = 4096
+    calib_seq_len: int = 512
+    seed: int = 0
+    act_order: bool = True           # GPTQ
+    damp: float = 0.01               # GPTQ/SparseGPT Hessian damping (fraction of mean diagonal)
+    # mixed precision
+    bits_per_weight: float | None = None
+    target_mb: float | None = None
+    candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    # pruning
+    sparsity: float = 0.0
+    nm: str | None = None            # "2:4", "4:8"
+    allocation: str = "uniform"      # uniform | owl | zero-order
+    recover: str | None = None       # admm
+    # which modules: embeddings/lm_head are quantized like mlx_lm.convert does unless False
+    quantize_embeddings: bool = True
+    overrides: dict = field(default_factory=dict)  # module path -> {"bits":..,"group_size":..} or False
+
+    def validate(self) -> "Recipe":
+        if self.method not in METHODS:
+            raise RecipeError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.mode != "affine":
+            if self.mode not in FLOAT_MODES:
+                raise RecipeError(f"unknown mode {self.mode!r}; choose affine or one of {tuple(FLOAT_MODES)}")
+            if self.method not in ("rtn",) + PRUNE_METHODS:
+                raise RecipeError(f"mode {self.mode} is only available with rtn (MLX computes its scales)")
+        elif self.bits is not None and self.bits not in AFFINE_BITS:
+            raise RecipeError(f"bits={self.bits} is not supported; choose one of {AFFINE_BITS}")
+        if self.group_size not in GROUP_SIZES + (-1,):
+            raise RecipeError(f"group_size={self.group_size} is not supported; choose one of {GROUP_SIZES} or -1")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise RecipeError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.method in PRUNE_METHODS and self.sparsity == 0.0 and not self.nm:
+            raise RecipeError(f"method {self.method} needs --sparsity or --nm")
+        if self.nm:
+            try:
+                n, m = (int(x) for x in self.nm.split(":"))
+            except ValueError:
+                raise RecipeError(f"nm must look like '2:4', got {self.nm!r}") from None
+            if not 0 < n < m:
+                raise RecipeError(f"nm must satisfy 0 < N < M, got {self.nm!r}")
+        if self.allocation not in ("uniform", "owl", "zero-order"):
+            raise RecipeError(f"allocation must be uniform, owl or zero-order, got {self.allocation!r}")
+        if self.recover not in (None, "admm"):
+            raise RecipeError(f"recover must be admm or unset, got {self.recover!r}")
+        if self.rounding not in ("nearest", "stochastic"):
+            raise RecipeError(f"rounding must be nearest or stochastic, got {self.rounding!r}")
+        if self.method == "mixed" and (self.bits_per_weight is None) == (self.target_mb is None):
+            raise RecipeError("method mixed needs exactly one of --bits-per-weight or --target-mb")
+        if self.calib_tokens < 0 or self.calib_seq_len <= 0:
+            raise RecipeError("calib_tokens must be >= 0 and calib_seq_len > 0")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["candidate_bits"] = list(self.candidate_bits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise RecipeError(f"unknown recipe keys: {sorted(unknown)}")
+        d = dict(d)
+        if "candidate_bits" in d:
+            d["candidate_bits"] = tuple(d["candidate_bits"])
+        return cls(**d).validate()
