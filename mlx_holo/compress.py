@@ -33,7 +33,7 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     n_lin = sum(c.n_params for c in costs)
     emb = [(k, v.size) for k, v in _outside_quantizable(model, recipe)]
     n_emb = sum(n for _, n in emb)
-    emb_bytes = sum(layer_bytes(n, recipe.bits, recipe.group_size) for _, n in emb)
+    emb_bytes = sum(layer_bytes(n, recipe.embed_bits or recipe.bits, recipe.group_size) for _, n in emb)
     if recipe.bits_per_weight is not None:
         budget = int(recipe.bits_per_weight * (n_lin + n_emb) / 8) - emb_bytes
     else:
@@ -47,7 +47,7 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     del model
     mx.clear_cache()
     return bits, {"budget_bytes_linears": budget, "allocated_bytes_linears": used, "bits_histogram": hist,
-                  "embedding_bits": recipe.bits}
+                  "embedding_bits": recipe.embed_bits or recipe.bits}
 
 
 def _outside_quantizable(model, recipe):
@@ -73,37 +73,57 @@ def _float_params(model):
 
 
 def sparsity_report(folder, layers: list, nm: str | None) -> dict:
-    """Read the saved tensors back and check the claimed sparsity / N:M pattern on float (unquantized) layers."""
+    """Read the saved tensors back and check the claimed sparsity / N:M pattern of the pruned (block) linears.
+
+    Every pruned linear is read from the saved folder (quantized ones dequantized with the stored bits/group size
+    as mlx-lm will), its exact zeros counted (``sparsity_saved`` per layer) and, with ``nm``, its N:M pattern
+    checked. ``claims_hold`` is True when every layer keeps at least the zeros its mask claimed (``sparsity``);
+    a quantizer that moves pruned weights off zero makes it False. Embeddings / lm_head (paths without a layer
+    index) are never pruned and are left out.
+    """
     import mlx.core as mx
 
     from . import models
     from .prune.masks import check_nm, parse_nm
 
     weights = models.load_weights(folder)
+    qcfg = models.read_config(folder).get("quantization") or {}
     total = zeros = 0
-    nm_ok = True
-    checked = 0
+    claimed = 0.0
+    nm_ok = claims_ok = True
+    checked = quantized = 0
     for r in layers:
-        w = weights.get(f"{r['name']}.weight")
-        if w is None or f"{r['name']}.scales" in weights or w.ndim != 2:
+        name = r["name"]
+        w = weights.get(f"{name}.weight")
+        if w is None or w.ndim != 2 or not any(p.isdigit() for p in name.split(".")):
             continue
+        if f"{name}.scales" in weights:
+            q = qcfg.get(name) or qcfg
+            w = mx.dequantize(w, weights[f"{name}.scales"], weights.get(f"{name}.biases"),
+                              group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"))
+            quantized += 1
         z = int((w == 0).sum().item())
         r["sparsity_saved"] = z / w.size
+        claims_ok &= z >= round(r["sparsity"] * w.size)
+        claimed += r["sparsity"] * w.size
         total += w.size
         zeros += z
         checked += 1
         if nm:
-            n, m = parse_nm(nm)
-            nm_ok &= bool(check_nm(w != 0, n, m))
-    del mx
-    return {"overall": zeros / total if total else 0.0, "checked": checked > 0, "layers_checked": checked,
-            "nm": nm, "nm_pattern_holds": (nm_ok if nm and checked else None)}
+            n_, m_ = parse_nm(nm)
+            nm_ok &= bool(check_nm(w != 0, n_, m_))
+    return {"overall": zeros / total if total else 0.0, "overall_claimed": claimed / total if total else 0.0,
+            "checked": checked > 0, "claims_hold": bool(claims_ok and checked > 0), "layers_checked": checked,
+            "layers_quantized": quantized, "nm": nm, "nm_pattern_holds": (nm_ok if nm and checked else None)}
 
 
 def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, eval_seq_len: int = 512,
              calib_corpus: str = "c4", eval_corpus: str = "wiki", gates: list[str] | None = None,
-             overwrite: bool = False, on_progress=None) -> dict:
-    """Compress ``model`` with ``recipe`` into ``out`` -> evidence dict (also written to out/evidence.json)."""
+             overwrite: bool = False, base_model=None, on_progress=None) -> dict:
+    """Compress ``model`` with ``recipe`` into ``out`` -> evidence dict (also written to out/evidence.json).
+
+    base_model: an already opened float base (``models.open_model(model)[0]``) to score against; reusing one object
+    across calls lets ``evaluate.compare`` reuse its cached base outputs."""
     import mlx.core as mx
 
     from . import data, evaluate, evidence, hardware, models, pipeline
@@ -138,15 +158,12 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
         extra = dict(details)
         if recipe.method in PRUNE_METHODS:
             extra["sparsity"] = sparsity_report(tmp, layers, recipe.nm)
-            if not extra["sparsity"]["checked"]:  # quantized after pruning: report the pre-quantization masks
-                n = sum(r["sparsity"] * 0 + 1 for r in layers)
-                extra["sparsity"]["overall"] = sum(r["sparsity"] for r in layers) / max(n, 1)
         t1 = time.perf_counter()
         metrics: dict = {}
         corpus_e = data.load_corpus(eval_corpus)
         if eval_tokens > 0:
             cm = models.open_model(str(tmp))[0]
-            bm = models.open_model(model)[0]
+            bm = base_model if base_model is not None else models.open_model(model)[0]
             wins = data.windows(data.tokenize(tok, corpus_e, eval_tokens), eval_seq_len)
             metrics = evaluate.compare(cm, bm, wins, on_progress=on_progress).to_dict()
             del cm, bm
@@ -199,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "zero-order"])
     ap.add_argument("--recover", default=None, choices=["admm"])
     ap.add_argument("--no-quantize-embeddings", dest="quantize_embeddings", action="store_false")
+    ap.add_argument("--embed-bits", type=int, default=None, help="bits for embeddings/lm_head (default: --bits)")
     ap.add_argument("--eval-tokens", type=int, default=8192, help="0 skips evaluation (gates then fail)")
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-corpus", default="wiki")
@@ -215,7 +233,7 @@ def recipe_from_args(args):
                   calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
                   act_order=args.act_order, damp=args.damp, bits_per_weight=args.bits_per_weight,
                   target_mb=args.target_mb, sparsity=args.sparsity, nm=args.nm, allocation=args.allocation,
-                  recover=args.recover, quantize_embeddings=args.quantize_embeddings)
+                  recover=args.recover, quantize_embeddings=args.quantize_embeddings, embed_bits=args.embed_bits)
 
 
 def progress_printer():

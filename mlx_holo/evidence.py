@@ -63,8 +63,20 @@ def validate(evidence: dict) -> list[str]:
     import jsonschema
 
     v = jsonschema.Draft202012Validator(schema())
-    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-            for e in sorted(v.iter_errors(evidence), key=lambda e: list(map(str, e.absolute_path)))]
+    errors = [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+              for e in sorted(v.iter_errors(evidence), key=lambda e: list(map(str, e.absolute_path)))]
+    return errors + [f"{p}: not a finite number" for p in _non_finite(evidence)]
+
+
+def _non_finite(x, path="") -> list[str]:
+    """Paths of NaN/inf numbers (JSON Schema bounds do not catch NaN: every comparison with it is false)."""
+    if isinstance(x, float):
+        return [] if math.isfinite(x) else [path or "<root>"]
+    if isinstance(x, dict):
+        return [p for k, v in x.items() for p in _non_finite(v, f"{path}/{k}" if path else str(k))]
+    if isinstance(x, list):
+        return [p for i, v in enumerate(x) for p in _non_finite(v, f"{path}/{i}")]
+    return []
 
 
 def apply_gates(evidence: dict) -> tuple[str, list[str]]:

@@ -266,13 +266,14 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
         if quantizable and (recipe.quantize_embeddings or isinstance(m, nn.Linear)) \
                 and v.shape[-1] % max(recipe.group_size, 32) == 0:
             if recipe.mode == "affine":
-                qw = quantize_rtn(v.astype(mx.float32), recipe.bits, recipe.group_size)
+                qw = quantize_rtn(v.astype(mx.float32), recipe.embed_bits or recipe.bits, recipe.group_size)
                 mx.eval(qw.codes, qw.scales, qw.biases)
                 res.quantized[mod] = qw
             else:
                 wq, sc, bi = mx.quantize(v.astype(mx.float32), mode=recipe.mode)
                 res.quantized[mod] = (wq, sc, bi, *_float_mode_bits(recipe.mode))
-            res.layers.append(LayerRecord(mod, recipe.bits, recipe.group_size, 0.0, None, 0.0))
+            res.layers.append(LayerRecord(mod, recipe.embed_bits or recipe.bits if recipe.mode == "affine"
+                                          else recipe.bits, recipe.group_size, 0.0, None, 0.0))
         else:
             res.floats[k] = v
 

@@ -42,6 +42,7 @@ class Recipe:
     recover: str | None = None       # admm
     # which modules: embeddings/lm_head are quantized like mlx_lm.convert does unless False
     quantize_embeddings: bool = True
+    embed_bits: int | None = None    # bits for embeddings / lm_head (None = same as ``bits``, like mlx_lm.convert)
     overrides: dict = field(default_factory=dict)  # module path -> {"bits":..,"group_size":..} or False
 
     def validate(self) -> "Recipe":
@@ -54,6 +55,8 @@ class Recipe:
                 raise RecipeError(f"mode {self.mode} is only available with rtn (MLX computes its scales)")
         elif self.bits is not None and self.bits not in AFFINE_BITS:
             raise RecipeError(f"bits={self.bits} is not supported; choose one of {AFFINE_BITS}")
+        if self.embed_bits is not None and self.embed_bits not in AFFINE_BITS:
+            raise RecipeError(f"embed_bits={self.embed_bits} is not supported; choose one of {AFFINE_BITS}")
         if self.group_size not in GROUP_SIZES + (-1,):
             raise RecipeError(f"group_size={self.group_size} is not supported; choose one of {GROUP_SIZES} or -1")
         if not 0.0 <= self.sparsity < 1.0:

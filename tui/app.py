@@ -21,7 +21,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.suggester import Suggester
-from textual.widgets import (Button, DataTable, DirectoryTree, Footer, Header, Input, Label, ProgressBar, RichLog,
+from textual.widgets import (Button, Checkbox, DataTable, DirectoryTree, Footer, Header, Input, Label, ProgressBar, RichLog,
                              Select, Static, TabbedContent, TabPane)
 from textual_plotext import PlotextPlot
 
@@ -73,6 +73,31 @@ def clear_mlx_streams() -> None:
         mx.clear_streams()
 
 
+def run_in_own_thread(fn, *args):
+    """Run fn(*args) on a fresh thread that ends with mx.clear_streams(); return its result or re-raise.
+
+    Textual runs thread workers on asyncio's reused executor threads, and MLX cannot recreate a thread's
+    default stream once clear_streams() destroyed it ("There is no Stream(cpu, 0) in current thread" on the next
+    job). A thread of our own per job lets us clear its streams and then let it die.
+    """
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed back to the worker thread
+            box["error"] = e
+        finally:
+            clear_mlx_streams()
+
+    t = threading.Thread(target=target, name="mlx-holo-job", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
 def check_model(value: str) -> str:
     value = value.strip() or "default"
     if value != "default" and not os.path.isdir(os.path.expanduser(value)):
@@ -115,6 +140,7 @@ class JobPane(Vertical):
         super().__init__(**kw)
         self.cancel_event = threading.Event()
         self.running = False
+        self.worker = None
 
     def compose_form(self) -> ComposeResult:  # pragma: no cover - overridden
         yield from ()
@@ -162,7 +188,7 @@ class JobPane(Vertical):
         self.query_one(ProgressBar).update(total=None, progress=0)
         self.query_one(".stage", Label).update("starting")
         self.log_line(f"[b]{self.TITLE}[/b] {escape(json.dumps(args, default=str))}")
-        self.run_job(args)
+        self.worker = self.run_job(args)
 
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:
@@ -203,14 +229,12 @@ class JobPane(Vertical):
         try:
             if self.cancel_event.is_set():
                 raise Cancelled("start")
-            result = self.call(args, on_progress)
+            result = run_in_own_thread(self.call, args, on_progress)
             status, payload = "ok", result
         except Cancelled:
             status, payload = "cancelled", None
         except Exception as e:  # noqa: BLE001 - shown to the user, the app keeps running
             status, payload = "error", f"{type(e).__name__}: {e}"
-        finally:
-            clear_mlx_streams()
         try:
             call(self.finished, status, payload, time.monotonic() - t0)
         except RuntimeError:  # the app closed while the worker ran
@@ -234,6 +258,10 @@ class CompressPane(JobPane):
                                           compact=True))
         yield from field("Eval tok", Input("8192", type="integer", id="eval_tokens", compact=True))
         yield from field("Output", Input("out/holo", id="out", suggester=PathSuggester(), compact=True))
+        yield from field("Gates", Input("", placeholder="blank = default, e.g. cos_min>=0.95",
+                                        id="gates", compact=True))
+        yield Label("", classes="flabel")
+        yield Checkbox("overwrite output", id="overwrite", compact=True)
 
     def compose_results(self) -> ComposeResult:
         with Horizontal():
@@ -251,6 +279,11 @@ class CompressPane(JobPane):
         out = self.query_one("#out", Input).value.strip()
         if not out:
             raise FormError("output folder is empty")
+        out = os.path.expanduser(out)
+        overwrite = self.query_one("#overwrite", Checkbox).value
+        if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
+            raise FormError(f"{out} exists and is not empty: choose another output or tick overwrite")
+        gates = [g.strip() for g in self.query_one("#gates", Input).value.split(",") if g.strip()]
         recipe = {"method": method, "bits": None if bits == "none" else int(bits), "group_size": group}
         if method in PRUNERS or sparsity:
             recipe["sparsity"] = sparsity
@@ -258,14 +291,19 @@ class CompressPane(JobPane):
             if not bpw_text:
                 raise FormError("mixed needs a bits-per-weight budget")
             recipe["bits_per_weight"] = float(bpw_text)
-        return {"model": check_model(self.query_one("#model", Input).value), "recipe": recipe,
-                "out": os.path.expanduser(out), "eval_tokens": int(self.query_one("#eval_tokens", Input).value)}
+        args = {"model": check_model(self.query_one("#model", Input).value), "recipe": recipe, "out": out,
+                "eval_tokens": int(self.query_one("#eval_tokens", Input).value), "gates": gates or None}
+        if overwrite:
+            args["overwrite"] = True
+        return args
 
     def call(self, args: dict, on_progress) -> dict:
         Recipe = backend("mlx_holo.recipe", "Recipe")
         recipe = Recipe(**args["recipe"]).validate()
         compress = backend("mlx_holo.compress", "compress")
-        return compress(args["model"], recipe, args["out"], eval_tokens=args["eval_tokens"], on_progress=on_progress)
+        extra = {"overwrite": True} if args.get("overwrite") else {}
+        return compress(args["model"], recipe, args["out"], eval_tokens=args["eval_tokens"], gates=args["gates"],
+                        on_progress=on_progress, **extra)
 
     def show(self, ev: dict) -> None:
         m, r = ev.get("metrics") or {}, ev.get("recipe") or {}
@@ -361,6 +399,9 @@ class BenchPane(JobPane):
         table.add_columns("bits", "prefill tok/s", "decode tok/s", "TTFT s", "peak MB", "model MB", "bytes/tok", "BW %")
         yield table
         yield PlotextPlot(id="bwplot")
+
+    def on_mount(self) -> None:
+        charts.draw_bandwidth(self.query_one("#bwplot", PlotextPlot).plt, [])
 
     def read_form(self) -> dict:
         bits = [int(b) for b in self.query_one("#bits_list", Input).value.replace(" ", "").split(",") if b]

@@ -87,41 +87,41 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
         bs = max(block_size // g, 1) * g
         s_groups, b_groups = [], []
 
-    rest = W[:, mx.array(perm.astype(np.int32))] if act_order else W  # [out, in - i1], columns not yet in a block
+    # The column loop runs in numpy float32: per-column work is tiny vector ops, where MLX's per-op overhead dominates.
+    rest = np.array(W[:, mx.array(perm.astype(np.int32))] if act_order else W, dtype=np.float32)  # [out, in]
+    Un = np.array(U, dtype=np.float32)
+    if static:
+        cs, cb = np.array(col_s, dtype=np.float32), np.array(col_b, dtype=np.float32)
     codes, commits = [], []
     for i1 in range(0, n_in, bs):
         i2 = min(i1 + bs, n_in)
-        W1, U1 = rest[:, : i2 - i1], U[i1:i2, i1:i2]  # [out, B], [B, B]
-        q_cols, e_cols, d_cols = [], [], []
+        W1, U1 = rest[:, i1:i2].copy(), Un[i1:i2, i1:i2]  # [out, B], [B, B]
+        Q1, D1, E1 = np.zeros_like(W1), np.zeros_like(W1), np.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
             if static:
-                s, b = col_s[:, col], col_b[:, col]  # [out]
+                s, b = cs[:, col], cb[:, col]  # [out]
             elif col % g == 0:
                 imp = None if importance is None else importance[col: col + g]
-                grp = quantize_rtn(W1[:, i: i + g], bits, g, clip_search=clip_search, importance=imp,
+                grp = quantize_rtn(mx.array(W1[:, i: i + g]), bits, g, clip_search=clip_search, importance=imp,
                                    scale_dtype=scale_dtype)
-                s, b = grp.scales[:, 0], grp.biases[:, 0]
+                s, b = np.array(grp.scales[:, 0]), np.array(grp.biases[:, 0])
                 s_groups.append(grp.scales)
                 b_groups.append(grp.biases)
             wc = W1[:, i]  # [out]
-            q = mx.clip(mx.round((wc - b) / s), 0, maxq)
+            q = np.clip(np.round((wc - b) / s), 0, maxq)
             dq = q * s + b
             e = (wc - dq) / U1[i, i]
-            W1 = W1 - e[:, None] * U1[i][None, :]  # U1 is upper: only columns >= i move
-            q_cols.append(q)
-            d_cols.append(dq)
-            e_cols.append(e)
-        E1 = mx.stack(e_cols, axis=1)  # [out, B]
-        rest = rest[:, i2 - i1:] - E1 @ U[i1:i2, i2:]  # lazy batch update of the remaining columns
-        codes.append(mx.stack(q_cols, axis=1))
-        commits.append(mx.stack(d_cols, axis=1))
-        mx.eval(rest, codes[-1], commits[-1])
+            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]  # U1 is upper: only columns >= i move
+            Q1[:, i], D1[:, i], E1[:, i] = q, dq, e
+        rest[:, i2:] -= E1 @ Un[i1:i2, i2:]  # lazy batch update of the remaining columns
+        codes.append(Q1)
+        commits.append(D1)
         if on_progress is not None:
             on_progress("gptq", i2, n_in)
 
-    Q = mx.concatenate(codes, axis=1)  # [out, in], permuted order
-    C = mx.concatenate(commits, axis=1)
+    Q = mx.array(np.concatenate(codes, axis=1))  # [out, in], permuted order
+    C = mx.array(np.concatenate(commits, axis=1))
     if act_order:
         inv = mx.array(np.argsort(perm).astype(np.int32))
         Q, C = Q[:, inv], C[:, inv]

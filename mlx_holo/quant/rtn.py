@@ -24,10 +24,20 @@ def _groups(w: mx.array, group_size: int) -> tuple[mx.array, int]:
 
 
 def affine_params(lo: mx.array, hi: mx.array, bits: int, scale_dtype=mx.float16) -> tuple[mx.array, mx.array]:
-    """Range [lo, hi] per group -> (scale, bias), rounded to the storage dtype so codes see the stored values."""
+    """Range [lo, hi] per group -> (scale, bias) as MLX's own ``mx.quantize`` chooses them.
+
+    The edge of larger magnitude is the bias and the scale is adjusted so that 0 falls exactly on the grid (the scale
+    is negative when the max is the edge). Values are rounded to the storage dtype so codes see the stored values.
+    """
     n = 2**bits - 1
-    scale = mx.maximum((hi - lo) / n, 1e-8)
-    return scale.astype(scale_dtype).astype(mx.float32), lo.astype(scale_dtype).astype(mx.float32)
+    lo_edge = mx.abs(lo) > mx.abs(hi)
+    scale = mx.maximum((hi - lo) / n, 1e-7)
+    scale = mx.where(lo_edge, scale, -scale)
+    edge = mx.where(lo_edge, lo, hi)
+    q0 = mx.round(edge / scale)
+    scale = mx.where(q0 != 0, edge / mx.where(q0 != 0, q0, 1), scale)
+    bias = mx.where(q0 == 0, 0.0, edge)
+    return scale.astype(scale_dtype).astype(mx.float32), bias.astype(scale_dtype).astype(mx.float32)
 
 
 def round_codes(wg: mx.array, scale: mx.array, bias: mx.array, bits: int, rounding: str = "nearest",

@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny seeded llama model folder (fast unit tests) and the embedded model (slow tests).
+
+Importing this file re-executes pytest with Debian's OpenBLAS preloaded when it is installed (MLX's bundled CPU BLAS
+is ~20x slower); set MLX_HOLO_NO_REEXEC=1 to opt out.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mlx_holo.hardware import ensure_fast_blas
+
+
+def pytest_configure(config):
+    """Re-exec with OpenBLAS preloaded; pytest's fd capture is stopped first so output reaches the terminal."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None and ensure_fast_blas.__module__ and "openblas" not in os.environ.get("LD_PRELOAD", ""):
+        capman.stop_global_capturing()
+    ensure_fast_blas()
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": True,
+    "vocab_size": 320,
+}
+
+
+def byte_tokenizer(out: Path) -> None:
+    """A byte-level BPE tokenizer with no merges (256 byte tokens + 2 specials), saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def make_tiny_model(out: Path, config: dict | None = None, seed: int = 0) -> Path:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    cfg = dict(TINY_CONFIG, **(config or {}))
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (out / "config.json").write_text(json.dumps(cfg))
+    byte_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "corpus.txt"
+    import random
+    rnd = random.Random(0)
+    words = "the of and a to in is was for on that with as by at from his her it an were are".split()
+    p.write_text(" ".join(rnd.choice(words) for _ in range(6000)))
+    return p
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from mlx_holo import models
+    return models.embedded_default_dir()

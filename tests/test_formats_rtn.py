@@ -1,0 +1,104 @@
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_holo.quant.formats import AFFINE_BITS, GROUP_SIZES, FormatError, dequantize, pack, unpack
+from mlx_holo.quant.rtn import quantize_rtn
+
+
+def np_rtn(w: np.ndarray, bits: int, g: int):
+    """Independent numpy reference: min/max affine RTN with fp16-rounded scale and bias."""
+    out, n = w.shape
+    wg = w.reshape(out, n // g, g).astype(np.float32)
+    lo, hi = wg.min(-1, keepdims=True), wg.max(-1, keepdims=True)
+    lo_edge = np.abs(lo) > np.abs(hi)  # MLX's choice: the larger edge is exact and 0 lies on the grid
+    scale = np.maximum((hi - lo) / (2**bits - 1), 1e-7)
+    scale = np.where(lo_edge, scale, -scale)
+    edge = np.where(lo_edge, lo, hi)
+    q0 = np.round(edge / scale)
+    scale = np.where(q0 != 0, edge / np.where(q0 != 0, q0, 1), scale)
+    bias = np.where(q0 == 0, 0.0, edge)
+    scale = scale.astype(np.float16).astype(np.float32)
+    bias = bias.astype(np.float16).astype(np.float32)
+    q = np.clip(np.round((wg - bias) / scale), 0, 2**bits - 1)
+    return q.reshape(out, n), scale[..., 0], bias[..., 0]
+
+
+@pytest.mark.parametrize("bits", AFFINE_BITS)
+def test_pack_matches_mlx_layout(bits):
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 2**bits, size=(16, 128)).astype(np.uint8)
+    packed = pack(mx.array(codes), bits)
+    # mx.dequantize with unit scale and zero bias reads the codes back exactly when our layout is MLX's.
+    ones = mx.ones((16, 2), dtype=mx.float32)
+    back = mx.dequantize(packed, ones, mx.zeros_like(ones), group_size=64, bits=bits)
+    np.testing.assert_array_equal(np.array(back), codes.astype(np.float32))
+    np.testing.assert_array_equal(np.array(unpack(packed, bits, 128)), codes)
+
+
+@pytest.mark.parametrize("bits", AFFINE_BITS)
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_rtn_error_bounds_vs_numpy(bits, g):
+    rng = np.random.default_rng(100 * bits + g)
+    w = rng.standard_normal((32, 256)).astype(np.float32)
+    qw = quantize_rtn(mx.array(w), bits, g)
+    q_ref, s_ref, b_ref = np_rtn(w, bits, g)
+    codes = np.array(qw.codes).astype(np.float32)
+    # same codes as the reference except where fp32 rounding of (w - b) / s lands exactly on .5
+    assert (codes == q_ref).mean() > 0.999
+    np.testing.assert_allclose(np.array(qw.scales), s_ref, rtol=0, atol=0)
+    w_hat = np.array(qw.dequantize())
+    step = np.abs(np.repeat(s_ref, g, axis=1))
+    # weights inside the grid's span lie within half a step of their reconstruction (plus fp16 rounding of the
+    # bias); MLX's zero-exact grid may leave the far edge up to one step outside the span: never more than a step.
+    slack = np.abs(np.repeat(b_ref, g, axis=1)) * 2**-10 + 1e-6
+    b, s = np.repeat(b_ref, g, axis=1), np.repeat(s_ref, g, axis=1)
+    lo_span, hi_span = np.minimum(b, b + (2**bits - 1) * s), np.maximum(b, b + (2**bits - 1) * s)
+    inside = (w >= lo_span) & (w <= hi_span)
+    err = np.abs(w_hat - w)
+    assert np.all(err[inside] <= (step / 2 + slack)[inside])
+    assert np.all(err <= step + slack)
+    # and the error shrinks with bits: relative RMS error below the uniform-noise bound of the range
+    rel = np.sqrt(((w_hat - w) ** 2).mean()) / w.std()
+    assert rel < 2.0 ** (-bits) * 4
+
+
+def test_rtn_matches_mx_quantize_quality():
+    w = mx.random.normal((64, 512), key=mx.random.key(1))
+    for bits in (2, 3, 4, 8):
+        ours = ((quantize_rtn(w, bits, 64).dequantize() - w) ** 2).mean().item()
+        theirs = ((mx.dequantize(*mx.quantize(w, 64, bits), 64, bits) - w) ** 2).mean().item()
+        assert ours <= 1.01 * theirs  # same scheme; ours stores fp16 scales
+
+
+def test_clip_search_never_worse_and_stochastic_is_unbiased():
+    w = mx.random.normal((64, 256), key=mx.random.key(2)) ** 3  # heavy tails: clipping helps
+    plain = ((quantize_rtn(w, 3, 64).dequantize() - w) ** 2).mean().item()
+    clipped = ((quantize_rtn(w, 3, 64, clip_search=True).dequantize() - w) ** 2).mean().item()
+    assert clipped < plain
+    a = quantize_rtn(w, 2, 64, rounding="stochastic", seed=1)
+    b = quantize_rtn(w, 2, 64, rounding="stochastic", seed=1)
+    c = quantize_rtn(w, 2, 64, rounding="stochastic", seed=2)
+    assert mx.array_equal(a.codes, b.codes) and not mx.array_equal(a.codes, c.codes)
+    # unbiased: the mean of many stochastic reconstructions approaches w closer than nearest rounding does
+    mean = sum(quantize_rtn(w, 2, 64, rounding="stochastic", seed=s).dequantize() for s in range(64)) / 64
+    near = quantize_rtn(w, 2, 64).dequantize()
+    assert mx.abs(mean - w).mean().item() < mx.abs(near - w).mean().item()
+
+
+def test_grid_offset_and_per_channel():
+    w = mx.random.normal((16, 256), key=mx.random.key(3))
+    q0, q1 = quantize_rtn(w, 4, 64), quantize_rtn(w, 4, 64, grid_offset=0.5)
+    assert not mx.array_equal(q0.biases, q1.biases)
+    pc = quantize_rtn(w, 4, -1)
+    assert pc.scales.shape == (16, 1) and pc.group_size == -1
+    np.testing.assert_allclose(np.array(dequantize(pc.codes, pc.scales, pc.biases)), np.array(pc.dequantize()))
+    assert ((pc.dequantize() - w) ** 2).mean().item() > ((q0.dequantize() - w) ** 2).mean().item()
+
+
+def test_bad_bits_and_groups():
+    w = mx.zeros((4, 96))
+    with pytest.raises(FormatError):
+        quantize_rtn(w, 7, 32)
+    with pytest.raises(FormatError):
+        quantize_rtn(w, 4, 64)  # 96 is not a multiple of 64

@@ -1,0 +1,108 @@
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_holo import models
+from mlx_holo.compress import compress
+from mlx_holo.recipe import Recipe, RecipeError
+
+
+def test_missing_path_and_bad_folders(tmp_path):
+    with pytest.raises(models.ModelError, match="does not exist"):
+        models.resolve(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(models.ModelError, match="config.json"):
+        models.open_model(str(tmp_path / "empty"))
+
+
+def test_unsupported_architecture(tiny_model_dir, tmp_path):
+    d = tmp_path / "weird"
+    d.mkdir()
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg["model_type"] = "no_such_arch"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(models.ModelError, match="unsupported architecture"):
+        models.open_model(str(d))
+
+
+def test_corrupt_and_missing_tensors(tiny_model_dir, tmp_path):
+    import shutil
+    d = tmp_path / "corrupt"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(models.ModelError, match="corrupt safetensors"):
+        models.open_model(str(d))
+    d2 = tmp_path / "missing"
+    shutil.copytree(tiny_model_dir, d2)
+    w = mx.load(str(d2 / "model.safetensors"))
+    w.pop("model.layers.1.mlp.down_proj.weight")
+    mx.save_safetensors(str(d2 / "model.safetensors"), w)
+    with pytest.raises(models.ModelError, match="do not match"):
+        models.open_model(str(d2))
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64), (4, 128), (8, 64), (4, -1)])
+def test_save_roundtrip_with_stock_mlx_lm(tiny_model_dir, text_file, tmp_path, bits, group_size):
+    from mlx_lm import load
+
+    out = tmp_path / "q"
+    ev = compress(str(tiny_model_dir), Recipe(method="rtn", bits=bits, group_size=group_size), str(out),
+                  eval_tokens=256, eval_seq_len=128, eval_corpus=str(text_file))
+    model, tok = load(str(out))
+    lin = model.model.layers[0].mlp.down_proj
+    assert type(lin).__name__ == "QuantizedLinear" and lin.bits == bits
+    # stock mlx-lm output equals our dequantized evaluation model on the same tokens
+    ours = models.open_model(str(out))[0]
+    x = mx.array([[1, 5, 9, 200, 3]])
+    np.testing.assert_allclose(np.array(model(x).astype(mx.float32)), np.array(ours(x)), atol=2e-2, rtol=1e-2)
+    assert ev["bytes"]["total"] == sum(v.nbytes for v in mx.load(str(out / "model.safetensors")).values())
+    expected_bpw = bits + 32 / (group_size if group_size > 0 else 128)
+    assert abs(ev["bits_per_weight"] - expected_bpw) < 1e-6
+    assert (out / "evidence.json").exists()
+
+
+def test_failure_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    from mlx_holo import evaluate
+    out = tmp_path / "never"
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "compare", boom)
+    with pytest.raises(KeyboardInterrupt):
+        compress(str(tiny_model_dir), Recipe(bits=4), str(out), eval_tokens=256, eval_seq_len=128)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temp folder left behind either
+
+
+def test_existing_output_is_not_clobbered(tiny_model_dir, tmp_path, text_file):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        compress(str(tiny_model_dir), Recipe(bits=4), str(out), eval_tokens=0)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_recipe_validation():
+    for bad in (dict(bits=7), dict(group_size=16), dict(sparsity=1.5), dict(method="nope"), dict(nm="4:2"),
+                dict(method="mixed"), dict(mode="int3")):
+        with pytest.raises(RecipeError):
+            Recipe(**bad).validate()
+    r = Recipe(method="mixed", bits_per_weight=3.0).validate()
+    assert Recipe.from_dict(r.to_dict()) == r
+
+
+def test_cli_clear_errors(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "mlx_holo.compress", *args], capture_output=True, text=True,
+                              timeout=300)
+    r = run("--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run("--bits", "7", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "bits=7" in r.stderr
+    assert not (tmp_path / "o").exists()
