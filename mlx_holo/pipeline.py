@@ -211,9 +211,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
                 w_hat = qw.dequantize()
                 res.quantized[full] = qw
             elif bits is not None:
-                wq, sc, bi = mx.quantize(w_new, mode=recipe.mode)
-                w_hat = mx.dequantize(wq, sc, bi, mode=recipe.mode).astype(mx.float32)
-                res.quantized[full] = (wq, sc, bi, *_float_mode_bits(recipe.mode))
+                res.quantized[full], w_hat = float_quantize(w_new, recipe.mode)
             else:
                 w_hat = w_new
                 res.floats[f"{full}.weight"] = w_new
@@ -239,9 +237,15 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     return res
 
 
-def _float_mode_bits(mode: str) -> tuple[int, int]:
+def float_quantize(w: mx.array, mode: str) -> tuple[tuple, mx.array]:
+    """MLX float modes (mxfp4/nvfp4/mxfp8): w [out, in] -> ((wq, scales, biases|None, bits, group), w_hat)."""
     from .quant.formats import FLOAT_MODES
-    return FLOAT_MODES[mode]
+
+    bits, g = FLOAT_MODES[mode]
+    out = mx.quantize(w, group_size=g, bits=bits, mode=mode)
+    wq, sc, bi = out if len(out) == 3 else (*out, None)
+    w_hat = mx.dequantize(wq, sc, bi, group_size=g, bits=bits, mode=mode).astype(mx.float32)
+    return (wq, sc, bi, bits, g), w_hat
 
 
 def _block_prefix(model: nn.Module) -> str:
@@ -270,8 +274,7 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
                 mx.eval(qw.codes, qw.scales, qw.biases)
                 res.quantized[mod] = qw
             else:
-                wq, sc, bi = mx.quantize(v.astype(mx.float32), mode=recipe.mode)
-                res.quantized[mod] = (wq, sc, bi, *_float_mode_bits(recipe.mode))
+                res.quantized[mod], _ = float_quantize(v.astype(mx.float32), recipe.mode)
             res.layers.append(LayerRecord(mod, recipe.embed_bits or recipe.bits if recipe.mode == "affine"
                                           else recipe.bits, recipe.group_size, 0.0, None, 0.0))
         else:
