@@ -27,12 +27,10 @@ X_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 def active_backend() -> str:
     """'metal' when Metal is available, else 'cuda' when MLX's CUDA back-end has a device, else 'reference'."""
-    if mx.metal.is_available():
-        return "metal"
-    cuda = getattr(mx, "cuda", None)
-    if cuda is not None and cuda.is_available():
-        return "cuda"
-    return "reference"
+    from mlx_holo.hardware import backend
+
+    b = backend()
+    return "reference" if b == "cpu" else b
 
 
 @dataclass(frozen=True)

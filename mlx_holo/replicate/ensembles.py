@@ -196,7 +196,18 @@ def _init_mix(k: int, mixing: str, lead: tuple = ()) -> mx.array:
     return mx.full((*lead, k), 1.0 / k) if mixing == "free" else mx.zeros((*lead, k))
 
 
-class EnsembleMLP(nn.Module):
+class _Mixed(nn.Module):
+    """Shared by the dense and MoE ensembles: replica count and the normalised mixing weights."""
+
+    @property
+    def k(self) -> int:
+        return self.gate_proj.k
+
+    def mix_weights(self) -> mx.array:
+        return _mix_weights(self.mix, self.mixing)
+
+
+class EnsembleMLP(_Mixed):
     """SwiGLU MLP with K replicas over shared codes: y = sum_k a_k down_k(silu(gate_k x) * up_k x).
 
     mixing: 'mean' (a_k = 1/K, fixed), 'softmax' (a = softmax(mix), learned) or 'free' (a = mix, learned).
@@ -217,13 +228,6 @@ class EnsembleMLP(nn.Module):
         self.mixing, self.backend = mixing, backend
         if mixing == "mean":
             self.freeze(keys=["mix"], recurse=False)
-
-    @property
-    def k(self) -> int:
-        return self.gate_proj.k
-
-    def mix_weights(self) -> mx.array:
-        return _mix_weights(self.mix, self.mixing)
 
     def replica_outputs(self, x: mx.array) -> mx.array:
         """x [..., D] -> per-replica outputs [K, M, D] with M = prod(leading dims)."""
@@ -267,7 +271,7 @@ def pack_codes(codes: mx.array, bits: int) -> mx.array:
     return pack(codes.reshape(-1, n), bits).reshape(*lead, out, n * bits // 32)
 
 
-class EnsembleSwitchGLU(nn.Module):
+class EnsembleSwitchGLU(_Mixed):
     """Drop-in for mlx_lm's ``SwitchGLU`` with every expert replicated K times over its own shared codes.
 
     codes [E, out, in], scales/biases [E, K, out, G]; mixing weights per expert [E, K]. Called like SwitchGLU:
@@ -284,13 +288,6 @@ class EnsembleSwitchGLU(nn.Module):
         self.mixing = mixing
         if mixing == "mean":
             self.freeze(keys=["mix"], recurse=False)
-
-    @property
-    def k(self) -> int:
-        return self.gate_proj.k
-
-    def mix_weights(self) -> mx.array:
-        return _mix_weights(self.mix, self.mixing)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         x = mx.expand_dims(x, (-2, -3))                                                    # [..., 1, 1, D]
