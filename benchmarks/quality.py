@@ -61,15 +61,17 @@ def run_mlx_lm(tool: str, src: Path, out: Path, bits: int, group: int, calib_tex
     if tool == "rtn":
         cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(out), "-q",
                "--q-bits", str(bits), "--q-group-size", str(group)]
-    elif tool == "gptq":
-        cmd = [sys.executable, "-m", "mlx_lm.quant.gptq", "--model", str(src), "--mlx-path", str(out), "--bits",
+    elif tool == "gptq":  # mlx_lm.quant.awq has no __main__ guard: call both tools' main() explicitly
+        cmd = [sys.executable, "-c", "import sys; from mlx_lm.quant.gptq import main; sys.argv[0] = 'gptq'; main()",
+               "--model", str(src), "--mlx-path", str(out), "--bits",
                str(bits), "--group-size", str(group), "--num-samples", str(n), "--sequence-length", str(seq_len)]
     else:
-        cmd = [sys.executable, "-m", "mlx_lm.quant.awq", "--model", str(src), "--mlx-path", str(out), "--bits",
+        cmd = [sys.executable, "-c", "import sys; from mlx_lm.quant.awq import main; sys.argv[0] = 'awq'; main()",
+               "--model", str(src), "--mlx-path", str(out), "--bits",
                str(bits), "--group-size", str(group), "--num-samples", str(n), "--sequence-length", str(seq_len)]
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
+    if r.returncode != 0 or not (out / "config.json").exists():
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
     return time.perf_counter() - t
 

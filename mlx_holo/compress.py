@@ -27,9 +27,15 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     from .quant.mixed import allocate_bits, allocation_bytes, layer_bytes, rtn_layer_cost
 
     model = models.open_model(model_spec, lazy=True)[0]
-    costs = pipeline.scan(model, calib, lambda i, path, w, X: rtn_layer_cost(
-        path, w, pipeline.hessian(X), recipe.group_size, candidate_bits=recipe.candidate_bits),
-        on_progress=on_progress)
+    def cost(i, path, w, X, h_ms):
+        # An error a linear adds to the residual stream matters relative to that stream's size (the next RMSNorm
+        # divides it out): without this, early blocks (small activations) look cheap and get 2 bits, and their
+        # errors are amplified by every later block (measured: PPL 141 vs 92 for uniform 3-bit).
+        c = rtn_layer_cost(path, w, pipeline.hessian(X), recipe.group_size, candidate_bits=recipe.candidate_bits)
+        c.err = {b: e / h_ms for b, e in c.err.items()}
+        return c
+
+    costs = pipeline.scan(model, calib, cost, residual=True, on_progress=on_progress)
     n_lin = sum(c.n_params for c in costs)
     emb = [(k, v.size) for k, v in _outside_quantizable(model, recipe)]
     n_emb = sum(n for _, n in emb)

@@ -281,10 +281,12 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
             res.floats[k] = v
 
 
-def scan(model: nn.Module, calib: mx.array, fn, *, release: bool = True, on_progress=None) -> list:
+def scan(model: nn.Module, calib: mx.array, fn, *, release: bool = True, residual: bool = False,
+         on_progress=None) -> list:
     """Run the *unmodified* model block by block over calib [N, S]; call fn(block_index, path, w, X) for every
     linear (w [out, in] float32, X [n, in] its calibration input) and collect the results. Used for sensitivities
-    (mixed precision) and outlier ratios (OWL). Blocks are released as they finish when ``release``."""
+    (mixed precision) and outlier ratios (OWL). Blocks are released as they finish when ``release``.
+    residual: also pass ``h_ms``, the mean square of the residual stream entering the block, as a 5th argument."""
     out = []
     x, mask = block_inputs(model, calib)
     prefix = _block_prefix(model)
@@ -292,8 +294,9 @@ def scan(model: nn.Module, calib: mx.array, fn, *, release: bool = True, on_prog
     for i, block in enumerate(blocks):
         mx.eval(block.parameters())
         y, X = capture_linear_inputs(block, x, mask)
+        extra = (float((x.astype(mx.float32) ** 2).mean().item()),) if residual else ()
         for path, lin in linear_modules(block):
-            out.append(fn(i, f"{prefix}.{i}.{path}", lin.weight.astype(mx.float32), X[path]))
+            out.append(fn(i, f"{prefix}.{i}.{path}", lin.weight.astype(mx.float32), X[path], *extra))
         x = y
         if release:
             block.update(tree_map(lambda a: mx.zeros((0,), a.dtype), block.parameters()))
