@@ -180,7 +180,8 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
         corpora = {"evaluation": corpus_e.record(int(wins.size) if wins is not None else 0)}
         if corpus_c is not None:
             corpora["calibration"] = corpus_c.record(int(calib.size))
-        n_quant = sum((q.codes.size if hasattr(q, "codes") else q[0].size * 32 // q[3]) for q in res.quantized.values())
+        n_quant = sum((q.shape[0] * q.shape[1] if hasattr(q, "shape") else q[0].size * 32 // q[3])
+                      for q in res.quantized.values())
         ev = evidence.build(
             model={"id": info.id, "path": info.path, "hash": info.hash, "model_type": info.model_type,
                    "n_params": info.n_params},

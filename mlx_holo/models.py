@@ -412,8 +412,8 @@ def save_compressed(floats: dict[str, mx.array], quantized: dict, config: dict, 
         if isinstance(q, QuantizedWeight):
             scales, biases, g = q.scales, q.biases, q.group_size
             if g == -1:  # per-channel: stored as 128/64/32-wide groups sharing one scale (loadable; bytes as stored)
-                g = next(s for s in (128, 64, 32) if q.codes.shape[1] % s == 0)
-                reps = q.codes.shape[1] // g
+                g = next(s for s in (128, 64, 32) if q.shape[1] % s == 0)
+                reps = q.shape[1] // g
                 scales, biases = mx.repeat(scales, reps, axis=1), mx.repeat(biases, reps, axis=1)
             wq, bits = q.packed(), q.bits
             scales, biases = scales.astype(float_dtype), biases.astype(float_dtype)

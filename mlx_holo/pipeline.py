@@ -209,7 +209,8 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             if bits is not None and recipe.mode == "affine":
                 qw = quantize_weight(w_new, Xl, H, recipe, bits, quant_method)
                 w_hat = qw.dequantize()
-                res.quantized[full] = qw
+                mx.eval(w_hat)
+                res.quantized[full] = qw.compact()  # hold packed codes only: bits/8 bytes per weight
             elif bits is not None:
                 res.quantized[full], w_hat = float_quantize(w_new, recipe.mode)
             else:
@@ -272,7 +273,7 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
             if recipe.mode == "affine":
                 qw = quantize_rtn(v.astype(mx.float32), recipe.embed_bits or recipe.bits, recipe.group_size)
                 mx.eval(qw.codes, qw.scales, qw.biases)
-                res.quantized[mod] = qw
+                res.quantized[mod] = qw.compact()
             else:
                 res.quantized[mod], _ = float_quantize(v.astype(mx.float32), recipe.mode)
             res.layers.append(LayerRecord(mod, recipe.embed_bits or recipe.bits if recipe.mode == "affine"
@@ -286,7 +287,8 @@ def scan(model: nn.Module, calib: mx.array, fn, *, release: bool = True, residua
     """Run the *unmodified* model block by block over calib [N, S]; call fn(block_index, path, w, X) for every
     linear (w [out, in] float32, X [n, in] its calibration input) and collect the results. Used for sensitivities
     (mixed precision) and outlier ratios (OWL). Blocks are released as they finish when ``release``.
-    residual: also pass ``h_ms``, the mean square of the residual stream entering the block, as a 5th argument."""
+    residual: also pass ``h_ms``, the typical (median over tokens) mean square of the residual stream entering the
+    block, as a 5th argument."""
     out = []
     x, mask = block_inputs(model, calib)
     prefix = _block_prefix(model)
@@ -294,7 +296,8 @@ def scan(model: nn.Module, calib: mx.array, fn, *, release: bool = True, residua
     for i, block in enumerate(blocks):
         mx.eval(block.parameters())
         y, X = capture_linear_inputs(block, x, mask)
-        extra = (float((x.astype(mx.float32) ** 2).mean().item()),) if residual else ()
+        # median over tokens of the per-token mean square: robust to the few "massive activation" tokens
+        extra = (float(mx.median((x.astype(mx.float32) ** 2).mean(axis=-1)).item()),) if residual else ()
         for path, lin in linear_modules(block):
             out.append(fn(i, f"{prefix}.{i}.{path}", lin.weight.astype(mx.float32), X[path], *extra))
         x = y

@@ -65,22 +65,42 @@ def dequantize(codes: mx.array, scales: mx.array, biases: mx.array, group_size: 
 
 @dataclass
 class QuantizedWeight:
-    """One linear layer's affine quantization: codes [out, in] (unpacked), scales/biases [out, in // g]."""
+    """One linear layer's affine quantization: codes [out, in] (unpacked), scales/biases [out, in // g].
 
-    codes: mx.array
+    ``compact()`` swaps the unpacked uint8 codes for the packed uint32 words (bits/8 bytes per weight), which is how
+    the streaming pipeline holds finished layers until they are saved.
+    """
+
+    codes: mx.array | None
     scales: mx.array
     biases: mx.array
     bits: int
     group_size: int
+    wq: mx.array | None = None  # packed codes once compacted
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.codes is not None:
+            return tuple(self.codes.shape)
+        return (self.wq.shape[0], self.wq.shape[1] * 32 // self.bits)
+
+    def compact(self) -> "QuantizedWeight":
+        if self.wq is None:
+            self.wq = self.packed()
+        self.codes = None
+        return self
+
+    def unpacked(self) -> mx.array:
+        return self.codes if self.codes is not None else unpack(self.wq, self.bits, self.shape[1])
 
     def dequantize(self) -> mx.array:
-        return dequantize(self.codes, self.scales, self.biases, self.group_size)
+        return dequantize(self.unpacked(), self.scales, self.biases, self.group_size)
 
     def packed(self) -> mx.array:
-        return pack(self.codes, self.bits)
+        return self.wq if self.wq is not None else pack(self.codes, self.bits)
 
     def nbytes(self, scale_dtype=mx.float16) -> dict:
         """Stored bytes: packed codes and the scale/bias tensors in ``scale_dtype``."""
-        codes = self.codes.shape[0] * self.codes.shape[1] * self.bits // 8
+        codes = self.shape[0] * self.shape[1] * self.bits // 8
         params = 2 * self.scales.size * scale_dtype.size
         return {"codes": codes, "scales_biases": params}
