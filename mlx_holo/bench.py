@@ -22,7 +22,6 @@ from .hardware import ensure_fast_blas
 
 def bytes_per_token(model) -> int:
     """Bytes a single decode step reads: every parameter except the embedding table (one row of it)."""
-    import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -32,7 +31,6 @@ def bytes_per_token(model) -> int:
         table = sum(v.nbytes for _, v in tree_flatten(emb.parameters()))
         rows = emb.weight.shape[0]
         total -= table - table // rows
-    del nn
     return int(total)
 
 

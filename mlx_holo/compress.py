@@ -20,7 +20,8 @@ def _peak_rss() -> int:
 
 
 def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[dict, dict]:
-    """Sensitivity pass + knapsack -> ({linear path: bits}, details). The embedding keeps ``recipe.bits``."""
+    """Sensitivity pass + knapsack -> ({linear path: bits}, details). Embeddings/lm_head keep
+    ``embed_bits or bits`` and their bytes come off the budget first."""
     import mlx.core as mx
 
     from . import models, pipeline
@@ -37,7 +38,7 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
 
     costs = pipeline.scan(model, calib, cost, residual=True, on_progress=on_progress)
     n_lin = sum(c.n_params for c in costs)
-    emb = [(k, v.size) for k, v in _outside_quantizable(model, recipe)]
+    emb = [(k, v.size) for k, v in pipeline.outside_quantizable(model, recipe)]
     n_emb = sum(n for _, n in emb)
     emb_bytes = sum(layer_bytes(n, recipe.embed_bits or recipe.bits, recipe.group_size) for _, n in emb)
     if recipe.bits_per_weight is not None:
@@ -54,23 +55,6 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     mx.clear_cache()
     return bits, {"budget_bytes_linears": budget, "allocated_bytes_linears": used, "bits_histogram": hist,
                   "embedding_bits": recipe.embed_bits or recipe.bits}
-
-
-def _outside_quantizable(model, recipe):
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    from . import models, pipeline
-    prefix = pipeline._block_prefix(model)
-    out = []
-    for k, v in tree_flatten(model.parameters()):
-        if k.startswith(prefix + ".") or not k.endswith(".weight"):
-            continue
-        m = pipeline._get(model, k.rsplit(".", 1)[0])
-        if isinstance(m, (nn.Linear, nn.Embedding)) and recipe.quantize_embeddings:
-            out.append((k, v))
-    del models
-    return out
 
 
 def _float_params(model):

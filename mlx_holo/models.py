@@ -27,7 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .quant.formats import QuantizedWeight
 
@@ -342,24 +342,10 @@ def dequantize_model(model: nn.Module, dtype=mx.float32) -> None:
                 new.weight = w
             swaps.append((path, new))
     if swaps:
-        model.update_modules(_unflatten_modules(swaps))
-
-
-def _unflatten_modules(pairs):
-    from mlx.utils import tree_unflatten
-    return tree_unflatten(pairs)
+        model.update_modules(tree_unflatten(swaps))
 
 
 # ----------------------------------------------------------------------------------------------- structure
-
-def quantizable(model: nn.Module, include_embeddings: bool = True) -> list[tuple[str, nn.Module]]:
-    """(path, module) of every Linear (and Embedding) that MLX can quantize, in model order."""
-    out = []
-    for path, m in model.named_modules():
-        if isinstance(m, nn.Linear) or (include_embeddings and isinstance(m, nn.Embedding)):
-            out.append((path, m))
-    return out[::-1]  # named_modules yields leaves last-first
-
 
 def blocks(model: nn.Module) -> list[nn.Module]:
     inner = getattr(model, "model", model)

@@ -173,8 +173,9 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     mx.reset_peak_memory()
     res = PipelineResult()
     blocks = models.blocks(model)
-    quant_method = recipe.method if recipe.method in ("rtn", "gptq", "awq") else "gptq" if recipe.method == "mixed" \
-        else ("gptq" if recipe.method == "sparsegpt" else "rtn")
+    # the quantizer that follows: mixed and SparseGPT use GPTQ (Hessians at hand), the other pruners RTN
+    quant_method = {"mixed": "gptq", "sparsegpt": "gptq", "magnitude": "rtn", "wanda": "rtn"}.get(recipe.method,
+                                                                                                 recipe.method)
     pruning = recipe.method in PRUNE_METHODS
     needs_data = recipe.method not in ("rtn", "magnitude") or (recipe.clip_search and calib is not None)
     x = mask = None
@@ -232,7 +233,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
         if on_progress:
             on_progress("compress", i + 1, len(blocks))
-    _finish_outside_blocks(model, recipe, res, quant_method)
+    _finish_outside_blocks(model, recipe, res)
     res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
     res.seconds = time.perf_counter() - t0
     return res
@@ -257,29 +258,44 @@ def _block_prefix(model: nn.Module) -> str:
     return "model.layers"
 
 
-def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult, quant_method: str) -> None:
+def outside_quantizable(model: nn.Module, recipe: Recipe) -> list[tuple[str, mx.array]]:
+    """(weight path, tensor) of the layers outside the blocks that the recipe quantizes: embeddings (unless
+    ``quantize_embeddings`` is off) and an untied lm_head, when their width fits the group size."""
+    if recipe.bits is None:
+        return []
+    prefix = _block_prefix(model)
+    out = []
+    for k, v in tree_flatten(model.parameters()):
+        if k.startswith(prefix + ".") or v.size == 0 or not k.endswith(".weight"):
+            continue
+        m = _get(model, k.rsplit(".", 1)[0])
+        if (isinstance(m, nn.Linear) or (recipe.quantize_embeddings and isinstance(m, nn.Embedding))) \
+                and v.shape[-1] % max(recipe.group_size, 32) == 0:
+            out.append((k, v))
+    return out
+
+
+def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult) -> None:
     """Embeddings and lm_head: RTN at the recipe's bits (as mlx_lm.convert does); everything else kept float."""
     from .quant.rtn import quantize_rtn
 
     prefix = _block_prefix(model)
+    quantized = dict(outside_quantizable(model, recipe))
     for k, v in tree_flatten(model.parameters()):
         if k.startswith(prefix + ".") or v.size == 0:
             continue
-        mod = k.rsplit(".", 1)[0]
-        m = _get(model, mod)
-        quantizable = isinstance(m, (nn.Linear, nn.Embedding)) and k.endswith(".weight") and recipe.bits is not None
-        if quantizable and (recipe.quantize_embeddings or isinstance(m, nn.Linear)) \
-                and v.shape[-1] % max(recipe.group_size, 32) == 0:
-            if recipe.mode == "affine":
-                qw = quantize_rtn(v.astype(mx.float32), recipe.embed_bits or recipe.bits, recipe.group_size)
-                mx.eval(qw.codes, qw.scales, qw.biases)
-                res.quantized[mod] = qw.compact()
-            else:
-                res.quantized[mod], _ = float_quantize(v.astype(mx.float32), recipe.mode)
-            res.layers.append(LayerRecord(mod, recipe.embed_bits or recipe.bits if recipe.mode == "affine"
-                                          else recipe.bits, recipe.group_size, 0.0, None, 0.0))
-        else:
+        if k not in quantized:
             res.floats[k] = v
+            continue
+        mod = k.rsplit(".", 1)[0]
+        if recipe.mode == "affine":
+            qw = quantize_rtn(v.astype(mx.float32), recipe.embed_bits or recipe.bits, recipe.group_size)
+            mx.eval(qw.codes, qw.scales, qw.biases)
+            res.quantized[mod] = qw.compact()
+        else:
+            res.quantized[mod], _ = float_quantize(v.astype(mx.float32), recipe.mode)
+        res.layers.append(LayerRecord(mod, recipe.embed_bits or recipe.bits if recipe.mode == "affine"
+                                      else recipe.bits, recipe.group_size, 0.0, None, 0.0))
 
 
 def scan(model: nn.Module, calib: mx.array, fn, *, release: bool = True, residual: bool = False,
