@@ -53,9 +53,10 @@ def block_inputs(model: nn.Module, tokens: mx.array) -> tuple[mx.array, object]:
     layer0 = models.blocks(model)[0]
     cls = type(layer0)
     got = {}
+    box = [got]  # the throw-away class lives in a reference cycle (freed only by gc): it must not keep `got` alive
 
     def grab(self, x, mask=None, *a, **k):
-        got["x"], got["mask"] = x, mask
+        box[0]["x"], box[0]["mask"] = x, mask
         raise _StopForward
 
     layer0.__class__ = type("Grab" + cls.__name__, (cls,), {"__call__": grab})
@@ -65,6 +66,7 @@ def block_inputs(model: nn.Module, tokens: mx.array) -> tuple[mx.array, object]:
         pass
     finally:
         layer0.__class__ = cls
+        box.clear()
     return got["x"], got["mask"]
 
 
@@ -75,13 +77,14 @@ def linear_modules(block: nn.Module) -> list[tuple[str, nn.Linear]]:
 def capture_linear_inputs(block: nn.Module, x: mx.array, mask) -> tuple[mx.array, dict[str, mx.array]]:
     """Run block on x [N, S, D]; -> (output, {linear path: its input [N*S, in]})."""
     seen: dict[str, mx.array] = {}
+    box = [seen]  # see block_inputs: the patched classes are cyclic garbage and must not hold the inputs
     mods = linear_modules(block)
     saved = []
     for path, m in mods:
         cls = type(m)
 
         def call(self, inp, _cls=cls, _path=path):
-            seen[_path] = inp.reshape(-1, inp.shape[-1])
+            box[0][_path] = inp.reshape(-1, inp.shape[-1])
             return _cls.__call__(self, inp)
 
         saved.append((m, cls))
@@ -92,6 +95,7 @@ def capture_linear_inputs(block: nn.Module, x: mx.array, mask) -> tuple[mx.array
     finally:
         for m, cls in saved:
             m.__class__ = cls
+        box.clear()
     return y, seen
 
 
@@ -218,7 +222,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
                 w_hat = w_new
                 res.floats[f"{full}.weight"] = w_new
             lin.weight = w_hat  # later blocks see the compressed block (sequential calibration)
-            mx.eval(lin.weight, res.quantized.get(full, w_hat))
+            mx.eval(lin.weight)
             err = rel_error(w, w_hat, H) if H is not None else None
             res.layers.append(LayerRecord(full, bits, recipe.group_size if bits is not None else None, sparsity, err,
                                           time.perf_counter() - ts))
@@ -247,6 +251,7 @@ def float_quantize(w: mx.array, mode: str) -> tuple[tuple, mx.array]:
     out = mx.quantize(w, group_size=g, bits=bits, mode=mode)
     wq, sc, bi = out if len(out) == 3 else (*out, None)
     w_hat = mx.dequantize(wq, sc, bi, group_size=g, bits=bits, mode=mode).astype(mx.float32)
+    mx.eval(wq, sc, w_hat, *([] if bi is None else [bi]))
     return (wq, sc, bi, bits, g), w_hat
 
 
@@ -290,7 +295,6 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
         mod = k.rsplit(".", 1)[0]
         if recipe.mode == "affine":
             qw = quantize_rtn(v.astype(mx.float32), recipe.embed_bits or recipe.bits, recipe.group_size)
-            mx.eval(qw.codes, qw.scales, qw.biases)
             res.quantized[mod] = qw.compact()
         else:
             res.quantized[mod], _ = float_quantize(v.astype(mx.float32), recipe.mode)

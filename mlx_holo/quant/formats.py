@@ -67,7 +67,7 @@ def dequantize(codes: mx.array, scales: mx.array, biases: mx.array, group_size: 
 class QuantizedWeight:
     """One linear layer's affine quantization: codes [out, in] (unpacked), scales/biases [out, in // g].
 
-    ``compact()`` swaps the unpacked uint8 codes for the packed uint32 words (bits/8 bytes per weight), which is how
+    ``compact()`` swaps the unpacked codes for the packed uint32 words (bits/8 bytes per weight), which is how
     the streaming pipeline holds finished layers until they are saved.
     """
 
@@ -85,8 +85,10 @@ class QuantizedWeight:
         return (self.wq.shape[0], self.wq.shape[1] * 32 // self.bits)
 
     def compact(self) -> "QuantizedWeight":
+        """Pack and *evaluate* the codes: a lazy ``wq`` would keep the unpacked codes alive through its graph."""
         if self.wq is None:
             self.wq = self.packed()
+        mx.eval(self.wq, self.scales, self.biases)
         self.codes = None
         return self
 
