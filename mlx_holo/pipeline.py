@@ -122,15 +122,17 @@ def _get(block: nn.Module, path: str) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ per-layer methods
 
 def quantize_weight(w: mx.array, X: mx.array | None, H: mx.array | None, recipe: Recipe, bits: int,
-                    method: str) -> QuantizedWeight:
-    """One linear: w [out, in], its calibration input X [n, in] / Hessian H [in, in] -> QuantizedWeight."""
+                    method: str, keep: mx.array | None = None) -> QuantizedWeight:
+    """One linear: w [out, in], its calibration input X [n, in] / Hessian H [in, in] -> QuantizedWeight.
+
+    keep: the [out, in] mask of a pruned weight; its zeros are then stored exactly (grids that hold 0 exactly)."""
     from .quant.rtn import quantize_rtn
 
     g = recipe.group_size
     if method == "gptq":
         from .quant.gptq import gptq_quantize
         return gptq_quantize(w, H, bits, g, act_order=recipe.act_order, damp=recipe.damp,
-                             clip_search=recipe.clip_search)
+                             clip_search=recipe.clip_search, keep=keep)
     if method == "awq":
         from .quant.awq import awq_clip
         return awq_clip(w, X, bits, g)
@@ -138,7 +140,7 @@ def quantize_weight(w: mx.array, X: mx.array | None, H: mx.array | None, recipe:
     if recipe.clip_search and H is not None:
         imp = mx.diag(H)
     return quantize_rtn(w, bits, g, clip_search=recipe.clip_search, importance=imp, grid_offset=recipe.grid_offset,
-                        rounding=recipe.rounding, seed=recipe.seed)
+                        rounding=recipe.rounding, seed=recipe.seed, exact_zero=keep is not None)
 
 
 def prune_weight(w: mx.array, X: mx.array | None, H: mx.array | None, method: str, sparsity: float,
@@ -205,14 +207,14 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             Xl = X.get(path)
             H = hessian(Xl) if Xl is not None else None
             sparsity = 0.0
-            w_new = w
+            w_new, keep = w, None
             if pruning:
                 s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
                 w_new, keep = prune_weight(w, Xl, H, recipe.method, s, recipe.nm, recipe.recover, recipe.damp)
                 sparsity = 1.0 - float(keep.astype(mx.float32).mean().item())
             bits = recipe.bits if layer_bits is None else layer_bits.get(full, recipe.bits)
             if bits is not None and recipe.mode == "affine":
-                qw = quantize_weight(w_new, Xl, H, recipe, bits, quant_method)
+                qw = quantize_weight(w_new, Xl, H, recipe, bits, quant_method, keep)
                 w_hat = qw.dequantize()
                 mx.eval(w_hat)
                 res.quantized[full] = qw.compact()  # hold packed codes only: bits/8 bytes per weight

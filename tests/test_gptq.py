@@ -137,3 +137,21 @@ def test_progress_callback():
     gptq_quantize(mx.array(w), mx.array(H.astype(np.float32)), 4, 32, block_size=64,
                   on_progress=lambda s, d, t: seen.append((s, d, t)))
     assert seen == [("gptq", 64, 128), ("gptq", 128, 128)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_fixed_mask_commits_exact_zeros_and_compensates(bits, act_order):
+    """Prune, then GPTQ with the mask: pruned weights stored as exact zeros (also through MLX's own dequantize with
+    fp16 scales/biases), and the layer error below the naive order (RTN of the pruned weight)."""
+    w, H = _problem()
+    rng = np.random.default_rng(1)
+    keep = rng.random(w.shape) > 0.5
+    wp = mx.array(w * keep)
+    qw = gptq_quantize(wp, mx.array(H.astype(np.float32)), bits, 32, act_order=act_order, keep=mx.array(keep))
+    d = np.asarray(mx.dequantize(qw.packed(), qw.scales.astype(mx.float16), qw.biases.astype(mx.float16),
+                                 group_size=32, bits=bits).astype(mx.float32))
+    assert np.all(d[~keep] == 0)
+    assert np.allclose(d, np.asarray(qw.dequantize()), rtol=2e-3, atol=1e-3 * np.abs(d).max())  # fp16 output
+    naive = _herr(w * keep, H, quantize_rtn(wp, bits, 32, exact_zero=True).dequantize())
+    assert _herr(w * keep, H, d) < 0.9 * naive  # measured 0.81-0.89: only the kept half can compensate

@@ -44,7 +44,7 @@ def inverse_cholesky(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
 
 def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bool = True, damp: float = 0.01,
           block_size: int = 128, scale_dtype=mx.float16, clip_search: bool = False,
-          static_groups: bool | None = None, on_progress: Progress | None = None
+          static_groups: bool | None = None, keep: mx.array | None = None, on_progress: Progress | None = None
           ) -> tuple[QuantizedWeight, mx.array]:
     """GPTQ core -> (QuantizedWeight, committed weight [out, in]); qw.dequantize() == committed exactly."""
     if bits not in AFFINE_BITS:
@@ -71,6 +71,11 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
     Hn[dead, dead] = 1.0
     diag[dead] = 1.0
     W = w.astype(mx.float32) * mx.array((~dead).astype(np.float32))[None, :]  # w: [out, in], dead columns zeroed
+    exact_zero = keep is not None
+    if exact_zero:
+        if tuple(keep.shape) != (n_out, n_in):
+            raise ValueError(f"keep must be [{n_out}, {n_in}], got {tuple(keep.shape)}")
+        W = W * keep.astype(mx.float32)
     importance = mx.array(diag.astype(np.float32)) if clip_search else None  # E[x_i^2], for the clip-search error
 
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n_in)
@@ -78,7 +83,7 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
 
     if static:
         ref = quantize_rtn(W, bits, group_size, clip_search=clip_search, importance=importance,
-                           scale_dtype=scale_dtype)
+                           scale_dtype=scale_dtype, exact_zero=exact_zero)
         scales, biases = ref.scales, ref.biases  # [out, G]
         gid = mx.array((perm // g).astype(np.int32))
         col_s, col_b = scales[:, gid], biases[:, gid]  # [out, in], permuted column order
@@ -90,6 +95,7 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
     # The column loop runs in numpy float32: per-column work is tiny vector ops, where MLX's per-op overhead dominates.
     rest = np.array(W[:, mx.array(perm.astype(np.int32))] if act_order else W, dtype=np.float32)  # [out, in]
     Un = np.array(U, dtype=np.float32)
+    K = None if keep is None else np.array(keep[:, mx.array(perm.astype(np.int32))] if act_order else keep, dtype=bool)
     if static:
         cs, cb = np.array(col_s, dtype=np.float32), np.array(col_b, dtype=np.float32)
     codes, commits = [], []
@@ -103,13 +109,16 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
                 s, b = cs[:, col], cb[:, col]  # [out]
             elif col % g == 0:
                 imp = None if importance is None else importance[col: col + g]
-                grp = quantize_rtn(mx.array(W1[:, i: i + g]), bits, g, clip_search=clip_search, importance=imp,
-                                   scale_dtype=scale_dtype)
+                Wg = W1[:, i: i + g] if K is None else W1[:, i: i + g] * K[:, col: col + g]
+                grp = quantize_rtn(mx.array(Wg), bits, g, clip_search=clip_search, importance=imp,
+                                   scale_dtype=scale_dtype, exact_zero=exact_zero)
                 s, b = np.array(grp.scales[:, 0]), np.array(grp.biases[:, 0])
                 s_groups.append(grp.scales)
                 b_groups.append(grp.biases)
             wc = W1[:, i]  # [out]
             q = np.clip(np.round((wc - b) / s), 0, maxq)
+            if K is not None:  # pruned: the zero code (exact: b = -z * s holds in fp16)
+                q = np.where(K[:, col], q, np.clip(np.round(-b / s), 0, maxq))
             dq = q * s + b
             e = (wc - dq) / U1[i, i]
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]  # U1 is upper: only columns >= i move
@@ -133,14 +142,18 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
 
 def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bool = True,
                   damp: float = 0.01, block_size: int = 128, scale_dtype=mx.float16, clip_search: bool = False,
-                  static_groups: bool | None = None, on_progress: Progress | None = None) -> QuantizedWeight:
+                  static_groups: bool | None = None, keep: mx.array | None = None,
+                  on_progress: Progress | None = None) -> QuantizedWeight:
     """w: [out, in], H: [in, in] = mean over calibration tokens of x x^T -> QuantizedWeight (MLX affine groups).
 
     Dead inputs (H_ii == 0) get H_ii = 1 and w[:, i] = 0. ``damp`` adds damp * mean(diag H) to the diagonal.
     ``static_groups`` (default: same as ``act_order``) fixes all group scales/biases from the original weight before
     the loop; otherwise they are computed from the updated weight when the loop enters each group.
     ``clip_search`` picks each group's range with rtn's clip search, weighted by diag(H).
+    ``keep`` [out, in] bool: a fixed sparsity mask (prune, then quantize). Pruned weights are committed at the grid's
+    zero, which the groups hold exactly (``rtn.affine_params(exact_zero=True)``), and their error is compensated by
+    the kept weights of later columns like any rounding error (SparseGPT's joint sparsify-and-quantize, sec. 3.5).
     """
     return _gptq(w, H, bits, group_size, act_order=act_order, damp=damp, block_size=block_size,
-                 scale_dtype=scale_dtype, clip_search=clip_search, static_groups=static_groups,
+                 scale_dtype=scale_dtype, clip_search=clip_search, static_groups=static_groups, keep=keep,
                  on_progress=on_progress)[0]
