@@ -20,29 +20,56 @@ def _peak_rss() -> int:
 
 
 def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[dict, dict]:
-    """Sensitivity pass + knapsack -> ({linear path: bits}, details). Embeddings/lm_head keep
-    ``embed_bits or bits`` and their bytes come off the budget first."""
+    """Sensitivity pass + knapsack -> ({layer path: bits}, details).
+
+    hessian: streamed block by block, err[b] = RTN's Hessian-weighted output error relative to the residual stream;
+    embeddings/lm_head keep ``embed_bits or bits`` and their bytes come off the budget first.
+    fisher: err[b] = sum F (W - RTN_b(W))^2 with F the diagonal Fisher of the LM loss (quant/fisher.py); the
+    embeddings/lm_head join the knapsack like any linear (``embed_bits``, when set, still pins them)."""
     import mlx.core as mx
 
     from . import models, pipeline
-    from .quant.mixed import allocate_bits, allocation_bytes, layer_bytes, rtn_layer_cost
+    from .quant.mixed import LayerCost, allocate_bits, allocation_bytes, fisher_error, layer_bytes, rtn_layer_cost
+    from .quant.rtn import quantize_rtn
+    from mlx.utils import tree_flatten
 
     model = models.open_model(model_spec, lazy=True)[0]
-    def cost(i, path, w, X, h_ms):
-        # An error a linear adds to the residual stream matters relative to that stream's size (the next RMSNorm
-        # divides it out): without this, early blocks (small activations) look cheap and get 2 bits, and their
-        # errors are amplified by every later block (measured: PPL 141 vs 92 for uniform 3-bit).
-        c = rtn_layer_cost(path, w, pipeline.hessian(X), recipe.group_size, candidate_bits=recipe.candidate_bits)
-        c.err = {b: e / h_ms for b, e in c.err.items()}
-        return c
-
-    costs = pipeline.scan(model, calib, cost, residual=True, on_progress=on_progress)
-    n_lin = sum(c.n_params for c in costs)
     emb = [(k, v.size) for k, v in pipeline.outside_quantizable(model, recipe)]
     n_emb = sum(n for _, n in emb)
-    emb_bytes = sum(layer_bytes(n, recipe.embed_bits or recipe.bits, recipe.group_size) for _, n in emb)
+    pinned = recipe.sensitivity == "hessian" or recipe.embed_bits is not None
+    emb_bytes = sum(layer_bytes(n, recipe.embed_bits or recipe.bits, recipe.group_size) for _, n in emb) \
+        if pinned else 0
+    if recipe.sensitivity == "fisher":
+        from .quant.fisher import diagonal_fisher
+
+        prefix = pipeline._block_prefix(model)
+        lin = [f"{prefix}.{i}.{p}.weight" for i, b in enumerate(models.blocks(model))
+               for p, _ in pipeline.linear_modules(b)]
+        paths = lin + ([] if pinned else [k for k, _ in emb])
+        params = dict(tree_flatten(model.parameters()))
+        F = diagonal_fisher(model, calib[: recipe.fisher_windows], paths, on_progress=on_progress)
+        costs = []
+        for k in paths:
+            w = params[k].astype(mx.float32)
+            costs.append(LayerCost(k[: -len(".weight")], int(w.size), recipe.group_size,
+                                   {b: fisher_error(w, F[k], quantize_rtn(w, b, recipe.group_size))
+                                    for b in recipe.candidate_bits}))
+            del F[k]
+            if on_progress:
+                on_progress("sensitivity", len(costs), len(paths))
+    else:
+        def cost(i, path, w, X, h_ms):
+            # An error a linear adds to the residual stream matters relative to that stream's size (the next
+            # RMSNorm divides it out): without this, early blocks (small activations) look cheap and get 2 bits,
+            # and their errors are amplified by every later block (measured: PPL 141 vs 92 for uniform 3-bit).
+            c = rtn_layer_cost(path, w, pipeline.hessian(X), recipe.group_size, candidate_bits=recipe.candidate_bits)
+            c.err = {b: e / h_ms for b, e in c.err.items()}
+            return c
+
+        costs = pipeline.scan(model, calib, cost, residual=True, on_progress=on_progress)
+    n_all = sum(c.n_params for c in costs) + (n_emb if pinned else 0)
     if recipe.bits_per_weight is not None:
-        budget = int(recipe.bits_per_weight * (n_lin + n_emb) / 8) - emb_bytes
+        budget = int(recipe.bits_per_weight * n_all / 8) - emb_bytes
     else:
         other = sum(v.size * 2 for k, v in _float_params(model))
         budget = int(recipe.target_mb * 1e6) - emb_bytes - other
@@ -53,8 +80,10 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
         hist[str(b)] = hist.get(str(b), 0) + 1
     del model
     mx.clear_cache()
-    return bits, {"budget_bytes_linears": budget, "allocated_bytes_linears": used, "bits_histogram": hist,
-                  "embedding_bits": recipe.embed_bits or recipe.bits}
+    emb_bits = {k.rsplit(".", 1)[0]: (recipe.embed_bits or recipe.bits) if pinned else bits[k.rsplit(".", 1)[0]]
+                for k, _ in emb}
+    return bits, {"sensitivity": recipe.sensitivity, "budget_bytes": budget, "allocated_bytes": used,
+                  "bits_histogram": hist, "embedding_bits": emb_bits}
 
 
 def _float_params(model):
@@ -202,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
     ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
+    ap.add_argument("--sensitivity", default="hessian", choices=["hessian", "fisher"],
+                    help="mixed: per-layer output error (streamed) or diagonal Fisher of the LM loss (whole model, "
+                         "embeddings included in the budget)")
+    ap.add_argument("--fisher-windows", type=int, default=8, help="mixed, fisher: calibration windows differentiated")
     ap.add_argument("--sparsity", type=float, default=0.0)
     ap.add_argument("--nm", default=None, help="N:M structured sparsity, e.g. 2:4")
     ap.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "zero-order"])
@@ -223,7 +256,8 @@ def recipe_from_args(args):
                   clip_search=args.clip_search, grid_offset=args.grid_offset, rounding=args.rounding,
                   calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
                   act_order=args.act_order, damp=args.damp, bits_per_weight=args.bits_per_weight,
-                  target_mb=args.target_mb, sparsity=args.sparsity, nm=args.nm, allocation=args.allocation,
+                  target_mb=args.target_mb, sensitivity=args.sensitivity, fisher_windows=args.fisher_windows,
+                  sparsity=args.sparsity, nm=args.nm, allocation=args.allocation,
                   recover=args.recover, quantize_embeddings=args.quantize_embeddings, embed_bits=args.embed_bits)
 
 

@@ -239,7 +239,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
         if on_progress:
             on_progress("compress", i + 1, len(blocks))
-    _finish_outside_blocks(model, recipe, res)
+    _finish_outside_blocks(model, recipe, res, layer_bits)
     res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
     res.seconds = time.perf_counter() - t0
     return res
@@ -282,8 +282,10 @@ def outside_quantizable(model: nn.Module, recipe: Recipe) -> list[tuple[str, mx.
     return out
 
 
-def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult) -> None:
-    """Embeddings and lm_head: RTN at the recipe's bits (as mlx_lm.convert does); everything else kept float."""
+def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult,
+                           layer_bits: dict[str, int | None] | None = None) -> None:
+    """Embeddings and lm_head: RTN at the recipe's bits (as mlx_lm.convert does) or at their entry in
+    ``layer_bits`` (mixed precision); everything else kept float."""
     from .quant.rtn import quantize_rtn
 
     prefix = _block_prefix(model)
@@ -295,13 +297,14 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
             res.floats[k] = v
             continue
         mod = k.rsplit(".", 1)[0]
+        bits = (layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits)
         if recipe.mode == "affine":
-            qw = quantize_rtn(v.astype(mx.float32), recipe.embed_bits or recipe.bits, recipe.group_size)
+            qw = quantize_rtn(v.astype(mx.float32), bits, recipe.group_size)
             res.quantized[mod] = qw.compact()
         else:
             res.quantized[mod], _ = float_quantize(v.astype(mx.float32), recipe.mode)
-        res.layers.append(LayerRecord(mod, recipe.embed_bits or recipe.bits if recipe.mode == "affine"
-                                      else recipe.bits, recipe.group_size, 0.0, None, 0.0))
+            bits = recipe.bits
+        res.layers.append(LayerRecord(mod, bits, recipe.group_size, 0.0, None, 0.0))
 
 
 def scan(model: nn.Module, calib: mx.array, fn, *, release: bool = True, residual: bool = False,

@@ -35,6 +35,8 @@ class Recipe:
     bits_per_weight: float | None = None
     target_mb: float | None = None
     candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    sensitivity: str = "hessian"     # hessian (streamed, per-layer output error) | fisher (end-to-end, incl. embeddings)
+    fisher_windows: int = 8          # calibration windows differentiated for the Fisher
     # pruning
     sparsity: float = 0.0
     nm: str | None = None            # "2:4", "4:8"
@@ -78,6 +80,10 @@ class Recipe:
             raise RecipeError(f"rounding must be nearest or stochastic, got {self.rounding!r}")
         if self.method == "mixed" and (self.bits_per_weight is None) == (self.target_mb is None):
             raise RecipeError("method mixed needs exactly one of --bits-per-weight or --target-mb")
+        if self.sensitivity not in ("hessian", "fisher"):
+            raise RecipeError(f"sensitivity must be hessian or fisher, got {self.sensitivity!r}")
+        if self.fisher_windows < 1:
+            raise RecipeError(f"fisher_windows must be >= 1, got {self.fisher_windows}")
         if self.calib_tokens < 0 or self.calib_seq_len <= 0:
             raise RecipeError("calib_tokens must be >= 0 and calib_seq_len > 0")
         return self
