@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
-    ap.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
+    ap.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
+                    help="comma list of " + ", ".join(SETTINGS).replace("%", "%%"))
     ap.add_argument("--rows", default=None, help="explicit rows 'method@setting,...' (overrides the product)")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     return ap
