@@ -1,17 +1,19 @@
 """Replicated-layer ensembles: K quantization-parameter sets over one shared low-bit code tensor.
 
 ``ensembles``: format, initialisation, EnsembleMLP / EnsembleSwitchGLU, selective replication, byte accounting;
-``tune``: scale/bias/mixing-only tuning with frozen codes (per block MSE, end-to-end KL); ``io``: save/load.
+``tune``: scale/bias/mixing-only tuning with frozen codes (per block MSE, end-to-end KL); ``io``: save/load;
+``share``: adjacent-layer code sharing (one code tensor, per-layer scales/biases, alternating least squares).
 """
 from .ensembles import (MIXING, EnsembleMLP, EnsembleSwitchGLU, ReplicatedLinear, ReplicatedWeight,
                         default_perturbations, dequantize_replicas, ensemble_from_mlp, ensemble_nbytes, find_mlps,
                         find_switch_glus, fit_affine, init_replicas, mlp_output_error, pack_codes, replicate_mlps,
                         replicate_moe, select_replication)
 from .io import ensemble_modules, load, save
+from .share import SharedCodes, share_codes
 from .tune import TuneResult, kl_to_base, tune_block, tune_kl
 
 __all__ = ["MIXING", "EnsembleMLP", "EnsembleSwitchGLU", "ReplicatedLinear", "ReplicatedWeight", "TuneResult",
            "default_perturbations", "dequantize_replicas", "ensemble_from_mlp", "ensemble_modules",
            "ensemble_nbytes", "find_mlps", "find_switch_glus", "fit_affine", "init_replicas", "kl_to_base", "load",
-           "mlp_output_error", "pack_codes", "replicate_mlps", "replicate_moe", "save", "select_replication",
+           "mlp_output_error", "pack_codes", "replicate_mlps", "replicate_moe", "save", "select_replication", "SharedCodes", "share_codes",
            "tune_block", "tune_kl"]

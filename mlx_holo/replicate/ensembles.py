@@ -22,7 +22,7 @@ about the group's centre) and grid offset (bias + o_k * s); ``tune.py`` then mov
 
 Also here: selective replication under a byte budget (``select_replication``), MoE expert replication that keeps
 the router in full precision (``EnsembleSwitchGLU`` / ``replicate_moe``), and the byte accounting.
-Adjacent-layer code sharing is not implemented.
+Adjacent-layer code sharing (one code tensor for several layers) is in ``share.py``.
 """
 from __future__ import annotations
 
