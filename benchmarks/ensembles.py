@@ -6,6 +6,8 @@ differences are the MLPs'). Variants at group size 64:
   ens2_k1           2-bit codes (clip search, E[x^2]-weighted), K=1, least-squares parameters, untuned
   ens2_k{1,2,3}_t   same codes, K replicas, scales/biases/mixing tuned per block (MSE to the float MLP, Adam)
   rtn3_k1_t         3-bit, K=1, tuned the same way (what tuning alone buys at 3 bits)
+  share4x2          adjacent-layer code sharing: MLPs of blocks 2i and 2i+1 share one 4-bit code tensor per
+                    projection (2 bits of codes per weight), each with its own scales/biases (replicate/share.py)
 Calibration: c4 (``--calib-tokens``), evaluation: wiki (``--eval-tokens``), 512-token windows. The block inputs for
 tuning come from the float model. Writes one evidence JSON per variant (kind 'ensemble') and summary.json into
 ``--out`` and prints a table. Bytes read per token = every linear's codes + parameters at batch-1 decode
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL = ("rtn4", "rtn3", "rtn3_clip", "ens2_k1", "ens2_k1_t", "ens2_k2_t", "ens2_k3_t", "rtn3_k1_t")
+ALL = ("rtn4", "rtn3", "rtn3_clip", "ens2_k1", "ens2_k1_t", "ens2_k2_t", "ens2_k3_t", "rtn3_k1_t", "share4x2")
 
 
 def capture_mlp_io(model, calib):
@@ -72,11 +74,42 @@ def bytes_per_token(model, mlp_bytes: dict) -> dict:
     return d
 
 
+def build_shared(model, io, args, log, bits=4, pair=2):
+    """share4x2: blocks (2i, 2i+1) share one code tensor per MLP projection -> (mlp bytes, per-block records)."""
+    from mlx_holo.replicate import find_mlps, share_codes
+
+    mlps = find_mlps(model)
+    g = args.group_size
+    nb, records = {"codes": 0, "scales_biases": 0}, []
+    for j in range(0, len(mlps), pair):
+        group = mlps[j: j + pair]
+        ys = [m(io[p][0]) for p, m in group]
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            lins = [getattr(m, proj) for _, m in group]
+            imp = sum(io[p][1][proj] for p, _ in group) / len(group)
+            sc = share_codes([lin.weight for lin in lins], bits, g, importance=imp)
+            for i, lin in enumerate(lins):
+                lin.weight = sc.dequantize(i)
+            n = lins[0].weight.size
+            nb["codes"] += n * bits // 8
+            nb["scales_biases"] += len(lins) * 2 * 2 * (n // g)
+        for (p, m), y in zip(group, ys):
+            d = m(io[p][0]) - y
+            rel = float(((d * d).sum() / (y * y).sum()).item())
+            records.append({"name": p, "k": 1, "bits": bits, "shared_with": [q for q, _ in group if q != p],
+                            "rel_after": rel, "error": rel})
+            log(f"  share {p}: rel err {rel:.4f}")
+    return nb, records
+
+
 def build_variant(name, model, io, args, log):
     """Swap MLPs of ``model`` in place for variant ``name`` -> (mlp bytes, per-block records)."""
     import mlx.core as mx
 
     from mlx_holo.replicate import ensemble_from_mlp, ensemble_nbytes, find_mlps, tune_block
+
+    if name == "share4x2":
+        return build_shared(model, io, args, log)
 
     if name.startswith("rtn4") or name.startswith("rtn3"):
         bits, kk = (4 if name.startswith("rtn4") else 3), 1
@@ -176,7 +209,7 @@ def main(argv=None) -> int:
         ev = evidence.build(
             model={"id": info.id, "path": info.path, "hash": info.hash, "model_type": info.model_type,
                    "n_params": info.n_params},
-            recipe={"method": "ensemble" if name.startswith("ens") else "rtn", "bits": records[0]["bits"],
+            recipe={"method": "ensemble" if name.startswith(("ens", "share")) else "rtn", "bits": records[0]["bits"],
                     "group_size": args.group_size, "variant": name, "scope": "mlp blocks only",
                     "tuned": name.endswith("_t"), "tune": {"steps": args.steps, "batch": args.batch, "lr": args.lr,
                                                            "objective": "block MSE vs float MLP"}},
