@@ -2,7 +2,8 @@
 
 Run: python benchmarks/quality.py --bits 2,3,4 --eval-tokens 4096 --calib-tokens 2048 --json runs/quality.json
 
-Ours: rtn, gptq, awq, mixed (at the same average bits as uniform ``b`` + its group overhead), via
+Ours: rtn, gptq, awq, mixed / mixed-fisher (Hessian or Fisher sensitivity, at the same average bits as uniform ``b``
++ its group overhead), via
 ``mlx_holo.compress.compress`` in-process. mlx-lm: ``mlx_lm.convert -q`` (RTN), ``mlx_lm.quant.gptq`` and
 ``mlx_lm.quant.awq`` as subprocesses, offline: the same calibration text (c4) is placed where mlx-lm looks for its
 calibration file, under a temporary HOME. mlx-lm's GPTQ supports only 2/4/8 bits and quantizes the embedding at its
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--methods", default="rtn,gptq,awq,mixed,mlx_lm:rtn,mlx_lm:gptq,mlx_lm:awq")
+    ap.add_argument("--methods", default="rtn,gptq,awq,mixed,mixed-fisher,mlx_lm:rtn,mlx_lm:gptq,mlx_lm:awq")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -119,8 +120,9 @@ def main(argv=None) -> int:
                                                 args.calib_tokens, args.seq_len)
                 else:
                     kw = {}
-                    if method == "mixed":
-                        kw = dict(method="mixed", bits=bits, bits_per_weight=bits + 32 / args.group_size)
+                    if method in ("mixed", "mixed-fisher"):
+                        kw = dict(method="mixed", bits=bits, bits_per_weight=bits + 32 / args.group_size,
+                                  sensitivity="fisher" if method == "mixed-fisher" else "hessian")
                     else:
                         kw = dict(method=method, bits=bits)
                     r = Recipe(group_size=args.group_size, calib_tokens=args.calib_tokens,
