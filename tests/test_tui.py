@@ -200,7 +200,8 @@ def test_compress_flow_go_then_no_go(monkeypatch, tmp_path):
             assert str(pane.query_one("#verdict .verdict", Static).render()) == "GO"
             assert pane.query_one(ProgressBar).percentage == 1.0
             assert not pane.query_one("#run", Button).disabled and pane.query_one("#cancel", Button).disabled
-            assert "GO" in screen_text(app) and "gptq 3b g32" in screen_text(app)
+            # the screen repaints asynchronously (slow under load): wait for the painted row, not just the table
+            await wait_for(pilot, lambda: "GO" in screen_text(app) and "gptq 3b g32" in screen_text(app))
 
             # a second run (ctrl+r from the keyboard) that fails its gates -> NO-GO with the failure listed
             await type_into(pilot, pane.query_one("#out", Input), str(tmp_path / "o2"))
@@ -377,7 +378,7 @@ def test_bench_flow_and_chart(monkeypatch, tmp_path):
             table = pane.query_one("#bench_rows", DataTable)
             assert [r[0] for r in cells(table)] == ["2", "4", "8"]
             assert cells(table)[1][-1] == "32" and cells(table)[1][5] == "68"     # 4 bits: 32 % BW, 68 MB
-            assert "decode bandwidth utilisation" in screen_text(app)
+            await wait_for(pilot, lambda: "decode bandwidth utilisation" in screen_text(app))
             table.clear()
             await type_into(pilot, pane.query_one("#bench_json", Input), str(saved))
             await pilot.press("enter")
@@ -454,7 +455,7 @@ def test_pareto_tab(tmp_path):
             pane.query_one("#pf_y", Select).value = "ppl"
             await pilot.pause()
             assert cells(pane.query_one("#pf_table", DataTable))[0][:3] == ["rtn2", "4.5", "30"]
-            assert "Pareto front" in screen_text(app)
+            await wait_for(pilot, lambda: "Pareto front" in screen_text(app))
 
     run(flow())
 
@@ -476,7 +477,7 @@ def test_planner_tab(tmp_path):
             assert "uniform 8-bit" in msg and '"bits": 8' in msg
             rows = cells(pane.query_one("#pl_table", DataTable))
             assert [r[0] for r in rows] == ["2", "3", "4", "5", "6", "8", "fp16"]
-            assert "134,515,008 params" in screen_text(app)
+            await wait_for(pilot, lambda: "134,515,008 params" in screen_text(app))
             await type_into(pilot, pane.query_one("#pl_target", Input), "0.1")
             await type_into(pilot, pane.query_one("#pl_context", Input), "100000")
             await pilot.press("enter")
