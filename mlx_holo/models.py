@@ -386,14 +386,9 @@ def save_compressed(floats: dict[str, mx.array], quantized: dict, config: dict, 
     mlx-lm could quantize but we keep in floating point (written as ``False`` overrides).
     Returns the bytes written per kind {codes, scales_biases, other, total}.
     """
-    out = Path(out)
-    tensors: dict[str, mx.array] = {}
-    nbytes = {"codes": 0, "scales_biases": 0, "other": 0}
+    tensors = _cast_floats(floats.items(), float_dtype)
+    nbytes = {"codes": 0, "scales_biases": 0, "other": sum(v.nbytes for v in tensors.values())}
     qcfg: dict = {"group_size": default_group_size, "bits": default_bits or 8, "mode": mode}
-    for key, v in floats.items():
-        v = v.astype(float_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-        tensors[key] = v
-        nbytes["other"] += v.nbytes
     for mod, q in quantized.items():
         if isinstance(q, QuantizedWeight):
             scales, biases, g = q.scales, q.biases, q.group_size
@@ -416,19 +411,33 @@ def save_compressed(floats: dict[str, mx.array], quantized: dict, config: dict, 
         if entry["bits"] != qcfg["bits"] or entry["group_size"] != qcfg["group_size"]:
             qcfg[mod] = entry
     nbytes["total"] = sum(nbytes.values())
-    cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    cfg = {}
     if quantized:
         for mod in sorted(keep_float or ()):
             qcfg[mod] = False
-        cfg["quantization"] = qcfg
-        cfg["quantization_config"] = qcfg
+        cfg = {"quantization": qcfg, "quantization_config": qcfg}
+    _write_folder(out, tensors, config, cfg, float_dtype, src)
+    return nbytes
+
+
+def _cast_floats(items, float_dtype) -> dict[str, mx.array]:
+    """(path, tensor) pairs -> {path: tensor}, floating tensors cast to ``float_dtype`` (others as they are)."""
+    return {k: v.astype(float_dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in items}
+
+
+def _write_folder(out: str | Path, tensors: dict[str, mx.array], config: dict, extra: dict, float_dtype,
+                  src: str | Path | None) -> None:
+    """The mlx-lm part of an output folder: model.safetensors, config.json (``config`` without its quantization
+    blocks, plus ``extra`` and torch_dtype) and the tokenizer files of ``src``."""
+    out = Path(out)
+    cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    cfg.update(extra)
     cfg["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32"}[float_dtype]
     mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2))
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES if src is not None else ():
         if (Path(src) / name).exists():
             shutil.copy2(Path(src) / name, out / name)
-    return nbytes
 
 # ------------------------------------------------------------------------------------------------ replicated ensembles
 # Layout (an mlx-lm folder plus one file): ``model.safetensors`` holds every tensor outside the ensembles (floats in
@@ -451,7 +460,7 @@ def ensemble_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def save_ensemble(model: nn.Module, config: dict, out: str | Path, *, src: str | Path | None = None,
-         float_dtype=mx.float16, scale_dtype=mx.float16) -> dict:
+                  float_dtype=mx.float16, scale_dtype=mx.float16) -> dict:
     """Write ``model`` (with ensemble modules) into the existing folder ``out`` -> bytes written per kind
     {codes, scales_biases (incl. mixing), other, total}. src: folder to copy tokenizer files from."""
     from .replicate.ensembles import EnsembleMLP, pack_codes
@@ -459,14 +468,10 @@ def save_ensemble(model: nn.Module, config: dict, out: str | Path, *, src: str |
     out = Path(out)
     ens = ensemble_modules(model)
     prefixes = tuple(p + "." for p, _ in ens)
-    floats, etensors, entries = {}, {}, {}
-    nbytes = {"codes": 0, "scales_biases": 0, "other": 0}
-    for k, v in tree_flatten(model.parameters()):
-        if k.startswith(prefixes):
-            continue
-        v = v.astype(float_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-        floats[k] = v
-        nbytes["other"] += v.nbytes
+    floats = _cast_floats(((k, v) for k, v in tree_flatten(model.parameters()) if not k.startswith(prefixes)),
+                          float_dtype)
+    etensors, entries = {}, {}
+    nbytes = {"codes": 0, "scales_biases": 0, "other": sum(v.nbytes for v in floats.values())}
     for path, m in ens:
         for j in _PROJ:
             lin = getattr(m, j)
@@ -482,16 +487,10 @@ def save_ensemble(model: nn.Module, config: dict, out: str | Path, *, src: str |
                          "group_size": lin.group_size, "mixing": m.mixing,
                          "in_features": {j: int(getattr(m, j).codes.shape[-1]) for j in _PROJ}}
     nbytes["total"] = sum(nbytes.values())
-    cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    cfg["ensemble"] = {"format_version": ENSEMBLE_FORMAT_VERSION, "file": ENSEMBLE_FILE,
-                       "scale_dtype": str(scale_dtype).split(".")[-1], "modules": entries}
-    cfg["torch_dtype"] = str(float_dtype).split(".")[-1]
-    mx.save_safetensors(str(out / "model.safetensors"), floats, metadata={"format": "mlx"})
+    ens_cfg = {"format_version": ENSEMBLE_FORMAT_VERSION, "file": ENSEMBLE_FILE,
+               "scale_dtype": str(scale_dtype).split(".")[-1], "modules": entries}
     mx.save_safetensors(str(out / ENSEMBLE_FILE), etensors, metadata={"format": "mlx-holo-ensemble"})
-    (out / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2))
-    for name in TOKENIZER_FILES if src is not None else ():
-        if (Path(src) / name).exists():
-            shutil.copy2(Path(src) / name, out / name)
+    _write_folder(out, floats, config, {"ensemble": ens_cfg}, float_dtype, src)
     return nbytes
 
 

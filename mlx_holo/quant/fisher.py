@@ -40,9 +40,10 @@ def diagonal_fisher(model: nn.Module, calib: mx.array, paths: list[str], *,
     if missing:
         raise KeyError(f"no such parameters: {missing[:3]}")
     model.freeze()
+    modules = dict(model.named_modules())
     for p in paths:
         mod, name = p.rsplit(".", 1)
-        _module(model, mod).unfreeze(keys=[name], recurse=False)
+        modules[mod].unfreeze(keys=[name], recurse=False)
     grad_fn = nn.value_and_grad(model, window_loss)
     acc = {p: mx.zeros(params[p].shape, mx.float32) for p in paths}
     mx.eval(acc)
@@ -60,9 +61,3 @@ def diagonal_fisher(model: nn.Module, calib: mx.array, paths: list[str], *,
         model.unfreeze()
     return {p: a / n for p, a in acc.items()}
 
-
-def _module(model: nn.Module, path: str) -> nn.Module:
-    m = model
-    for part in path.split("."):
-        m = m[int(part)] if isinstance(m, list) else getattr(m, part)
-    return m

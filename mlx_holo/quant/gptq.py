@@ -93,9 +93,10 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
         s_groups, b_groups = [], []
 
     # The column loop runs in numpy float32: per-column work is tiny vector ops, where MLX's per-op overhead dominates.
-    rest = np.array(W[:, mx.array(perm.astype(np.int32))] if act_order else W, dtype=np.float32)  # [out, in]
+    cols = mx.array(perm.astype(np.int32))
+    rest = np.array(W[:, cols] if act_order else W, dtype=np.float32)  # [out, in], permuted
     Un = np.array(U, dtype=np.float32)
-    K = None if keep is None else np.array(keep[:, mx.array(perm.astype(np.int32))] if act_order else keep, dtype=bool)
+    K = None if keep is None else np.array(keep[:, cols] if act_order else keep, dtype=bool)  # [out, in], permuted
     if static:
         cs, cb = np.array(col_s, dtype=np.float32), np.array(col_b, dtype=np.float32)
     codes, commits = [], []

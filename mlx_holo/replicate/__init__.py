@@ -15,8 +15,8 @@ from ..models import save_ensemble as save
 from .share import SharedCodes, share_codes
 from .tune import TuneResult, kl_to_base, tune_block, tune_kl
 
-__all__ = ["MIXING", "EnsembleMLP", "EnsembleSwitchGLU", "ReplicatedLinear", "ReplicatedWeight", "TuneResult",
-           "default_perturbations", "dequantize_replicas", "ensemble_from_mlp", "ensemble_modules",
+__all__ = ["MIXING", "EnsembleMLP", "EnsembleSwitchGLU", "ReplicatedLinear", "ReplicatedWeight", "SharedCodes",
+           "TuneResult", "default_perturbations", "dequantize_replicas", "ensemble_from_mlp", "ensemble_modules",
            "ensemble_nbytes", "find_mlps", "find_switch_glus", "fit_affine", "init_replicas", "kl_to_base", "load",
-           "mlp_output_error", "pack_codes", "replicate_mlps", "replicate_moe", "save", "select_replication", "SharedCodes", "share_codes",
-           "tune_block", "tune_kl"]
+           "mlp_output_error", "pack_codes", "replicate_mlps", "replicate_moe", "save", "select_replication",
+           "share_codes", "tune_block", "tune_kl"]
