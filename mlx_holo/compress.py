@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bits", type=int, default=4, help="2,3,4,5,6,8 (0 = keep float, e.g. pruning only)")
     ap.add_argument("--group-size", type=int, default=64, help="32, 64, 128 or -1 (per-channel)")
     ap.add_argument("--mode", default="affine", choices=["affine", "mxfp4", "nvfp4", "mxfp8"])
+    ap.add_argument("--fit", default="lsq", choices=["lsq", "minmax", "mlx"],
+                    help="group grid: least-squares refined (default), min/max, or mx.quantize's zero-on-grid rule")
     ap.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping per group (RTN/GPTQ)")
     ap.add_argument("--grid-offset", type=float, default=0.0, help="shift of the integer grid, in steps")
     ap.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"])
@@ -253,7 +255,7 @@ def recipe_from_args(args):
     from .recipe import Recipe
 
     return Recipe(method=args.method, bits=args.bits or None, group_size=args.group_size, mode=args.mode,
-                  clip_search=args.clip_search, grid_offset=args.grid_offset, rounding=args.rounding,
+                  clip_search=args.clip_search, fit=args.fit, grid_offset=args.grid_offset, rounding=args.rounding,
                   calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
                   act_order=args.act_order, damp=args.damp, bits_per_weight=args.bits_per_weight,
                   target_mb=args.target_mb, sensitivity=args.sensitivity, fisher_windows=args.fisher_windows,

@@ -132,15 +132,15 @@ def quantize_weight(w: mx.array, X: mx.array | None, H: mx.array | None, recipe:
     if method == "gptq":
         from .quant.gptq import gptq_quantize
         return gptq_quantize(w, H, bits, g, act_order=recipe.act_order, damp=recipe.damp,
-                             clip_search=recipe.clip_search, keep=keep)
+                             clip_search=recipe.clip_search, keep=keep, fit=recipe.fit)
     if method == "awq":
         from .quant.awq import awq_clip
-        return awq_clip(w, X, bits, g)
+        return awq_clip(w, X, bits, g, fit=recipe.fit)
     imp = None
     if recipe.clip_search and H is not None:
         imp = mx.diag(H)
     return quantize_rtn(w, bits, g, clip_search=recipe.clip_search, importance=imp, grid_offset=recipe.grid_offset,
-                        rounding=recipe.rounding, seed=recipe.seed, exact_zero=keep is not None)
+                        rounding=recipe.rounding, seed=recipe.seed, exact_zero=keep is not None, fit=recipe.fit)
 
 
 def prune_weight(w: mx.array, X: mx.array | None, H: mx.array | None, method: str, sparsity: float,
@@ -299,7 +299,7 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
         mod = k.rsplit(".", 1)[0]
         bits = (layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits)
         if recipe.mode == "affine":
-            qw = quantize_rtn(v.astype(mx.float32), bits, recipe.group_size)
+            qw = quantize_rtn(v.astype(mx.float32), bits, recipe.group_size, fit=recipe.fit)
             res.quantized[mod] = qw.compact()
         else:
             res.quantized[mod], _ = float_quantize(v.astype(mx.float32), recipe.mode)

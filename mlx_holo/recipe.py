@@ -23,6 +23,7 @@ class Recipe:
     mode: str = "affine"             # affine | mxfp4 | nvfp4 | mxfp8
     # RTN refinements
     clip_search: bool = False
+    fit: str = "lsq"                 # group grid: lsq (least-squares refined) | minmax | mlx (mx.quantize's rule)
     grid_offset: float = 0.0
     rounding: str = "nearest"        # nearest | stochastic
     # calibrated methods
@@ -76,6 +77,8 @@ class Recipe:
             raise RecipeError(f"allocation must be uniform, owl or zero-order, got {self.allocation!r}")
         if self.recover not in (None, "admm"):
             raise RecipeError(f"recover must be admm or unset, got {self.recover!r}")
+        if self.fit not in ("mlx", "minmax", "lsq"):
+            raise RecipeError(f"fit must be lsq, minmax or mlx, got {self.fit!r}")
         if self.rounding not in ("nearest", "stochastic"):
             raise RecipeError(f"rounding must be nearest or stochastic, got {self.rounding!r}")
         if self.method == "mixed" and (self.bits_per_weight is None) == (self.target_mb is None):

@@ -59,8 +59,9 @@ def test_awq_beats_rtn_with_outlier_channels_at_3_bits():
     assert res.ratio > 0.0 and res.loss_after < 0.8 * res.loss_before
     # recompute independently of awq_search's own bookkeeping
     s = np.asarray(res.scales)
-    rtn = sum(_out_err(x, w, quantize_rtn(mx.array(w), 3, 64).dequantize()) for w in ws)
-    awq = sum(_out_err(x, w, np.asarray(quantize_rtn(mx.array(w * s), 3, 64).dequantize()) / s) for w in ws)
+    rtn = sum(_out_err(x, w, quantize_rtn(mx.array(w), 3, 64, fit="minmax").dequantize()) for w in ws)
+    awq = sum(_out_err(x, w, np.asarray(quantize_rtn(mx.array(w * s), 3, 64, fit="minmax").dequantize()) / s)
+              for w in ws)  # the search's own grid rule
     assert np.isclose(rtn, res.loss_before, rtol=1e-3) and np.isclose(awq, res.loss_after, rtol=1e-3)
     assert awq < 0.8 * rtn
     # the folded + clipped pipeline: quantize w*s, run on x/s
@@ -75,7 +76,7 @@ def test_awq_search_picks_ratio_zero_without_outliers_and_reports_rtn_loss():
     x = rng.standard_normal((256, 128)).astype(np.float32)
     w = rng.standard_normal((32, 128)).astype(np.float32)
     res = awq_search([mx.array(w)], mx.array(x), 4, 32, grid=10)
-    rtn = _out_err(x, w, quantize_rtn(mx.array(w), 4, 32).dequantize())
+    rtn = _out_err(x, w, quantize_rtn(mx.array(w), 4, 32, fit="minmax").dequantize())
     assert np.isclose(res.loss_before, rtn, rtol=1e-3)
     assert res.loss_after <= res.loss_before
 
@@ -83,14 +84,15 @@ def test_awq_search_picks_ratio_zero_without_outliers_and_reports_rtn_loss():
 def test_awq_clip_no_group_worse_than_rtn_and_format_valid():
     x, (w, _) = _outlier_problem(seed=4)
     qw = awq_clip(mx.array(w), mx.array(x), 3, 64)
-    rtn = quantize_rtn(mx.array(w), 3, 64)
     codes = np.asarray(qw.codes)
     assert codes.max() < 8 and qw.scales.shape == (w.shape[0], w.shape[1] // 64)
-    # per-group output error (the quantity awq_clip minimises) is never worse than min/max RTN
+    # per-group output error (the quantity awq_clip minimises) is never worse than min/max or mx.quantize-style RTN
     def group_err(w_hat):
         d = (np.asarray(w_hat, np.float64) - w).reshape(w.shape[0], -1, 64)
         xg = x.astype(np.float64).reshape(x.shape[0], -1, 64)
         return np.einsum("ngk,ogk->nog", xg, d) ** 2
-    e_clip, e_rtn = group_err(qw.dequantize()).mean(0), group_err(rtn.dequantize()).mean(0)
-    assert np.all(e_clip <= e_rtn * (1 + 1e-4) + 1e-9)
-    assert e_clip.sum() < 0.95 * e_rtn.sum()
+    e_clip = group_err(qw.dequantize()).mean(0)
+    for fit in ("minmax", "mlx"):  # both grids are candidates at k = 0
+        e_rtn = group_err(quantize_rtn(mx.array(w), 3, 64, fit=fit).dequantize()).mean(0)
+        assert np.all(e_clip <= e_rtn * (1 + 1e-4) + 1e-9)
+        assert e_clip.sum() < 0.95 * e_rtn.sum()

@@ -6,11 +6,16 @@ from mlx_holo.quant.formats import AFFINE_BITS, GROUP_SIZES, FormatError, dequan
 from mlx_holo.quant.rtn import quantize_rtn
 
 
-def np_rtn(w: np.ndarray, bits: int, g: int):
+def np_rtn(w: np.ndarray, bits: int, g: int, fit: str = "mlx"):
     """Independent numpy reference: min/max affine RTN with fp16-rounded scale and bias."""
     out, n = w.shape
     wg = w.reshape(out, n // g, g).astype(np.float32)
     lo, hi = wg.min(-1, keepdims=True), wg.max(-1, keepdims=True)
+    if fit == "minmax":  # bias = min, scale = range / (2**bits - 1): the grid spans [min, max]
+        scale = np.maximum((hi - lo) / (2**bits - 1), 1e-7).astype(np.float16).astype(np.float32)
+        bias = lo.astype(np.float16).astype(np.float32)
+        q = np.clip(np.round((wg - bias) / scale), 0, 2**bits - 1)
+        return q.reshape(out, n), scale[..., 0], bias[..., 0]
     lo_edge = np.abs(lo) > np.abs(hi)  # MLX's choice: the larger edge is exact and 0 lies on the grid
     scale = np.maximum((hi - lo) / (2**bits - 1), 1e-7)
     scale = np.where(lo_edge, scale, -scale)
@@ -36,13 +41,14 @@ def test_pack_matches_mlx_layout(bits):
     np.testing.assert_array_equal(np.array(unpack(packed, bits, 128)), codes)
 
 
+@pytest.mark.parametrize("fit", ["mlx", "minmax"])
 @pytest.mark.parametrize("bits", AFFINE_BITS)
 @pytest.mark.parametrize("g", GROUP_SIZES)
-def test_rtn_error_bounds_vs_numpy(bits, g):
+def test_rtn_error_bounds_vs_numpy(bits, g, fit):
     rng = np.random.default_rng(100 * bits + g)
     w = rng.standard_normal((32, 256)).astype(np.float32)
-    qw = quantize_rtn(mx.array(w), bits, g)
-    q_ref, s_ref, b_ref = np_rtn(w, bits, g)
+    qw = quantize_rtn(mx.array(w), bits, g, fit=fit)
+    q_ref, s_ref, b_ref = np_rtn(w, bits, g, fit)
     codes = np.array(qw.codes).astype(np.float32)
     # same codes as the reference except where fp32 rounding of (w - b) / s lands exactly on .5
     assert (codes == q_ref).mean() > 0.999
@@ -61,6 +67,39 @@ def test_rtn_error_bounds_vs_numpy(bits, g):
     # and the error shrinks with bits: relative RMS error below the uniform-noise bound of the range
     rel = np.sqrt(((w_hat - w) ** 2).mean()) / w.std()
     assert rel < 2.0 ** (-bits) * 4
+    if fit == "minmax":  # nothing falls off a min/max grid
+        assert np.all(err <= step / 2 + slack + 1e-3 * step)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_lsq_fit_never_worse_per_group(bits):
+    """fit='lsq' refines the better of the mlx/minmax grids: per group (weighted) error <= both, and lower overall."""
+    rng = np.random.default_rng(bits)
+    w = mx.array((rng.standard_normal((64, 512)) * np.exp(rng.standard_normal((64, 1)))).astype(np.float32))
+    imp = mx.array(np.exp(rng.standard_normal(512)).astype(np.float32))
+
+    def group_err(fit):
+        d = (quantize_rtn(w, bits, 64, fit=fit, importance=imp).dequantize() - w) ** 2 * imp[None, :]
+        return np.array(d.reshape(64, 8, 64).sum(-1))
+
+    lsq, ref = group_err("lsq"), np.minimum(group_err("mlx"), group_err("minmax"))
+    assert np.all(lsq <= ref * (1 + 1e-5) + 1e-9)
+    assert lsq.sum() < 0.97 * ref.sum()  # the refinement does something on gaussian weights
+
+
+def test_lsq_and_minmax_recover_a_q4_1_grid_exactly():
+    """A weight that is already a 4-bit g32 asymmetric grid (a dequantized GGUF Q4_1, like the embedded model) comes
+    back exactly at 4 bits / g32 with min/max and lsq grids; MLX's zero-on-grid rule bends the scale and clips."""
+    rng = np.random.default_rng(0)
+    d = (np.abs(rng.standard_normal((48, 8, 1))) * 0.05 + 0.01).astype(np.float16).astype(np.float32)
+    m = (rng.standard_normal((48, 8, 1)) * 0.2 - 7.5 * d).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, size=(48, 8, 32)).astype(np.float32)
+    q[..., 0], q[..., 1] = 0, 15  # every block uses both ends, as Q4_1's own min/max rule guarantees
+    w = mx.array((m + d * q).reshape(48, 256))
+    for fit in ("minmax", "lsq"):
+        err = mx.abs(quantize_rtn(w, 4, 32, fit=fit).dequantize() - w).max().item()
+        assert err < 1e-6 * mx.abs(w).max().item(), fit
+    assert mx.abs(quantize_rtn(w, 4, 32, fit="mlx").dequantize() - w).max().item() > 1e-3
 
 
 def test_rtn_matches_mx_quantize_quality():

@@ -22,10 +22,12 @@ def _herr(w, H, w_hat):
     return float(np.sum((d @ H) * d))
 
 
-def _reference(w, H, bits, g, damp=0.01):
+def _reference(w, H, bits, g, damp=0.01, fit="mlx"):
     """Textbook OBS column loop in float64, no Cholesky, no blocks: w[:, j>i] -= e_i * Hinv_i[0, j] / Hinv_i[0, 0]
-    with Hinv_i the inverse of the damped H restricted to the columns not yet quantized; static group params."""
-    ref = quantize_rtn(mx.array(w), bits, g)
+    with Hinv_i the inverse of the damped H restricted to the columns not yet quantized; static group params
+    (fit "lsq" weights its grid fit by diag(H), as GPTQ does)."""
+    imp = mx.array(np.diag(H).astype(np.float32)) if fit == "lsq" else None
+    ref = quantize_rtn(mx.array(w), bits, g, fit=fit, importance=imp)
     s = np.repeat(np.asarray(ref.scales, np.float64), g if g > 0 else w.shape[1], axis=1)
     b = np.repeat(np.asarray(ref.biases, np.float64), g if g > 0 else w.shape[1], axis=1)
     Hd = H + damp * np.mean(np.diag(H)) * np.eye(H.shape[0])
@@ -50,11 +52,12 @@ def test_gptq_beats_rtn_on_hessian_error(bits, group_size, act_order):
     assert gptq < 0.8 * rtn, (gptq, rtn)
 
 
-def test_matches_obs_reference_without_blocks():
+@pytest.mark.parametrize("fit", ["mlx", "lsq"])
+def test_matches_obs_reference_without_blocks(fit):
     w, H = _problem(out=32, n_in=64, seed=1)
-    Qref = _reference(w, H, 4, 32)
+    Qref = _reference(w, H, 4, 32, fit=fit)
     qw, C = _gptq(mx.array(w), mx.array(H.astype(np.float32)), 4, 32, act_order=False, static_groups=True,
-                  block_size=16)
+                  block_size=16, fit=fit)
     C = np.asarray(C, np.float64)
     same = np.isclose(C, Qref, atol=1e-5)
     assert same.mean() > 0.99  # float32 vs float64 may flip an occasional rounding tie
@@ -92,7 +95,7 @@ def test_format_codes_in_range_and_dequantize_is_committed(bits, group_size):
 def test_act_order_static_groups_keep_original_column_groups():
     w, H = _problem(out=16, n_in=64, seed=4)
     qw = gptq_quantize(mx.array(w), mx.array(H.astype(np.float32)), 4, 32, act_order=True)
-    rtn = quantize_rtn(mx.array(w), 4, 32)
+    rtn = quantize_rtn(mx.array(w), 4, 32, importance=mx.array(np.diag(H).astype(np.float32)))  # lsq, diag(H)
     assert np.array_equal(np.asarray(qw.scales), np.asarray(rtn.scales))  # params fixed before the loop
     assert np.array_equal(np.asarray(qw.biases), np.asarray(rtn.biases))
 

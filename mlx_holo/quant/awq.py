@@ -19,7 +19,7 @@ from typing import Callable
 import mlx.core as mx
 
 from .formats import AFFINE_BITS, FormatError, QuantizedWeight
-from .rtn import _groups, affine_params, quantize_rtn, round_codes
+from .rtn import _groups, affine_params, lsq_refine, quantize_rtn, round_codes
 
 Progress = Callable[[str, int, int], None]
 
@@ -40,10 +40,12 @@ def _output_error(dw: mx.array, x: mx.array, gram: mx.array | None) -> mx.array:
 
 
 def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, grid: int = 20,
-               scale_dtype=mx.float16, on_progress: Progress | None = None) -> AwqResult:
+               scale_dtype=mx.float16, on_progress: Progress | None = None, fit: str = "minmax") -> AwqResult:
     """ws: linears [out_i, in] that share the input x: [n, in] -> AwqResult with the best per-channel scales [in].
 
     loss(alpha) = sum_i ||Q(w_i * s) (x / s)^T - w_i x^T||^2 with Q = rtn.quantize_rtn; alpha = k / grid, k < grid.
+    fit: Q's grid rule; the default min/max grid is the cheap stand-in for the least-squares grid the final
+    quantization uses (refining 20 candidates x every weight would cost ~10x more).
     """
     if bits not in AFFINE_BITS:
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
@@ -66,7 +68,7 @@ def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, g
         s = s / mx.sqrt(s.max() * s.min())  # [in]
         loss = mx.array(0.0)
         for w in ws:
-            q = quantize_rtn(w * s[None, :], bits, group_size, scale_dtype=scale_dtype).dequantize()
+            q = quantize_rtn(w * s[None, :], bits, group_size, scale_dtype=scale_dtype, fit=fit).dequantize()
             loss = loss + _output_error(q / s[None, :] - w, x, gram)
         loss = float(loss.item())
         losses.append(loss)
@@ -103,12 +105,15 @@ def apply_awq_scale(prev_weight_or_norm: mx.array, ws: list[mx.array], s: mx.arr
 
 
 def awq_clip(w: mx.array, x: mx.array, bits: int, group_size: int, *, grid: int = 20, max_shrink: float = 0.5,
-             scale_dtype=mx.float16, on_progress: Progress | None = None) -> QuantizedWeight:
+             scale_dtype=mx.float16, on_progress: Progress | None = None, fit: str = "lsq") -> QuantizedWeight:
     """w: [out, in], x: [n, in] -> QuantizedWeight whose per-group range minimises the group's output error.
 
     As the reference ``auto_clip``: candidate ranges clamp w to [-m, m] with m = max|w_group| * (1 - k / grid),
     k < max_shrink * grid; error of group G in row o = mean_t (sum_{j in G} x[t, j] (q[o, j] - w[o, j]))^2,
     evaluated through the per-group Gram matrix. k = 0 is plain min/max RTN, so no group gets worse than RTN.
+    fit: the grid rule of each candidate (``rtn.affine_params``); "lsq" tries both "mlx" and "minmax" grids per
+    candidate, then refines the winner by least squares weighted with diag(gram) and keeps the refinement only where
+    it lowers the group's output error.
     """
     if bits not in AFFINE_BITS:
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
@@ -119,24 +124,33 @@ def awq_clip(w: mx.array, x: mx.array, bits: int, group_size: int, *, grid: int 
     lo0, hi0 = wg.min(axis=2, keepdims=True), wg.max(axis=2, keepdims=True)  # [out, G, 1]
     m0 = mx.maximum(mx.abs(lo0), mx.abs(hi0))
     steps = max(int(max_shrink * grid), 1)
-    best_err = best_lo = best_hi = None
+    def out_err(scale, bias):  # [out, G, 1]
+        dG = (round_codes(wg, scale, bias, bits) * scale + bias - wg).transpose(1, 0, 2)  # [G, out, g]
+        return ((dG @ gram) * dG).sum(axis=2).T[..., None]
+
+    fits = ("mlx", "minmax") if fit == "lsq" else (fit,)
+    best_err = best_s = best_b = None
     for k in range(steps):
         m = m0 * (1.0 - k / grid)
         lo, hi = mx.maximum(lo0, -m), mx.minimum(hi0, m)
-        scale, bias = affine_params(lo, hi, bits, scale_dtype)
-        d = round_codes(wg, scale, bias, bits) * scale + bias - wg  # [out, G, g]
-        dG = d.transpose(1, 0, 2)  # [G, out, g]
-        err = ((dG @ gram) * dG).sum(axis=2).T[..., None]  # [out, G, 1]
-        if best_err is None:
-            best_err, best_lo, best_hi = err, lo, hi
-        else:
-            better = err < best_err
-            best_err = mx.where(better, err, best_err)
-            best_lo, best_hi = mx.where(better, lo, best_lo), mx.where(better, hi, best_hi)
-        mx.eval(best_err, best_lo, best_hi)
+        for f in fits:
+            scale, bias = affine_params(lo, hi, bits, scale_dtype, fit=f)
+            err = out_err(scale, bias)
+            if best_err is None:
+                best_err, best_s, best_b = err, scale, bias
+            else:
+                better = err < best_err
+                best_err = mx.where(better, err, best_err)
+                best_s, best_b = mx.where(better, scale, best_s), mx.where(better, bias, best_b)
+            mx.eval(best_err, best_s, best_b)
         if on_progress is not None:
             on_progress("awq-clip", k + 1, steps)
-    scale, bias = affine_params(best_lo, best_hi, bits, scale_dtype)
+    scale, bias = best_s, best_b
+    if fit == "lsq":
+        imp = mx.diagonal(gram, axis1=1, axis2=2)[None]  # [1, G, g]
+        s2, b2 = lsq_refine(wg, scale, bias, bits, imp, scale_dtype=scale_dtype)
+        better = out_err(s2, b2) < best_err
+        scale, bias = mx.where(better, s2, scale), mx.where(better, b2, bias)
     q = round_codes(wg, scale, bias, bits)
     out, n = w.shape
     return QuantizedWeight(q.reshape(out, n).astype(mx.uint8), scale.squeeze(2), bias.squeeze(2), bits,

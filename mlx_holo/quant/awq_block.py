@@ -46,7 +46,8 @@ def apply(block: nn.Module, X: dict[str, mx.array], recipe) -> list[float]:
     for prev, kind, paths in groups(block):
         lins = [_find(block, *p.split(".")) for p in paths]
         x = X[paths[0]]
-        res = awq_search([m.weight.astype(mx.float32) for m in lins], x, recipe.bits, recipe.group_size)
+        res = awq_search([m.weight.astype(mx.float32) for m in lins], x, recipe.bits, recipe.group_size,
+                         fit="mlx" if recipe.fit == "mlx" else "minmax")
         new_prev, new_ws = apply_awq_scale(prev.weight.astype(mx.float32), [m.weight.astype(mx.float32) for m in lins],
                                            res.scales)
         if kind == "linear" and "bias" in prev:

@@ -44,8 +44,8 @@ def inverse_cholesky(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
 
 def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bool = True, damp: float = 0.01,
           block_size: int = 128, scale_dtype=mx.float16, clip_search: bool = False,
-          static_groups: bool | None = None, keep: mx.array | None = None, on_progress: Progress | None = None
-          ) -> tuple[QuantizedWeight, mx.array]:
+          static_groups: bool | None = None, keep: mx.array | None = None, on_progress: Progress | None = None,
+          fit: str = "lsq") -> tuple[QuantizedWeight, mx.array]:
     """GPTQ core -> (QuantizedWeight, committed weight [out, in]); qw.dequantize() == committed exactly."""
     if bits not in AFFINE_BITS:
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
@@ -76,14 +76,14 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
         if tuple(keep.shape) != (n_out, n_in):
             raise ValueError(f"keep must be [{n_out}, {n_in}], got {tuple(keep.shape)}")
         W = W * keep.astype(mx.float32)
-    importance = mx.array(diag.astype(np.float32)) if clip_search else None  # E[x_i^2], for the clip-search error
+    importance = mx.array(diag.astype(np.float32)) if clip_search or fit == "lsq" else None  # E[x_i^2]
 
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n_in)
     U = mx.array(inverse_cholesky(Hn[np.ix_(perm, perm)], damp).astype(np.float32))  # [in, in] upper, permuted
 
     if static:
         ref = quantize_rtn(W, bits, group_size, clip_search=clip_search, importance=importance,
-                           scale_dtype=scale_dtype, exact_zero=exact_zero)
+                           scale_dtype=scale_dtype, exact_zero=exact_zero, fit=fit)
         scales, biases = ref.scales, ref.biases  # [out, G]
         gid = mx.array((perm // g).astype(np.int32))
         col_s, col_b = scales[:, gid], biases[:, gid]  # [out, in], permuted column order
@@ -112,7 +112,7 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
                 imp = None if importance is None else importance[col: col + g]
                 Wg = W1[:, i: i + g] if K is None else W1[:, i: i + g] * K[:, col: col + g]
                 grp = quantize_rtn(mx.array(Wg), bits, g, clip_search=clip_search, importance=imp,
-                                   scale_dtype=scale_dtype, exact_zero=exact_zero)
+                                   scale_dtype=scale_dtype, exact_zero=exact_zero, fit=fit)
                 s, b = np.array(grp.scales[:, 0]), np.array(grp.biases[:, 0])
                 s_groups.append(grp.scales)
                 b_groups.append(grp.biases)
@@ -144,7 +144,7 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
 def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bool = True,
                   damp: float = 0.01, block_size: int = 128, scale_dtype=mx.float16, clip_search: bool = False,
                   static_groups: bool | None = None, keep: mx.array | None = None,
-                  on_progress: Progress | None = None) -> QuantizedWeight:
+                  on_progress: Progress | None = None, fit: str = "lsq") -> QuantizedWeight:
     """w: [out, in], H: [in, in] = mean over calibration tokens of x x^T -> QuantizedWeight (MLX affine groups).
 
     Dead inputs (H_ii == 0) get H_ii = 1 and w[:, i] = 0. ``damp`` adds damp * mean(diag H) to the diagonal.
@@ -154,7 +154,9 @@ def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_o
     ``keep`` [out, in] bool: a fixed sparsity mask (prune, then quantize). Pruned weights are committed at the grid's
     zero, which the groups hold exactly (``rtn.affine_params(exact_zero=True)``), and their error is compensated by
     the kept weights of later columns like any rounding error (SparseGPT's joint sparsify-and-quantize, sec. 3.5).
+    ``fit``: how the groups' grids are fitted (``rtn.quantize_rtn``); "lsq" weights its least squares by diag(H)
+    whether or not ``clip_search`` is on.
     """
     return _gptq(w, H, bits, group_size, act_order=act_order, damp=damp, block_size=block_size,
                  scale_dtype=scale_dtype, clip_search=clip_search, static_groups=static_groups, keep=keep,
-                 on_progress=on_progress)[0]
+                 on_progress=on_progress, fit=fit)[0]

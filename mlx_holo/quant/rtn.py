@@ -5,7 +5,16 @@ Plain min/max RTN is the baseline every paper compares against (e.g. Frantar et 
   error, as in the clipping step of AWQ (Lin et al. 2023) and llama.cpp's k-quants;
 - ``grid_offset``: shift the integer grid by a fraction of a step (bias += offset * scale), a free parameter the
   replicated ensembles tune per replica;
-- ``rounding="stochastic"``: unbiased stochastic rounding (Gupta et al. 2015), seeded.
+- ``rounding="stochastic"``: unbiased stochastic rounding (Gupta et al. 2015), seeded;
+- ``fit``: how a group's (scale, bias) are chosen from its range. ``"mlx"`` is ``mx.quantize``'s rule (the edge of
+  larger magnitude is the bias and the scale is bent so that 0 falls on the grid; the far edge can then fall off
+  the grid by up to half a step times 2**bits / |zero point|), ``"minmax"`` the classic asymmetric grid (bias = min,
+  scale = range / (2**bits - 1), as llama.cpp's Q4_1), ``"lsq"`` alternating least squares from the better of the
+  two per group: codes by rounding, then (scale, bias) by a (weighted) linear regression of the weights on their
+  codes, repeated; each step can only lower the group's error, and the best iterate (after fp16 storage rounding)
+  is kept. This is the refinement of llama.cpp's k-quants (``make_qkx2_quants``, Gerganov et al. 2023) and of
+  HQQ-style solvers (Badri & Shaji 2023) in its plain least-squares form. MLX stores scale and bias as two free
+  fp16 numbers, so no zero point has to be an integer.
 ``group_size=-1`` is per-channel (one group per output row).
 """
 from __future__ import annotations
@@ -13,6 +22,8 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .formats import AFFINE_BITS, FormatError, QuantizedWeight
+
+FITS = ("mlx", "minmax", "lsq")
 
 
 def _groups(w: mx.array, group_size: int) -> tuple[mx.array, int]:
@@ -23,15 +34,21 @@ def _groups(w: mx.array, group_size: int) -> tuple[mx.array, int]:
     return w.astype(mx.float32).reshape(out, n // g, g), g  # [out, G, g]
 
 
-def affine_params(lo: mx.array, hi: mx.array, bits: int, scale_dtype=mx.float16, exact_zero: bool = False
-                  ) -> tuple[mx.array, mx.array]:
-    """Range [lo, hi] per group -> (scale, bias) as MLX's own ``mx.quantize`` chooses them.
+def affine_params(lo: mx.array, hi: mx.array, bits: int, scale_dtype=mx.float16, exact_zero: bool = False,
+                  fit: str = "mlx") -> tuple[mx.array, mx.array]:
+    """Range [lo, hi] per group -> (scale, bias), rounded to the storage dtype so codes see the stored values.
 
-    The edge of larger magnitude is the bias and the scale is adjusted so that 0 falls exactly on the grid (the scale
-    is negative when the max is the edge). Values are rounded to the storage dtype so codes see the stored values.
+    fit="mlx" (and always with ``exact_zero``): as MLX's own ``mx.quantize`` chooses them. The edge of larger
+    magnitude is the bias and the scale is adjusted so that 0 falls exactly on the grid (the scale is negative when
+    the max is the edge). fit="minmax" (or "lsq", whose starting point this is): bias = lo, scale = (hi - lo) / n.
     ``exact_zero``: also make 0 exact *after* that rounding (see ``_exact_zero_params``), so pruned weights stay 0.
     """
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     n = 2**bits - 1
+    if fit != "mlx" and not exact_zero:
+        scale = mx.maximum((hi - lo) / n, 1e-7)
+        return scale.astype(scale_dtype).astype(mx.float32), lo.astype(scale_dtype).astype(mx.float32)
     lo_edge = mx.abs(lo) > mx.abs(hi)
     scale = mx.maximum((hi - lo) / n, 1e-7)
     scale = mx.where(lo_edge, scale, -scale)
@@ -103,38 +120,84 @@ def round_codes(wg: mx.array, scale: mx.array, bias: mx.array, bits: int, roundi
     return mx.clip(q, 0, 2**bits - 1)
 
 
+def _group_error(wg: mx.array, scale: mx.array, bias: mx.array, bits: int, imp: mx.array | None) -> mx.array:
+    """wg [out, G, g], scale/bias [out, G, 1], imp [1, G, g] | None -> (weighted) squared error per group [out, G, 1]."""
+    err = (round_codes(wg, scale, bias, bits) * scale + bias - wg) ** 2
+    return (err if imp is None else err * imp).sum(axis=2, keepdims=True)
+
+
+def lsq_refine(wg: mx.array, scale: mx.array, bias: mx.array, bits: int, imp: mx.array | None = None,
+               iters: int = 8, scale_dtype=mx.float16) -> tuple[mx.array, mx.array]:
+    """Alternating least squares on each group's grid (see the module docstring, fit="lsq").
+
+    wg [out, G, g]; scale/bias [out, G, 1] (already storage-rounded) -> refined (scale, bias), storage-rounded.
+    imp [1, G, g] | None: per-weight importance of the squared error. The error of the returned grid is never above
+    the starting one: each iterate is kept only where it lowers the group's error.
+    """
+    a = mx.ones_like(wg) if imp is None else mx.broadcast_to(imp, wg.shape)  # [out, G, g]
+    best_err = _group_error(wg, scale, bias, bits, imp)
+    best_s, best_b = scale, bias
+    sa = a.sum(axis=2, keepdims=True)
+    sw = (a * wg).sum(axis=2, keepdims=True)
+    for _ in range(iters):
+        q = round_codes(wg, scale, bias, bits)  # [out, G, g]
+        sq, sqq, sqw = (a * q).sum(2, keepdims=True), (a * q * q).sum(2, keepdims=True), (a * q * wg).sum(2, keepdims=True)
+        det = sa * sqq - sq * sq
+        ok = det > 1e-12 * mx.maximum(sa * sqq, 1e-30)  # codes not all equal: the regression is determined
+        s_new = mx.where(ok, (sa * sqw - sq * sw) / mx.where(ok, det, 1.0), scale)
+        b_new = mx.where(ok, (sw - s_new * sq) / mx.maximum(sa, 1e-30), bias)
+        s_new = mx.where(mx.abs(s_new) < 1e-7, scale, s_new)
+        scale, bias = s_new.astype(scale_dtype).astype(mx.float32), b_new.astype(scale_dtype).astype(mx.float32)
+        err = _group_error(wg, scale, bias, bits, imp)
+        better = err < best_err
+        best_err = mx.where(better, err, best_err)
+        best_s, best_b = mx.where(better, scale, best_s), mx.where(better, bias, best_b)
+        mx.eval(best_err, best_s, best_b, scale, bias)
+    return best_s, best_b
+
+
 def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_search: bool = False,
                  clip_grid: int = 20, clip_min: float = 0.5, importance: mx.array | None = None,
                  grid_offset: float = 0.0, rounding: str = "nearest", seed: int = 0,
-                 scale_dtype=mx.float16, exact_zero: bool = False) -> QuantizedWeight:
+                 scale_dtype=mx.float16, exact_zero: bool = False, fit: str = "lsq") -> QuantizedWeight:
     """w: [out, in] -> QuantizedWeight (codes [out, in], scales/biases [out, in // g]).
 
-    importance: optional [in] per-input-channel weights for the clip-search error (e.g. E[x^2] from calibration).
-    exact_zero: stored grids hold 0 exactly, so zeros (pruned weights) dequantize to exactly 0 (no grid offset).
+    importance: optional [in] per-input-channel weights for the clip-search / lsq error (e.g. E[x^2]).
+    exact_zero: stored grids hold 0 exactly, so zeros (pruned weights) dequantize to exactly 0 (no grid offset,
+    fit "mlx").
+    fit: "mlx" | "minmax" | "lsq" (module docstring). "lsq" starts from the better of the other two per group (so
+    it is never worse than either) and, with ``clip_search``, from the best clipped range.
     """
     if bits not in AFFINE_BITS:
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     wg, g = _groups(w, group_size)  # [out, G, g]
     lo, hi = wg.min(axis=2, keepdims=True), wg.max(axis=2, keepdims=True)  # [out, G, 1]
     key = mx.random.key(seed)
-    if clip_search:
-        imp = None if importance is None else importance.astype(mx.float32).reshape(1, -1, g)
-        best_err, best_lo, best_hi = None, lo, hi
-        for i in range(clip_grid):
+    imp = None if importance is None else importance.astype(mx.float32).reshape(1, -1, g)
+    fit = "mlx" if exact_zero else fit
+    starts = ("mlx", "minmax") if fit == "lsq" else (fit,)
+    best_err = None
+    best_s, best_b = affine_params(lo, hi, bits, scale_dtype, fit=starts[0])
+    best_lo, best_hi = lo, hi
+    if len(starts) > 1 or clip_search:
+        best_err = _group_error(wg, best_s, best_b, bits, imp)
+        for i in range(clip_grid if clip_search else 1):
             r = 1.0 - (1.0 - clip_min) * i / max(clip_grid - 1, 1)
-            c_lo, c_hi = lo * r, hi * r
-            scale, bias = affine_params(c_lo, c_hi, bits, scale_dtype)
-            err = (round_codes(wg, scale, bias, bits) * scale + bias - wg) ** 2
-            err = (err if imp is None else err * imp).sum(axis=2, keepdims=True)  # [out, G, 1]
-            if best_err is None:
-                best_err = err
-                continue
-            better = err < best_err
-            best_err = mx.where(better, err, best_err)
-            best_lo, best_hi = mx.where(better, c_lo, best_lo), mx.where(better, c_hi, best_hi)
-            mx.eval(best_err, best_lo, best_hi)
-        lo, hi = best_lo, best_hi
-    scale, bias = affine_params(lo, hi, bits, scale_dtype, exact_zero=exact_zero)
+            for f in starts[1:] if i == 0 else starts:
+                scale, bias = affine_params(lo * r, hi * r, bits, scale_dtype, fit=f)
+                err = _group_error(wg, scale, bias, bits, imp)
+                better = err < best_err
+                best_err = mx.where(better, err, best_err)
+                best_s, best_b = mx.where(better, scale, best_s), mx.where(better, bias, best_b)
+                best_lo, best_hi = mx.where(better, lo * r, best_lo), mx.where(better, hi * r, best_hi)
+                mx.eval(best_err, best_s, best_b, best_lo, best_hi)
+    scale, bias = best_s, best_b
+    if exact_zero:  # the zero-exact grid of the chosen (clipped) range
+        scale, bias = affine_params(best_lo, best_hi, bits, scale_dtype, exact_zero=True)
+    elif fit == "lsq":
+        scale, bias = lsq_refine(wg, scale, bias, bits, imp, scale_dtype=scale_dtype)
     if grid_offset and not exact_zero:
         bias = (bias + grid_offset * scale).astype(scale_dtype).astype(mx.float32)
     q = round_codes(wg, scale, bias, bits, rounding, key)
