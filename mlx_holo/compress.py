@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-corpus", default="c4", help="built-in corpus name or a text file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-act-order", dest="act_order", action="store_false", help="GPTQ without act-order")
+    ap.add_argument("--true-sequential", action="store_true",
+                    help="re-capture a block's inputs after each stage of its linears (q/k/v, o, gate/up, down)")
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
     ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
@@ -257,7 +259,7 @@ def recipe_from_args(args):
     return Recipe(method=args.method, bits=args.bits or None, group_size=args.group_size, mode=args.mode,
                   clip_search=args.clip_search, fit=args.fit, grid_offset=args.grid_offset, rounding=args.rounding,
                   calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
-                  act_order=args.act_order, damp=args.damp, bits_per_weight=args.bits_per_weight,
+                  act_order=args.act_order, true_sequential=args.true_sequential, damp=args.damp, bits_per_weight=args.bits_per_weight,
                   target_mb=args.target_mb, sensitivity=args.sensitivity, fisher_windows=args.fisher_windows,
                   sparsity=args.sparsity, nm=args.nm, allocation=args.allocation,
                   recover=args.recover, quantize_embeddings=args.quantize_embeddings, embed_bits=args.embed_bits)

@@ -74,17 +74,30 @@ def linear_modules(block: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(p, m) for p, m in block.named_modules() if isinstance(m, nn.Linear)][::-1]
 
 
-def capture_linear_inputs(block: nn.Module, x: mx.array, mask) -> tuple[mx.array, dict[str, mx.array]]:
-    """Run block on x [N, S, D]; -> (output, {linear path: its input [N*S, in]})."""
+def capture_linear_inputs(block: nn.Module, x: mx.array, mask, stages: list | None = None
+                          ) -> tuple[mx.array, dict[str, mx.array]]:
+    """Run block on x [N, S, D]; -> (output, {linear path: its input [N*S, in]}), the dict in call order.
+
+    stages: if a list is given, it is filled with the linears grouped by the input they read, in call order
+    (a llama block: [q, k, v], [o], [gate, up], [down]) -- the order of GPTQ's "true sequential" quantization.
+    """
     seen: dict[str, mx.array] = {}
     box = [seen]  # see block_inputs: the patched classes are cyclic garbage and must not hold the inputs
     mods = linear_modules(block)
     saved = []
+    inputs: list = []  # the distinct input arrays, in call order (kept only for the identity test below)
     for path, m in mods:
         cls = type(m)
 
         def call(self, inp, _cls=cls, _path=path):
             box[0][_path] = inp.reshape(-1, inp.shape[-1])
+            if stages is not None:
+                k = next((i for i, a in enumerate(inputs) if a is inp), None)
+                if k is None:
+                    inputs.append(inp)
+                    stages.append([])
+                    k = len(inputs) - 1
+                stages[k].append(_path)
             return _cls.__call__(self, inp)
 
         saved.append((m, cls))
@@ -96,6 +109,7 @@ def capture_linear_inputs(block: nn.Module, x: mx.array, mask) -> tuple[mx.array
         for m, cls in saved:
             m.__class__ = cls
         box.clear()
+        inputs.clear()
     return y, seen
 
 
@@ -193,14 +207,21 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     prefix = _block_prefix(model)
     for i, block in enumerate(blocks):
         mx.eval(block.parameters())
-        X = {}
+        X, stages = {}, []
         if x is not None:
-            _, X = capture_linear_inputs(block, x, mask)
+            _, X = capture_linear_inputs(block, x, mask, stages)
         if recipe.method == "awq":
             from .quant import awq_block
             awq_block.apply(block, X, recipe)
             _, X = capture_linear_inputs(block, x, mask)  # inputs after the scale fold
-        for path, lin in linear_modules(block):
+        mods = dict(linear_modules(block))
+        order = [p for st in stages for p in st] + [p for p in mods if not any(p in st for st in stages)]
+        for path in order:
+            lin = mods[path]
+            if recipe.true_sequential and x is not None and any(path in st for st in stages[1:]) \
+                    and path == next(st for st in stages if path in st)[0]:
+                X = {}  # drop the stale inputs first: a block's captures are the pipeline's largest arrays
+                _, X = capture_linear_inputs(block, x, mask)  # the inputs after the stages already compressed
             full = f"{prefix}.{i}.{path}"
             ts = time.perf_counter()
             w = lin.weight.astype(mx.float32)

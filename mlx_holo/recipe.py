@@ -31,6 +31,7 @@ class Recipe:
     calib_seq_len: int = 512
     seed: int = 0
     act_order: bool = True           # GPTQ
+    true_sequential: bool = False    # re-capture a block's inputs after each stage of its linears is compressed
     damp: float = 0.01               # GPTQ/SparseGPT Hessian damping (fraction of mean diagonal)
     # mixed precision
     bits_per_weight: float | None = None

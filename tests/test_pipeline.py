@@ -99,3 +99,39 @@ def test_float_modes_load_in_mlx_lm(tiny_model_dir, text_file, tmp_path, mode):
     model, _ = load(str(out))
     assert model.model.layers[0].mlp.up_proj.mode == mode
     assert ev["metrics"]["kl"] is not None and ev["metrics"]["kl"] < 1.0
+
+
+def test_true_sequential_stages_follow_the_forward(tiny_model_dir, text_file):
+    calib = _calib(tiny_model_dir, text_file, 256, 128)
+    model = models.open_model(str(tiny_model_dir), lazy=True)[0]
+    x, mask = pipeline.block_inputs(model, calib)
+    stages = []
+    pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask, stages)
+    assert stages == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_true_sequential_calibrates_o_proj_on_compressed_qkv(tiny_model_dir, text_file, monkeypatch, true_sequential):
+    """With true sequential, o_proj of block 0 is calibrated on the attention output of the *compressed* q/k/v (as
+    GPTQ's --true-sequential); without, on the float block's."""
+    calib = _calib(tiny_model_dir, text_file, 256, 128)
+    seen, real = {}, pipeline.quantize_weight
+
+    def spy(w, X, H, recipe, bits, method, keep=None):
+        seen.setdefault(len(seen), (w.shape, X))
+        return real(w, X, H, recipe, bits, method, keep)
+
+    monkeypatch.setattr(pipeline, "quantize_weight", spy)
+    res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2, true_sequential=true_sequential))
+    X_o = seen[3][1]  # block 0 in forward order: q, k, v, o, ...
+    model = models.open_model(str(tiny_model_dir), lazy=True)[0]
+    x, mask = pipeline.block_inputs(model, calib)
+    block = models.blocks(model)[0]
+    _, X_float = pipeline.capture_linear_inputs(block, x, mask)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(block.self_attn, name).weight = res.quantized[f"model.layers.0.self_attn.{name}"].dequantize()
+    _, X_comp = pipeline.capture_linear_inputs(block, x, mask)
+    ref, other = (X_comp, X_float) if true_sequential else (X_float, X_comp)
+    assert mx.allclose(X_o, ref["self_attn.o_proj"], atol=1e-5).item()
+    assert not mx.allclose(X_o, other["self_attn.o_proj"], atol=1e-3).item()
