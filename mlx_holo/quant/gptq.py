@@ -11,6 +11,13 @@ scale/bias is fixed from the original weight before the loop (optionally with ``
 so the result is plain MLX group format over the original column order. Without act-order the groups are
 *dynamic* as in the reference code: a group's parameters are taken from the GPTQ-updated weight when the loop
 reaches its first column.
+
+``refit`` (after the loop, codes frozen): each row's group scales and biases are re-solved by least squares on the
+layer objective itself, min over (s, b) of (w - A(s, b)) H (w - A(s, b))^T with A the affine map of the row's codes
+(the normal equations couple the groups of a row through H: a 2G x 2G system per row). This is the closed form of the
+scale tuning that later GPTQ variants do by gradient descent (e.g. OmniQuant's learnable weight clipping, Shao et
+al. 2023; the frozen-code parameter refit of this project's ensembles); a row keeps its new parameters only where
+the objective, after fp16 storage rounding, went down.
 """
 from __future__ import annotations
 
@@ -42,10 +49,47 @@ def inverse_cholesky(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
     return np.ascontiguousarray(L.T)
 
 
+def refit_params(w: mx.array, H: np.ndarray, codes: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+                 ridge: float = 1e-6, scale_dtype=mx.float16) -> tuple[mx.array, mx.array]:
+    """Least-squares (scale, bias) per group for frozen codes under the layer objective (module docstring).
+
+    w [out, in], H [in, in] float64, codes [out, in] (0..2**bits-1), scales/biases [out, G] -> new (scales, biases),
+    storage-rounded; rows whose objective did not go down keep their old parameters.
+    """
+    n_out, n_in = w.shape
+    g = n_in if group_size == -1 else group_size
+    G = n_in // g
+    W = np.asarray(w, np.float64)  # [out, in]
+    Q = np.asarray(codes, np.float64).reshape(n_out, G, g)  # [out, G, g]
+    Hg = np.asarray(H, np.float64).reshape(n_in, G, g)  # [in, G, g]
+    T = np.einsum("jbk,obk->ojb", Hg, Q)  # [out, in, G]: sum_{k in b} H[j, k] q[o, k]
+    SS = np.einsum("oaj,oajb->oab", Q, T.reshape(n_out, G, g, G))  # [out, G, G]
+    Hk = Hg.sum(axis=2).reshape(G, g, G)  # [G, g, G]: sum_{k in b} H[j, k]
+    SB = np.einsum("oaj,ajb->oab", Q, Hk)  # [out, G, G]
+    BB = Hk.sum(axis=1)  # [G, G]
+    HW = W @ H  # [out, in]
+    rhs = np.concatenate([(Q * HW.reshape(n_out, G, g)).sum(-1), HW.reshape(n_out, G, g).sum(-1)], axis=1)
+    M = np.concatenate([np.concatenate([SS, SB], axis=2),
+                        np.concatenate([SB.transpose(0, 2, 1), np.broadcast_to(BB, SB.shape)], axis=2)], axis=1)
+    lam = ridge * np.trace(M, axis1=1, axis2=2)[:, None] / (2 * G) + 1e-30  # [out, 1]
+    theta0 = np.concatenate([np.asarray(scales, np.float64), np.asarray(biases, np.float64)], axis=1)  # [out, 2G]
+    theta = np.linalg.solve(M + lam[:, :, None] * np.eye(2 * G)[None], (rhs + lam * theta0)[..., None])[..., 0]
+    new_s = mx.array(theta[:, :G].astype(np.float32)).astype(scale_dtype).astype(mx.float32)
+    new_b = mx.array(theta[:, G:].astype(np.float32)).astype(scale_dtype).astype(mx.float32)
+
+    def row_obj(s, b):  # [out]
+        d = W - (Q * np.asarray(s, np.float64)[..., None] + np.asarray(b, np.float64)[..., None]).reshape(n_out, n_in)
+        return ((d @ H) * d).sum(axis=1)
+
+    better = mx.array(row_obj(new_s, new_b) < row_obj(scales, biases))[:, None]
+    ok = better & mx.isfinite(new_s).all(axis=1, keepdims=True) & mx.isfinite(new_b).all(axis=1, keepdims=True)
+    return mx.where(ok, new_s, scales), mx.where(ok, new_b, biases)
+
+
 def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bool = True, damp: float = 0.01,
           block_size: int = 128, scale_dtype=mx.float16, clip_search: bool = False,
           static_groups: bool | None = None, keep: mx.array | None = None, on_progress: Progress | None = None,
-          fit: str = "lsq") -> tuple[QuantizedWeight, mx.array]:
+          fit: str = "lsq", refit: bool = True) -> tuple[QuantizedWeight, mx.array]:
     """GPTQ core -> (QuantizedWeight, committed weight [out, in]); qw.dequantize() == committed exactly."""
     if bits not in AFFINE_BITS:
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
@@ -137,6 +181,13 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
         Q, C = Q[:, inv], C[:, inv]
     if not static:
         scales, biases = mx.concatenate(s_groups, axis=1), mx.concatenate(b_groups, axis=1)
+    if refit and keep is None:  # (a pruned weight's zero code must stay exactly 0: no refit then)
+        H_obj = np.array(H, dtype=np.float64)
+        H_obj[dead, :] = 0.0
+        H_obj[:, dead] = 0.0
+        scales, biases = refit_params(w.astype(mx.float32), H_obj, Q, scales, biases, group_size,
+                                      scale_dtype=scale_dtype)
+        C = (Q.astype(mx.float32).reshape(n_out, -1, g) * scales[..., None] + biases[..., None]).reshape(n_out, n_in)
     qw = QuantizedWeight(Q.astype(mx.uint8), scales, biases, bits, group_size)
     return qw, C
 
@@ -144,7 +195,7 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
 def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bool = True,
                   damp: float = 0.01, block_size: int = 128, scale_dtype=mx.float16, clip_search: bool = False,
                   static_groups: bool | None = None, keep: mx.array | None = None,
-                  on_progress: Progress | None = None, fit: str = "lsq") -> QuantizedWeight:
+                  on_progress: Progress | None = None, fit: str = "lsq", refit: bool = True) -> QuantizedWeight:
     """w: [out, in], H: [in, in] = mean over calibration tokens of x x^T -> QuantizedWeight (MLX affine groups).
 
     Dead inputs (H_ii == 0) get H_ii = 1 and w[:, i] = 0. ``damp`` adds damp * mean(diag H) to the diagonal.
@@ -155,8 +206,9 @@ def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_o
     zero, which the groups hold exactly (``rtn.affine_params(exact_zero=True)``), and their error is compensated by
     the kept weights of later columns like any rounding error (SparseGPT's joint sparsify-and-quantize, sec. 3.5).
     ``fit``: how the groups' grids are fitted (``rtn.quantize_rtn``); "lsq" weights its least squares by diag(H)
-    whether or not ``clip_search`` is on.
+    whether or not ``clip_search`` is on. ``refit``: re-solve the group parameters for the final codes on the layer
+    objective (module docstring; skipped with ``keep``).
     """
     return _gptq(w, H, bits, group_size, act_order=act_order, damp=damp, block_size=block_size,
                  scale_dtype=scale_dtype, clip_search=clip_search, static_groups=static_groups, keep=keep,
-                 on_progress=on_progress, fit=fit)[0]
+                 on_progress=on_progress, fit=fit, refit=refit)[0]
