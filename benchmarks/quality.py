@@ -2,6 +2,10 @@
 
 Run: python benchmarks/quality.py --bits 2,3,4 --eval-tokens 4096 --calib-tokens 2048 --json runs/quality.json
 
+``--work DIR --reuse`` keeps every variant's folder under DIR and, on a later run, scores an existing folder instead of
+compressing again (its compression seconds are read back from DIR/<variant>/quality_seconds.txt): a long tool run
+(mlx-lm's AWQ takes ~16 CPU-minutes for this 135M model) can be done once, or by ``--methods mlx_lm:awq`` alone.
+
 Ours: rtn, gptq, awq, mixed / mixed-fisher (Hessian or Fisher sensitivity, at the same average bits as uniform ``b``
 + its group overhead), via
 ``mlx_holo.compress.compress`` in-process. mlx-lm: ``mlx_lm.convert -q`` (RTN), ``mlx_lm.quant.gptq`` and
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +59,8 @@ def _bpw(folder: Path) -> float:
 
 def run_mlx_lm(tool: str, src: Path, out: Path, bits: int, group: int, calib_text: str, calib_tokens: int,
                seq_len: int) -> float:
+    if out.exists():  # mlx-lm refuses an existing output folder
+        shutil.rmtree(out)
     home = Path(tempfile.mkdtemp(prefix="mlxlm-home-"))
     (home / ".cache" / "mlx-lm").mkdir(parents=True)
     (home / ".cache" / "mlx-lm" / "calibration_v5.txt").write_text(calib_text)
@@ -93,13 +100,16 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--work", default=None, help="keep the variant folders here (default: a temporary folder)")
+    ap.add_argument("--reuse", action="store_true", help="score existing variant folders under --work")
     args = ap.parse_args(argv)
 
     mid, src = models.resolve(args.model)
     base, tok, _, info = models.open_model(args.model)
     wins = data.windows(data.tokenize(tok, data.load_corpus("wiki"), args.eval_tokens), args.seq_len)
     calib_text = data.load_corpus("c4").text
-    work = Path(tempfile.mkdtemp(prefix="quality-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="quality-"))
+    work.mkdir(parents=True, exist_ok=True)
     rows = []
     base_ppl = None
     for bits in [int(b) for b in args.bits.split(",")]:
@@ -109,7 +119,10 @@ def main(argv=None) -> int:
             row = {"method": method, "bits": bits, "emb": emb}
             t0 = time.perf_counter()
             try:
-                if method.startswith("mlx_lm:"):
+                if args.reuse and (out / "config.json").exists() and (out / "quality_seconds.txt").exists():
+                    row["seconds"] = float((out / "quality_seconds.txt").read_text())
+                    row["reused"] = True
+                elif method.startswith("mlx_lm:"):
                     tool = method.split(":")[1]
                     if tool == "gptq" and bits not in (2, 4, 8):
                         row["error"] = "mlx-lm GPTQ supports 2/4/8 bits only"
@@ -127,9 +140,11 @@ def main(argv=None) -> int:
                         kw = dict(method=method, bits=bits)
                     r = Recipe(group_size=args.group_size, calib_tokens=args.calib_tokens,
                                calib_seq_len=args.seq_len, embed_bits=emb if emb != bits else None, **kw)
-                    ev = compress(args.model, r, str(out), eval_tokens=0)
+                    ev = compress(args.model, r, str(out), eval_tokens=0, overwrite=True)
                     row["seconds"] = ev["timings"]["compress_s"]
                     row["peak_rss_mb"] = ev["peak_memory_bytes"] / 1e6
+                if not row.get("reused"):
+                    (out / "quality_seconds.txt").write_text(f"{row['seconds']:.1f}")
                 cm = models.open_model(str(out))[0]
                 m = evaluate.compare(cm, base, wins, det_windows=0)
                 base_ppl = m.base_ppl

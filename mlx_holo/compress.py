@@ -225,13 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping per group (RTN/GPTQ)")
     ap.add_argument("--grid-offset", type=float, default=0.0, help="shift of the integer grid, in steps")
     ap.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"])
-    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--calib-corpus", default="c4", help="built-in corpus name or a text file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-act-order", dest="act_order", action="store_false", help="GPTQ without act-order")
     ap.add_argument("--true-sequential", action="store_true",
                     help="re-capture a block's inputs after each stage of its linears (q/k/v, o, gate/up, down)")
+    ap.add_argument("--no-gptq-head", dest="gptq_head", action="store_false",
+                    help="GPTQ/mixed/SparseGPT: round the output head (lm_head or tied embedding) instead of GPTQ")
+    ap.add_argument("--head-damp", type=float, default=0.1, help="GPTQ damping of the output head")
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
     ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
@@ -259,7 +262,8 @@ def recipe_from_args(args):
     return Recipe(method=args.method, bits=args.bits or None, group_size=args.group_size, mode=args.mode,
                   clip_search=args.clip_search, fit=args.fit, grid_offset=args.grid_offset, rounding=args.rounding,
                   calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
-                  act_order=args.act_order, true_sequential=args.true_sequential, damp=args.damp, bits_per_weight=args.bits_per_weight,
+                  act_order=args.act_order, true_sequential=args.true_sequential, gptq_head=args.gptq_head,
+                  head_damp=args.head_damp, damp=args.damp, bits_per_weight=args.bits_per_weight,
                   target_mb=args.target_mb, sensitivity=args.sensitivity, fisher_windows=args.fisher_windows,
                   sparsity=args.sparsity, nm=args.nm, allocation=args.allocation,
                   recover=args.recover, quantize_embeddings=args.quantize_embeddings, embed_bits=args.embed_bits)

@@ -260,7 +260,11 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
         if on_progress:
             on_progress("compress", i + 1, len(blocks))
-    _finish_outside_blocks(model, recipe, res, layer_bits)
+    head_x = None
+    if x is not None and quant_method == "gptq":
+        head_x = head_inputs(model, x)
+    del x
+    _finish_outside_blocks(model, recipe, res, layer_bits, head_x)
     res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
     res.seconds = time.perf_counter() - t0
     return res
@@ -303,10 +307,37 @@ def outside_quantizable(model: nn.Module, recipe: Recipe) -> list[tuple[str, mx.
     return out
 
 
+def head_inputs(model: nn.Module, x: mx.array) -> mx.array | None:
+    """x [N, S, D] leaving the last (compressed) block -> the output head's input [N*S, D]: x through the final norm
+    (the ``norm`` beside the blocks, as llama/qwen-style models name it); None where there is no such norm."""
+    prefix = _block_prefix(model)
+    parent = _get(model, prefix.rsplit(".", 1)[0]) if "." in prefix else model
+    norm = getattr(parent, "norm", None)
+    if norm is None:
+        return None
+    h = norm(x).reshape(-1, x.shape[-1])
+    mx.eval(h)
+    return h
+
+
+def _head_module(model: nn.Module, mod: str) -> bool:
+    """Is ``mod`` the output head's weight: an untied lm_head, or the embedding that the head reads when tied?"""
+    m = _get(model, mod)
+    if isinstance(m, nn.Linear):
+        return True
+    return isinstance(m, nn.Embedding) and not hasattr(model, "lm_head")
+
+
 def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult,
-                           layer_bits: dict[str, int | None] | None = None) -> None:
+                           layer_bits: dict[str, int | None] | None = None, head_x: mx.array | None = None) -> None:
     """Embeddings and lm_head: RTN at the recipe's bits (as mlx_lm.convert does) or at their entry in
-    ``layer_bits`` (mixed precision); everything else kept float."""
+    ``layer_bits`` (mixed precision); everything else kept float.
+
+    head_x [n, D]: the head's calibration inputs (``head_inputs``). Given (and ``recipe.gptq_head``), the head's
+    weight -- an untied lm_head or a tied embedding -- is quantized by GPTQ on H = head_x^T head_x / n, so its
+    rounding is compensated where the logits see it; its record then carries that H-weighted error either way. A
+    tied table is also read row by row as the input embedding, an error GPTQ's objective does not see;
+    ``recipe.head_damp`` (a larger damping, i.e. a pull toward plain rounding) weighs that in."""
     from .quant.rtn import quantize_rtn
 
     prefix = _block_prefix(model)
@@ -319,13 +350,23 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
             continue
         mod = k.rsplit(".", 1)[0]
         bits = (layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits)
+        H = hessian(head_x) if head_x is not None and _head_module(model, mod) else None
+        err = None
         if recipe.mode == "affine":
-            qw = quantize_rtn(v.astype(mx.float32), bits, recipe.group_size, fit=recipe.fit)
+            w = v.astype(mx.float32)
+            if H is not None and recipe.gptq_head:
+                from .quant.gptq import gptq_quantize
+                qw = gptq_quantize(w, H, bits, recipe.group_size, act_order=recipe.act_order, damp=recipe.head_damp,
+                                   fit=recipe.fit)
+            else:
+                qw = quantize_rtn(w, bits, recipe.group_size, fit=recipe.fit)
+            if H is not None:
+                err = rel_error(w, qw.dequantize(), H)
             res.quantized[mod] = qw.compact()
         else:
             res.quantized[mod], _ = float_quantize(v.astype(mx.float32), recipe.mode)
             bits = recipe.bits
-        res.layers.append(LayerRecord(mod, bits, recipe.group_size, 0.0, None, 0.0))
+        res.layers.append(LayerRecord(mod, bits, recipe.group_size, 0.0, err, 0.0))
 
 
 def scan(model: nn.Module, calib: mx.array, fn, *, release: bool = True, residual: bool = False,

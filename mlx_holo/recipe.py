@@ -27,10 +27,12 @@ class Recipe:
     grid_offset: float = 0.0
     rounding: str = "nearest"        # nearest | stochastic
     # calibrated methods
-    calib_tokens: int = 4096
+    calib_tokens: int = 8192
     calib_seq_len: int = 512
     seed: int = 0
     act_order: bool = True           # GPTQ
+    gptq_head: bool = True           # GPTQ also quantizes the output head (lm_head, or the tied embedding)
+    head_damp: float = 0.1           # its damping: a tied table is also read as the input embedding
     true_sequential: bool = False    # re-capture a block's inputs after each stage of its linears is compressed
     damp: float = 0.01               # GPTQ/SparseGPT Hessian damping (fraction of mean diagonal)
     # mixed precision

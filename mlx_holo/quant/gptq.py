@@ -59,6 +59,11 @@ def refit_params(w: mx.array, H: np.ndarray, codes: mx.array, scales: mx.array, 
     n_out, n_in = w.shape
     g = n_in if group_size == -1 else group_size
     G = n_in // g
+    rows = max(1, int(3e7 // (n_in * G)))  # float64 work arrays of ~out * in * G: bounded by chunks of rows
+    if n_out > rows:
+        parts = [refit_params(w[r: r + rows], H, codes[r: r + rows], scales[r: r + rows], biases[r: r + rows],
+                              group_size, ridge, scale_dtype) for r in range(0, n_out, rows)]
+        return mx.concatenate([p[0] for p in parts]), mx.concatenate([p[1] for p in parts])
     W = np.asarray(w, np.float64)  # [out, in]
     Q = np.asarray(codes, np.float64).reshape(n_out, G, g)  # [out, G, g]
     Hg = np.asarray(H, np.float64).reshape(n_in, G, g)  # [in, G, g]
