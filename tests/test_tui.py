@@ -86,6 +86,19 @@ async def wait_job(pilot, pane) -> None:
     await pilot.pause()
 
 
+async def click_run(pilot, pane) -> None:
+    """Click the pane's Run button once it has finished its press animation: a Button ignores a press while it
+    still shows the last one ("-active"), so two quick clicks would be one."""
+    from textual.widgets import Button
+
+    button = pane.query_one("#run", Button)
+    for _ in range(100):
+        if not button.has_class("-active"):
+            break
+        await pilot.pause(0.05)
+    await pilot.click(f"#{pane.id} #run")
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -265,15 +278,15 @@ def test_compress_form_errors_start_nothing(monkeypatch, tmp_path):
             pane = app.query_one("#compress_pane")
             pane.query_one("#out", Input).value = str(tmp_path / "o")
             pane.query_one("#method", Select).value = "mixed"          # no bits-per-weight budget
-            await pilot.click("#compress_pane #run")
+            await click_run(pilot, pane)
             pane.query_one("#method", Select).value = "rtn"
             pane.query_one("#model", Input).value = str(tmp_path / "nope")
-            await pilot.click("#compress_pane #run")
+            await click_run(pilot, pane)
             pane.query_one("#model", Input).value = "default"
             pane.query_one("#out", Input).value = str(tmp_path / "full")
-            await pilot.click("#compress_pane #run")
+            await click_run(pilot, pane)
             await wait_job(pilot, pane)
-            log = "\n".join(line.text for line in pane.query_one(RichLog).lines)
+            log = " ".join(" ".join(line.text for line in pane.query_one(RichLog).lines).split())  # unwrap
             assert "mixed needs a bits-per-weight budget" in log
             assert "existing folder" in log and "tick overwrite" in log
             assert calls == []
@@ -309,7 +322,7 @@ def test_backend_error_is_reported_and_mlx_workers_can_run_twice(monkeypatch, tm
                 await wait_job(pilot, pane)
                 if out == "bad":
                     assert str(pane.query_one(".stage", Label).render()) == "failed"
-            log = "\n".join(line.text for line in pane.query_one(RichLog).lines)
+            log = " ".join(" ".join(line.text for line in pane.query_one(RichLog).lines).split())  # unwrap
             assert "RuntimeError: boom [not markup]" in log
             assert "no Stream" not in log
             assert pane.query_one("#runs", DataTable).row_count == 3
@@ -531,7 +544,7 @@ def test_real_compress_through_the_ui(tmp_path):
             await type_into(pilot, pane.query_one("#out", Input), str(out))
             await pilot.click("#compress_pane #run")
             await wait_job(pilot, pane)
-            log = "\n".join(line.text for line in pane.query_one(RichLog).lines)
+            log = " ".join(" ".join(line.text for line in pane.query_one(RichLog).lines).split())  # unwrap
             assert str(pane.query_one(".stage", Label).render()).startswith("done"), log
             row = cells(pane.query_one("#runs", DataTable))[0]
             verdict = str(pane.query_one("#verdict .verdict", Static).render())
