@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
     ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
+    ap.add_argument("--candidate-bits", default=(2, 3, 4, 5, 6, 8), type=_int_tuple,
+                    help="mixed: the bit-widths a layer may get, comma-separated")
     ap.add_argument("--sensitivity", default="hessian", choices=["hessian", "fisher"],
                     help="mixed: per-layer output error (streamed) or diagonal Fisher of the LM loss (whole model, "
                          "embeddings included in the budget)")
@@ -256,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def recipe_from_args(args):
     from .recipe import Recipe
 
@@ -264,7 +273,8 @@ def recipe_from_args(args):
                   calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
                   act_order=args.act_order, true_sequential=args.true_sequential, gptq_head=args.gptq_head,
                   head_damp=args.head_damp, damp=args.damp, bits_per_weight=args.bits_per_weight,
-                  target_mb=args.target_mb, sensitivity=args.sensitivity, fisher_windows=args.fisher_windows,
+                  target_mb=args.target_mb,
+                  candidate_bits=args.candidate_bits, sensitivity=args.sensitivity, fisher_windows=args.fisher_windows,
                   sparsity=args.sparsity, nm=args.nm, allocation=args.allocation,
                   recover=args.recover, quantize_embeddings=args.quantize_embeddings, embed_bits=args.embed_bits)
 

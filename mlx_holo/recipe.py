@@ -86,6 +86,8 @@ class Recipe:
             raise RecipeError(f"rounding must be nearest or stochastic, got {self.rounding!r}")
         if self.method == "mixed" and (self.bits_per_weight is None) == (self.target_mb is None):
             raise RecipeError("method mixed needs exactly one of --bits-per-weight or --target-mb")
+        if not self.candidate_bits or any(b not in AFFINE_BITS for b in self.candidate_bits):
+            raise RecipeError(f"candidate_bits must be a non-empty subset of {AFFINE_BITS}, got {self.candidate_bits}")
         if self.sensitivity not in ("hessian", "fisher"):
             raise RecipeError(f"sensitivity must be hessian or fisher, got {self.sensitivity!r}")
         if self.fisher_windows < 1:

@@ -90,7 +90,8 @@ def test_existing_output_is_not_clobbered(tiny_model_dir, tmp_path, text_file):
 
 def test_recipe_validation():
     for bad in (dict(bits=7), dict(group_size=16), dict(sparsity=1.5), dict(method="nope"), dict(nm="4:2"),
-                dict(method="mixed"), dict(mode="int3")):
+                dict(method="mixed"), dict(mode="int3"), dict(candidate_bits=(3, 7)), dict(candidate_bits=()),
+                dict(fit="nope")):
         with pytest.raises(RecipeError):
             Recipe(**bad).validate()
     r = Recipe(method="mixed", bits_per_weight=3.0).validate()
@@ -105,4 +106,8 @@ def test_cli_clear_errors(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = run("--bits", "7", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "bits=7" in r.stderr
+    r = run("--method", "mixed", "--bits-per-weight", "3", "--candidate-bits", "3,x", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "comma-separated integers" in r.stderr
+    r = run("--method", "mixed", "--bits-per-weight", "3", "--candidate-bits", "3,7", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "candidate_bits" in r.stderr
     assert not (tmp_path / "o").exists()
