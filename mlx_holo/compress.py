@@ -211,6 +211,7 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
 
 def build_parser() -> argparse.ArgumentParser:
     from .recipe import METHODS
+    from .quant.rtn import FITS
 
     ap = argparse.ArgumentParser(prog="python -m mlx_holo.compress", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="local HF folder, hub id, .gguf file, or 'default' "
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bits", type=int, default=4, help="2,3,4,5,6,8 (0 = keep float, e.g. pruning only)")
     ap.add_argument("--group-size", type=int, default=64, help="32, 64, 128 or -1 (per-channel)")
     ap.add_argument("--mode", default="affine", choices=["affine", "mxfp4", "nvfp4", "mxfp8"])
-    ap.add_argument("--fit", default="lsq", choices=["lsq", "minmax", "mlx"],
+    ap.add_argument("--fit", default="lsq", choices=FITS,
                     help="group grid: least-squares refined (default), min/max, or mx.quantize's zero-on-grid rule")
     ap.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping per group (RTN/GPTQ)")
     ap.add_argument("--grid-offset", type=float, default=0.0, help="shift of the integer grid, in steps")

@@ -215,11 +215,11 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             awq_block.apply(block, X, recipe)
             _, X = capture_linear_inputs(block, x, mask)  # inputs after the scale fold
         mods = dict(linear_modules(block))
-        order = [p for st in stages for p in st] + [p for p in mods if not any(p in st for st in stages)]
-        for path in order:
+        staged = [p for st in stages for p in st]
+        recapture = {st[0] for st in stages[1:]} if recipe.true_sequential else set()  # first linear of a later stage
+        for path in staged + [p for p in mods if p not in staged]:
             lin = mods[path]
-            if recipe.true_sequential and x is not None and any(path in st for st in stages[1:]) \
-                    and path == next(st for st in stages if path in st)[0]:
+            if path in recapture:
                 X = {}  # drop the stale inputs first: a block's captures are the pipeline's largest arrays
                 _, X = capture_linear_inputs(block, x, mask)  # the inputs after the stages already compressed
             full = f"{prefix}.{i}.{path}"

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .quant.formats import AFFINE_BITS, FLOAT_MODES, GROUP_SIZES
+from .quant.rtn import FITS
 
 QUANT_METHODS = ("none", "rtn", "gptq", "awq", "mixed")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -80,8 +81,8 @@ class Recipe:
             raise RecipeError(f"allocation must be uniform, owl or zero-order, got {self.allocation!r}")
         if self.recover not in (None, "admm"):
             raise RecipeError(f"recover must be admm or unset, got {self.recover!r}")
-        if self.fit not in ("mlx", "minmax", "lsq"):
-            raise RecipeError(f"fit must be lsq, minmax or mlx, got {self.fit!r}")
+        if self.fit not in FITS:
+            raise RecipeError(f"fit must be one of {FITS}, got {self.fit!r}")
         if self.rounding not in ("nearest", "stochastic"):
             raise RecipeError(f"rounding must be nearest or stochastic, got {self.rounding!r}")
         if self.method == "mixed" and (self.bits_per_weight is None) == (self.target_mb is None):

@@ -178,7 +178,6 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
     imp = None if importance is None else importance.astype(mx.float32).reshape(1, -1, g)
     fit = "mlx" if exact_zero else fit
     starts = ("mlx", "minmax") if fit == "lsq" else (fit,)
-    best_err = None
     best_s, best_b = affine_params(lo, hi, bits, scale_dtype, fit=starts[0])
     best_lo, best_hi = lo, hi
     if len(starts) > 1 or clip_search:
