@@ -29,7 +29,8 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     import mlx.core as mx
 
     from . import models, pipeline
-    from .quant.mixed import LayerCost, allocate_bits, allocation_bytes, fisher_error, layer_bytes, rtn_layer_cost
+    from .quant.mixed import (LayerCost, allocate_bits, allocation_bytes, bits_group, choices, feasible,
+                              fisher_error, layer_bytes, rtn_layer_cost)
     from .quant.rtn import quantize_rtn
     from mlx.utils import tree_flatten
 
@@ -52,8 +53,9 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
         for k in paths:
             w = params[k].astype(mx.float32)
             costs.append(LayerCost(k[: -len(".weight")], int(w.size), recipe.group_size,
-                                   {b: fisher_error(w, F[k], quantize_rtn(w, b, recipe.group_size))
-                                    for b in recipe.candidate_bits}))
+                                   {c: fisher_error(w, F[k], quantize_rtn(w, *bits_group(c, recipe.group_size)))
+                                    for c in feasible(choices(recipe.candidate_bits, recipe.candidate_groups),
+                                                      w.shape[-1], recipe.group_size)}))
             del F[k]
             if on_progress:
                 on_progress("sensitivity", len(costs), len(paths))
@@ -62,7 +64,8 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
             # An error a linear adds to the residual stream matters relative to that stream's size (the next
             # RMSNorm divides it out): without this, early blocks (small activations) look cheap and get 2 bits,
             # and their errors are amplified by every later block (measured: PPL 141 vs 92 for uniform 3-bit).
-            c = rtn_layer_cost(path, w, pipeline.hessian(X), recipe.group_size, candidate_bits=recipe.candidate_bits)
+            c = rtn_layer_cost(path, w, pipeline.hessian(X), recipe.group_size, candidate_bits=recipe.candidate_bits,
+                               candidate_groups=recipe.candidate_groups)
             c.err = {b: e / h_ms for b, e in c.err.items()}
             return c
 
@@ -73,11 +76,14 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     else:
         other = sum(v.size * 2 for k, v in _float_params(model))
         budget = int(recipe.target_mb * 1e6) - emb_bytes - other
-    bits = allocate_bits(costs, target_bytes=budget, candidate_bits=recipe.candidate_bits)
+    bits = allocate_bits(costs, target_bytes=budget, candidate_bits=recipe.candidate_bits,
+                         candidate_groups=recipe.candidate_groups)
     used = allocation_bytes(costs, bits)
     hist = {}
-    for b in bits.values():
-        hist[str(b)] = hist.get(str(b), 0) + 1
+    for c in bits.values():
+        b, g = bits_group(c, recipe.group_size)
+        key = str(b) if not recipe.candidate_groups else f"{b}/g{g}"
+        hist[key] = hist.get(key, 0) + 1
     del model
     mx.clear_cache()
     emb_bits = {k.rsplit(".", 1)[0]: (recipe.embed_bits or recipe.bits) if pinned else bits[k.rsplit(".", 1)[0]]
@@ -237,10 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPTQ/mixed/SparseGPT: round the output head (lm_head or tied embedding) instead of GPTQ")
     ap.add_argument("--head-damp", type=float, default=0.1, help="GPTQ damping of the output head")
     ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--qep-alpha", type=float, default=0.0,
+                    help="GPTQ/mixed: quantization error propagation, 0 (off) .. 1 (full correction toward the float "
+                         "model's outputs)")
+    ap.add_argument("--qep-damp", type=float, default=0.01, help="damping of QEP's correction")
     ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
     ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
     ap.add_argument("--candidate-bits", default=(2, 3, 4, 5, 6, 8), type=_int_tuple,
                     help="mixed: the bit-widths a layer may get, comma-separated")
+    ap.add_argument("--candidate-groups", default=(), type=_int_tuple,
+                    help="mixed: also choose each layer's group size among these (e.g. 32,64,128); default: "
+                         "--group-size only")
     ap.add_argument("--sensitivity", default="hessian", choices=["hessian", "fisher"],
                     help="mixed: per-layer output error (streamed) or diagonal Fisher of the LM loss (whole model, "
                          "embeddings included in the budget)")
@@ -273,9 +286,11 @@ def recipe_from_args(args):
                   clip_search=args.clip_search, fit=args.fit, grid_offset=args.grid_offset, rounding=args.rounding,
                   calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
                   act_order=args.act_order, true_sequential=args.true_sequential, gptq_head=args.gptq_head,
-                  head_damp=args.head_damp, damp=args.damp, bits_per_weight=args.bits_per_weight,
+                  head_damp=args.head_damp, damp=args.damp, qep_alpha=args.qep_alpha, qep_damp=args.qep_damp,
+                  bits_per_weight=args.bits_per_weight,
                   target_mb=args.target_mb,
-                  candidate_bits=args.candidate_bits, sensitivity=args.sensitivity, fisher_windows=args.fisher_windows,
+                  candidate_bits=args.candidate_bits, candidate_groups=args.candidate_groups,
+                  sensitivity=args.sensitivity, fisher_windows=args.fisher_windows,
                   sparsity=args.sparsity, nm=args.nm, allocation=args.allocation,
                   recover=args.recover, quantize_embeddings=args.quantize_embeddings, embed_bits=args.embed_bits)
 

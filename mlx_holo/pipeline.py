@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import models
 from .quant.formats import QuantizedWeight
+from .quant.mixed import bits_group
 from .recipe import PRUNE_METHODS, Recipe
 
 
@@ -136,13 +137,14 @@ def _get(block: nn.Module, path: str) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ per-layer methods
 
 def quantize_weight(w: mx.array, X: mx.array | None, H: mx.array | None, recipe: Recipe, bits: int,
-                    method: str, keep: mx.array | None = None) -> QuantizedWeight:
+                    method: str, keep: mx.array | None = None, group_size: int | None = None) -> QuantizedWeight:
     """One linear: w [out, in], its calibration input X [n, in] / Hessian H [in, in] -> QuantizedWeight.
 
-    keep: the [out, in] mask of a pruned weight; its zeros are then stored exactly (grids that hold 0 exactly)."""
+    keep: the [out, in] mask of a pruned weight; its zeros are then stored exactly (grids that hold 0 exactly).
+    group_size: this layer's (mixed precision), default the recipe's."""
     from .quant.rtn import quantize_rtn
 
-    g = recipe.group_size
+    g = recipe.group_size if group_size is None else group_size
     if method == "gptq":
         from .quant.gptq import gptq_quantize
         return gptq_quantize(w, H, bits, g, act_order=recipe.act_order, damp=recipe.damp,
@@ -185,7 +187,8 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     """Compress ``model`` block by block with ``recipe``.
 
     calib: [N, S] calibration token windows (None for data-free RTN / magnitude).
-    layer_bits: optional per-linear bits (full paths, e.g. from mixed precision); None value = keep float.
+    layer_bits: optional per-linear choice (full paths, e.g. from mixed precision): bits, (bits, group size), or
+    None = keep float.
     layer_sparsity: optional per-block sparsity (OWL / zero-order allocation).
     The model is consumed: its float weights are released as blocks finish.
     """
@@ -198,16 +201,20 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
                                                                                                  recipe.method)
     pruning = recipe.method in PRUNE_METHODS
     needs_data = recipe.method not in ("rtn", "magnitude") or (recipe.clip_search and calib is not None)
-    x = mask = None
+    x = mask = x_fp = None
+    qep = recipe.qep_alpha > 0 and quant_method == "gptq" and not pruning
     if needs_data:
         if calib is None:
             raise ValueError(f"method {recipe.method} needs calibration data")
         x, mask = block_inputs(model, calib)
         mx.eval(x)
+        x_fp = x if qep else None  # QEP: the float model's own activations flow beside the compressed ones
     prefix = _block_prefix(model)
     for i, block in enumerate(blocks):
         mx.eval(block.parameters())
-        X, stages = {}, []
+        X, X_fp, stages = {}, {}, []
+        if x_fp is not None:
+            x_fp, X_fp = capture_linear_inputs(block, x_fp, mask)  # the block is still float here
         if x is not None:
             _, X = capture_linear_inputs(block, x, mask, stages)
         if recipe.method == "awq":
@@ -233,9 +240,12 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
                 s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
                 w_new, keep = prune_weight(w, Xl, H, recipe.method, s, recipe.nm, recipe.recover, recipe.damp)
                 sparsity = 1.0 - float(keep.astype(mx.float32).mean().item())
-            bits = recipe.bits if layer_bits is None else layer_bits.get(full, recipe.bits)
+            bits, g = bits_group(recipe.bits if layer_bits is None else layer_bits.get(full, recipe.bits),
+                                 recipe.group_size)
             if bits is not None and recipe.mode == "affine":
-                qw = quantize_weight(w_new, Xl, H, recipe, bits, quant_method, keep)
+                if path in X_fp:
+                    w_new = _qep_target(w_new, X_fp[path], Xl, recipe)
+                qw = quantize_weight(w_new, Xl, H, recipe, bits, quant_method, keep, g)
                 w_hat = qw.dequantize()
                 mx.eval(w_hat)
                 res.quantized[full] = qw.compact()  # hold packed codes only: bits/8 bytes per weight
@@ -247,8 +257,9 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             lin.weight = w_hat  # later blocks see the compressed block (sequential calibration)
             mx.eval(lin.weight)
             err = rel_error(w, w_hat, H) if H is not None else None
-            res.layers.append(LayerRecord(full, bits, recipe.group_size if bits is not None else None, sparsity, err,
+            res.layers.append(LayerRecord(full, bits, g if bits is not None else None, sparsity, err,
                                           time.perf_counter() - ts))
+        X = X_fp = {}
         if x is not None:
             x = block(x, mask)
             mx.eval(x)
@@ -260,14 +271,27 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
         if on_progress:
             on_progress("compress", i + 1, len(blocks))
-    head_x = None
+    head_x = head_x_fp = None
     if x is not None and quant_method == "gptq":
         head_x = head_inputs(model, x)
-    del x
-    _finish_outside_blocks(model, recipe, res, layer_bits, head_x)
+        if x_fp is not None:
+            head_x_fp = head_inputs(model, x_fp)
+    del x, x_fp
+    _finish_outside_blocks(model, recipe, res, layer_bits, head_x, head_x_fp)
     res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _qep_target(w: mx.array, x_fp: mx.array, x_q: mx.array, recipe: Recipe) -> mx.array:
+    """w [out, in] -> the QEP-corrected weight the quantizer should aim at (quant/qep.py), from the same calibration
+    tokens' inputs in the float model x_fp and in the compressed one x_q [n, in]."""
+    from .quant.qep import propagation_stats, qep_correct
+
+    H, D = propagation_stats(x_fp, x_q)
+    w_star = qep_correct(w, H, D, alpha=recipe.qep_alpha, damp=recipe.qep_damp)
+    mx.eval(w_star)
+    return w_star
 
 
 def float_quantize(w: mx.array, mode: str) -> tuple[tuple, mx.array]:
@@ -329,7 +353,8 @@ def _head_module(model: nn.Module, mod: str) -> bool:
 
 
 def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult,
-                           layer_bits: dict[str, int | None] | None = None, head_x: mx.array | None = None) -> None:
+                           layer_bits: dict[str, int | None] | None = None, head_x: mx.array | None = None,
+                           head_x_fp: mx.array | None = None) -> None:
     """Embeddings and lm_head: RTN at the recipe's bits (as mlx_lm.convert does) or at their entry in
     ``layer_bits`` (mixed precision); everything else kept float.
 
@@ -337,7 +362,9 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
     weight -- an untied lm_head or a tied embedding -- is quantized by GPTQ on H = head_x^T head_x / n, so its
     rounding is compensated where the logits see it; its record then carries that H-weighted error either way. A
     tied table is also read row by row as the input embedding, an error GPTQ's objective does not see;
-    ``recipe.head_damp`` (a larger damping, i.e. a pull toward plain rounding) weighs that in."""
+    ``recipe.head_damp`` (a larger damping, i.e. a pull toward plain rounding) weighs that in.
+    head_x_fp [n, D]: the same tokens' head inputs in the float model; given, an untied GPTQ head aims at QEP's
+    corrected weight (a tied table is not corrected: the input embedding reads it too)."""
     from .quant.rtn import quantize_rtn
 
     prefix = _block_prefix(model)
@@ -349,24 +376,27 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
             res.floats[k] = v
             continue
         mod = k.rsplit(".", 1)[0]
-        bits = (layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits)
+        bits, g = bits_group((layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits), recipe.group_size)
         H = hessian(head_x) if head_x is not None and _head_module(model, mod) else None
         err = None
         if recipe.mode == "affine":
             w = v.astype(mx.float32)
             if H is not None and recipe.gptq_head:
                 from .quant.gptq import gptq_quantize
-                qw = gptq_quantize(w, H, bits, recipe.group_size, act_order=recipe.act_order, damp=recipe.head_damp,
+                target = w
+                if head_x_fp is not None and isinstance(_get(model, mod), nn.Linear):
+                    target = _qep_target(w, head_x_fp, head_x, recipe)
+                qw = gptq_quantize(target, H, bits, g, act_order=recipe.act_order, damp=recipe.head_damp,
                                    fit=recipe.fit)
             else:
-                qw = quantize_rtn(w, bits, recipe.group_size, fit=recipe.fit)
+                qw = quantize_rtn(w, bits, g, fit=recipe.fit)
             if H is not None:
                 err = rel_error(w, qw.dequantize(), H)
             res.quantized[mod] = qw.compact()
         else:
             res.quantized[mod], _ = float_quantize(v.astype(mx.float32), recipe.mode)
-            bits = recipe.bits
-        res.layers.append(LayerRecord(mod, bits, recipe.group_size, 0.0, err, 0.0))
+            bits, g = recipe.bits, recipe.group_size
+        res.layers.append(LayerRecord(mod, bits, g, 0.0, err, 0.0))
 
 
 def scan(model: nn.Module, calib: mx.array, fn, *, release: bool = True, residual: bool = False,

@@ -36,10 +36,13 @@ class Recipe:
     head_damp: float = 0.1           # its damping: a tied table is also read as the input embedding
     true_sequential: bool = False    # re-capture a block's inputs after each stage of its linears is compressed
     damp: float = 0.01               # GPTQ/SparseGPT Hessian damping (fraction of mean diagonal)
+    qep_alpha: float = 0.0           # QEP: GPTQ aims at the weight that maps compressed inputs to float outputs (0=off)
+    qep_damp: float = 0.01           # QEP: damping of the correction's H^-1
     # mixed precision
     bits_per_weight: float | None = None
     target_mb: float | None = None
     candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    candidate_groups: tuple[int, ...] = ()  # also choose each layer's group size among these (() = group_size only)
     sensitivity: str = "hessian"     # hessian (streamed, per-layer output error) | fisher (end-to-end, incl. embeddings)
     fisher_windows: int = 8          # calibration windows differentiated for the Fisher
     # pruning
@@ -89,10 +92,18 @@ class Recipe:
             raise RecipeError("method mixed needs exactly one of --bits-per-weight or --target-mb")
         if not self.candidate_bits or any(b not in AFFINE_BITS for b in self.candidate_bits):
             raise RecipeError(f"candidate_bits must be a non-empty subset of {AFFINE_BITS}, got {self.candidate_bits}")
+        if any(g not in GROUP_SIZES + (-1,) for g in self.candidate_groups):
+            raise RecipeError(f"candidate_groups must be a subset of {GROUP_SIZES + (-1,)}, got {self.candidate_groups}")
         if self.sensitivity not in ("hessian", "fisher"):
             raise RecipeError(f"sensitivity must be hessian or fisher, got {self.sensitivity!r}")
         if self.fisher_windows < 1:
             raise RecipeError(f"fisher_windows must be >= 1, got {self.fisher_windows}")
+        if not 0.0 <= self.qep_alpha <= 1.0:
+            raise RecipeError(f"qep_alpha must be in [0, 1], got {self.qep_alpha}")
+        if self.qep_alpha > 0 and (self.method not in ("gptq", "mixed") or self.mode != "affine"):
+            raise RecipeError("qep_alpha corrects the weights GPTQ quantizes: use it with method gptq or mixed")
+        if self.qep_damp <= 0:
+            raise RecipeError(f"qep_damp must be > 0, got {self.qep_damp}")
         if self.calib_tokens < 0 or self.calib_seq_len <= 0:
             raise RecipeError("calib_tokens must be >= 0 and calib_seq_len > 0")
         return self
@@ -100,6 +111,7 @@ class Recipe:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["candidate_bits"] = list(self.candidate_bits)
+        d["candidate_groups"] = list(self.candidate_groups)
         return d
 
     @classmethod
@@ -109,6 +121,7 @@ class Recipe:
         if unknown:
             raise RecipeError(f"unknown recipe keys: {sorted(unknown)}")
         d = dict(d)
-        if "candidate_bits" in d:
-            d["candidate_bits"] = tuple(d["candidate_bits"])
+        for k in ("candidate_bits", "candidate_groups"):
+            if k in d:
+                d[k] = tuple(d[k])
         return cls(**d).validate()

@@ -87,6 +87,29 @@ def test_lsq_fit_never_worse_per_group(bits):
     assert lsq.sum() < 0.97 * ref.sum()  # the refinement does something on gaussian weights
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_zlsq_keeps_zero_on_the_grid_and_is_never_worse_than_the_mlx_grid(bits):
+    """fit='zlsq': per group (weighted) error <= the mlx grid it starts from, lower overall; the grid's zero point
+    -bias/scale stays an integer (up to fp16 storage), so small weights can round to an exact 0; weight error
+    lies between the mlx grid and the free lsq grid."""
+    rng = np.random.default_rng(10 + bits)
+    w = mx.array((rng.standard_normal((64, 512)) * np.exp(rng.standard_normal((64, 1)))).astype(np.float32))
+    imp = mx.array(np.exp(rng.standard_normal(512)).astype(np.float32))
+
+    def group_err(fit):
+        d = (quantize_rtn(w, bits, 64, fit=fit, importance=imp).dequantize() - w) ** 2 * imp[None, :]
+        return np.array(d.reshape(64, 8, 64).sum(-1))
+
+    z, m, lsq = group_err("zlsq"), group_err("mlx"), group_err("lsq")
+    assert np.all(z <= m * (1 + 1e-5) + 1e-9)
+    assert z.sum() < 0.99 * m.sum()
+    assert z.sum() > lsq.sum()  # the integer zero point costs weight error
+    qw = quantize_rtn(w, bits, 64, fit="zlsq")
+    zp = np.array(-qw.biases / qw.scales)
+    assert np.abs(zp - np.round(zp)).max() < 2e-3 * max(1, np.abs(zp).max())
+    assert not np.allclose(np.array(qw.scales), np.array(quantize_rtn(w, bits, 64, fit="mlx").scales))
+
+
 def test_lsq_and_minmax_recover_a_q4_1_grid_exactly():
     """A weight that is already a 4-bit g32 asymmetric grid (a dequantized GGUF Q4_1, like the embedded model) comes
     back exactly at 4 bits / g32 with min/max and lsq grids; MLX's zero-on-grid rule bends the scale and clips."""

@@ -99,3 +99,39 @@ def test_hessian_and_fisher_error():
     cost = rtn_layer_cost("w", mx.array(w), mx.array(H), 32)
     errs = [cost.err[b] for b in BITS]
     assert all(a > b for a, b in zip(errs, errs[1:]))  # RTN error falls with every extra bit
+
+
+def test_group_size_choices_are_priced_and_filtered_by_width():
+    """(bits, group) choices: bytes as MLX stores them, only group sizes that divide a layer's width, and the
+    brute-force optimum over the pairs."""
+    from mlx_holo.quant.mixed import bits_group, choices, feasible
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((256, 192)).astype(np.float32)
+    w = rng.standard_normal((32, 192)).astype(np.float32)  # 192 = 3 x 64: no 128-groups
+    cost = rtn_layer_cost("w", mx.array(w), mx.array(x.T @ x / 256), 64, candidate_bits=(3, 4),
+                          candidate_groups=(32, 64, 128))
+    assert set(cost.err) == {(3, 32), (3, 64), (4, 32), (4, 64)}
+    assert cost.err[(3, 32)] < cost.err[(3, 64)]  # smaller groups, smaller error
+    assert feasible([3, (3, 128), (3, -1)], 192, 64) == [3, (3, -1)]
+    assert bits_group(3, 64) == (3, 64) and bits_group((2, 32), 64) == (2, 32)
+    assert choices((2, 3), ()) == [2, 3] and len(choices((2, 3), (32, 128))) == 4
+
+    groups = (32, 64, 128)
+    for trial in range(10):
+        n = 3
+        layers = []
+        for i in range(n):
+            s = 10 ** rng.uniform(0, 3)
+            err = {(b, g): s * 4.0**-b * (1 + g / 256) * rng.uniform(0.9, 1.1) for b in (2, 3, 4) for g in groups}
+            if i == 0:  # a layer too narrow for 128-groups
+                err = {k: v for k, v in err.items() if k[1] != 128}
+            layers.append(LayerCost(f"l{i}", 4096 * (i + 1), 64, err))
+        target = int(rng.uniform(2.6, 4.4) * sum(c.n_params for c in layers) / 8)
+        got = allocate_bits(layers, target_bytes=target, candidate_bits=(2, 3, 4), candidate_groups=groups)
+        assert allocation_bytes(layers, got) <= target
+        assert got["l0"][1] != 128
+        best = min(sum(c.err[k] for c, k in zip(layers, combo))
+                   for combo in itertools.product(*[list(c.err) for c in layers])
+                   if sum(layer_bytes(c.n_params, *k) for c, k in zip(layers, combo)) <= target)
+        assert sum(c.err[got[c.name]] for c in layers) <= best * (1 + 1e-9)

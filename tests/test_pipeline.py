@@ -89,6 +89,29 @@ def test_mixed_precision_respects_budget_and_loads(tiny_model_dir, text_file, tm
         assert mod.bits == q["bits"]
 
 
+def test_mixed_precision_with_group_size_choices_loads(tiny_model_dir, text_file, tmp_path):
+    from mlx_lm import load
+
+    out = tmp_path / "mixed-groups"
+    ev = compress(str(tiny_model_dir), Recipe(method="mixed", bits=3, bits_per_weight=3.5, calib_tokens=1024,
+                                              calib_seq_len=128, candidate_bits=(2, 3, 4),
+                                              candidate_groups=(32, 64, 128)),
+                  str(out), eval_tokens=256, eval_seq_len=128, calib_corpus=str(text_file),
+                  eval_corpus=str(text_file))
+    assert ev["bits_per_weight"] <= 3.5 + 1e-6
+    pairs = {(layer["bits"], layer["group_size"]) for layer in ev["layers"] if ".layers." in layer["name"]}
+    assert len({g for _, g in pairs}) > 1  # group sizes really chosen per layer
+    cfg = json.loads((out / "config.json").read_text())
+    model, _ = load(str(out))
+    for layer in ev["layers"]:
+        mod = model
+        for p in layer["name"].split("."):
+            mod = mod[int(p)] if p.isdigit() else getattr(mod, p)
+        assert (mod.bits, mod.group_size) == (layer["bits"], layer["group_size"]), layer["name"]
+    assert any(isinstance(v, dict) and v["group_size"] != cfg["quantization"]["group_size"]
+               for v in cfg["quantization"].values())
+
+
 @pytest.mark.parametrize("mode", ["mxfp4", "mxfp8", "nvfp4"])
 def test_float_modes_load_in_mlx_lm(tiny_model_dir, text_file, tmp_path, mode):
     from mlx_lm import load

@@ -19,7 +19,7 @@ from typing import Callable
 import mlx.core as mx
 
 from .formats import AFFINE_BITS, FormatError, QuantizedWeight
-from .rtn import _groups, affine_params, lsq_refine, quantize_rtn, round_codes
+from .rtn import _groups, affine_params, lsq_refine, quantize_rtn, round_codes, zlsq_refine
 
 Progress = Callable[[str, int, int], None]
 
@@ -113,7 +113,7 @@ def awq_clip(w: mx.array, x: mx.array, bits: int, group_size: int, *, grid: int 
     evaluated through the per-group Gram matrix. k = 0 is plain min/max RTN, so no group gets worse than RTN.
     fit: the grid rule of each candidate (``rtn.affine_params``); "lsq" tries both "mlx" and "minmax" grids per
     candidate, then refines the winner by least squares weighted with diag(gram) and keeps the refinement only where
-    it lowers the group's output error.
+    it lowers the group's output error; "zlsq" the same from the "mlx" grid, keeping 0 on the grid.
     """
     if bits not in AFFINE_BITS:
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
@@ -128,7 +128,7 @@ def awq_clip(w: mx.array, x: mx.array, bits: int, group_size: int, *, grid: int 
         dG = (round_codes(wg, scale, bias, bits) * scale + bias - wg).transpose(1, 0, 2)  # [G, out, g]
         return ((dG @ gram) * dG).sum(axis=2).T[..., None]
 
-    fits = ("mlx", "minmax") if fit == "lsq" else (fit,)
+    fits = ("mlx", "minmax") if fit == "lsq" else ("mlx",) if fit == "zlsq" else (fit,)
     best_err = best_s = best_b = None
     for k in range(steps):
         m = m0 * (1.0 - k / grid)
@@ -146,9 +146,9 @@ def awq_clip(w: mx.array, x: mx.array, bits: int, group_size: int, *, grid: int 
         if on_progress is not None:
             on_progress("awq-clip", k + 1, steps)
     scale, bias = best_s, best_b
-    if fit == "lsq":
+    if fit in ("lsq", "zlsq"):
         imp = mx.diagonal(gram, axis1=1, axis2=2)[None]  # [1, G, g]
-        s2, b2 = lsq_refine(wg, scale, bias, bits, imp, scale_dtype=scale_dtype)
+        s2, b2 = (lsq_refine if fit == "lsq" else zlsq_refine)(wg, scale, bias, bits, imp, scale_dtype=scale_dtype)
         better = out_err(s2, b2) < best_err
         scale, bias = mx.where(better, s2, scale), mx.where(better, b2, bias)
     q = round_codes(wg, scale, bias, bits)

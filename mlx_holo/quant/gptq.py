@@ -125,7 +125,7 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
         if tuple(keep.shape) != (n_out, n_in):
             raise ValueError(f"keep must be [{n_out}, {n_in}], got {tuple(keep.shape)}")
         W = W * keep.astype(mx.float32)
-    importance = mx.array(diag.astype(np.float32)) if clip_search or fit == "lsq" else None  # E[x_i^2]
+    importance = mx.array(diag.astype(np.float32)) if clip_search or fit in ("lsq", "zlsq") else None  # E[x_i^2]
 
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n_in)
     U = mx.array(inverse_cholesky(Hn[np.ix_(perm, perm)], damp).astype(np.float32))  # [in, in] upper, permuted
@@ -210,7 +210,7 @@ def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_o
     ``keep`` [out, in] bool: a fixed sparsity mask (prune, then quantize). Pruned weights are committed at the grid's
     zero, which the groups hold exactly (``rtn.affine_params(exact_zero=True)``), and their error is compensated by
     the kept weights of later columns like any rounding error (SparseGPT's joint sparsify-and-quantize, sec. 3.5).
-    ``fit``: how the groups' grids are fitted (``rtn.quantize_rtn``); "lsq" weights its least squares by diag(H)
+    ``fit``: how the groups' grids are fitted (``rtn.quantize_rtn``); "lsq"/"zlsq" weight their least squares by diag(H)
     whether or not ``clip_search`` is on. ``refit``: re-solve the group parameters for the final codes on the layer
     objective (module docstring; skipped with ``keep``).
     """

@@ -10,6 +10,8 @@ single-layer change that still fits, and the better allocation wins. The budget 
 
 Bytes follow MLX storage: bits/8 per weight for the codes + a float16 scale and bias per group, i.e.
 bits + 32 / group_size bits per weight (per-channel, group -1, is stored as 128-groups). Float layers: 16 bits.
+A choice is a bit-width at the layer's group size, or a (bits, group size) pair: MLX stores both per layer, so the
+allocation can also trade group size (3-bit g128 costs 3.25 bits/weight, 3-bit g32 4.0) where that pays better.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .formats import AFFINE_BITS, QuantizedWeight
+from .formats import AFFINE_BITS, GROUP_SIZES, QuantizedWeight
 from .rtn import quantize_rtn
 
 FLOAT_BITS = 16
@@ -31,6 +33,21 @@ class LayerCost:
     n_params: int
     group_size: int
     err: dict = field(default_factory=dict)  # bits (or None = float) -> estimated loss increase
+
+
+Choice = int | tuple | None  # bits at the layer's group size | (bits, group size) | None = keep float
+
+
+def bits_group(choice: Choice, group_size: int) -> tuple[int | None, int]:
+    """A choice -> (bits or None, group size): a bare bit-width keeps ``group_size``."""
+    return tuple(choice) if isinstance(choice, (tuple, list)) else (choice, group_size)
+
+
+def choices(candidate_bits: tuple, candidate_groups: tuple = ()) -> list[Choice]:
+    """The knapsack's options: the bare bit-widths, or every (bits, group) pair when groups are given."""
+    if not candidate_groups:
+        return list(candidate_bits)
+    return [(b, g) for b in candidate_bits for g in candidate_groups]
 
 
 def layer_bytes(n_params: int, bits: int | None, group_size: int) -> int:
@@ -56,10 +73,17 @@ def fisher_error(w: mx.array, fisher: mx.array, qw: QuantizedWeight | mx.array) 
 
 
 def rtn_layer_cost(name: str, w: mx.array, H: mx.array, group_size: int,
-                   candidate_bits: tuple = AFFINE_BITS) -> LayerCost:
-    """LayerCost with err[b] = hessian_error of RTN at b bits (a cheap proxy for the calibrated quantizer's error)."""
-    err = {b: hessian_error(w, H, quantize_rtn(w, b, group_size)) for b in candidate_bits}
+                   candidate_bits: tuple = AFFINE_BITS, candidate_groups: tuple = ()) -> LayerCost:
+    """LayerCost with err[c] = hessian_error of RTN for every choice c (a cheap proxy for the calibrated
+    quantizer's error)."""
+    err = {c: hessian_error(w, H, quantize_rtn(w, *bits_group(c, group_size)))
+           for c in feasible(choices(candidate_bits, candidate_groups), w.shape[-1], group_size)}
     return LayerCost(name, int(w.size), group_size, err)
+
+
+def feasible(options: list[Choice], width: int, group_size: int) -> list[Choice]:
+    """The options whose group size divides a layer's input width (a 576-wide layer has no 128-groups)."""
+    return [c for c in options if (g := bits_group(c, group_size)[1]) == -1 or width % g == 0]
 
 
 def _hull(options: list[tuple[int, float, int | None]]) -> list[tuple[int, float, int | None]]:
@@ -79,9 +103,10 @@ def _hull(options: list[tuple[int, float, int | None]]) -> list[tuple[int, float
 
 
 def allocate_bits(layers: list[LayerCost], *, bits_per_weight: float | None = None, target_bytes: int | None = None,
-                  candidate_bits: tuple = (2, 3, 4, 5, 6, 8), allow_float: bool = False,
-                  resolution: int = 20000) -> dict:
-    """-> {layer name: bits (None = keep float16)} minimising sum err with total bytes <= the budget.
+                  candidate_bits: tuple = (2, 3, 4, 5, 6, 8), candidate_groups: tuple = (),
+                  allow_float: bool = False, resolution: int = 20000) -> dict:
+    """-> {layer name: choice} minimising sum err with total bytes <= the budget; a choice is bits (None = keep
+    float16), or (bits, group size) when ``candidate_groups`` is given (``choices``).
 
     Exactly one of ``bits_per_weight`` (total stored bits / total params, scale overhead included) and
     ``target_bytes``. A layer's err must cover every candidate bit-width (and None when allow_float; missing
@@ -98,15 +123,19 @@ def allocate_bits(layers: list[LayerCost], *, bits_per_weight: float | None = No
     bad = [b for b in candidate_bits if b not in AFFINE_BITS]
     if bad or not candidate_bits:
         raise ValueError(f"candidate_bits must be a non-empty subset of {AFFINE_BITS}, got {candidate_bits}")
+    if any(g not in GROUP_SIZES + (-1,) for g in candidate_groups):
+        raise ValueError(f"candidate_groups must be a subset of {GROUP_SIZES + (-1,)}, got {candidate_groups}")
+    options = choices(candidate_bits, candidate_groups)
     total_params = sum(c.n_params for c in layers)
     budget = int(target_bytes) if target_bytes is not None else int(bits_per_weight * total_params // 8)
 
     opts = []  # per layer: all (bytes, err, bits)
     for c in layers:
-        missing = [b for b in candidate_bits if b not in c.err]
-        if missing:
-            raise ValueError(f"layer {c.name}: no err estimate for bits {missing}")
-        o = [(layer_bytes(c.n_params, b, c.group_size), float(c.err[b]), b) for b in candidate_bits]
+        mine = [b for b in options if b in c.err] if candidate_groups else options
+        missing = [b for b in options if b not in c.err]
+        if not mine or (missing and not candidate_groups):
+            raise ValueError(f"layer {c.name}: no err estimate for {missing}")
+        o = [(layer_bytes(c.n_params, *bits_group(b, c.group_size)), float(c.err[b]), b) for b in mine]
         if allow_float:
             o.append((layer_bytes(c.n_params, None, c.group_size), float(c.err.get(None, 0.0)), None))
         opts.append(o)
@@ -115,7 +144,7 @@ def allocate_bits(layers: list[LayerCost], *, bits_per_weight: float | None = No
     used = sum(ch[0] for ch in choice)
     if used > budget:
         raise ValueError(f"budget of {budget} bytes ({8 * budget / total_params:.3f} bits/weight) is infeasible: "
-                         f"the cheapest choice ({min(candidate_bits)} bits everywhere) needs {used} bytes "
+                         f"the cheapest choice ({min(candidate_bits)} bits, largest groups) needs {used} bytes "
                          f"({8 * used / total_params:.3f} bits/weight)")
 
     greedy = _fixup(opts, _greedy(opts, budget), budget)
@@ -125,7 +154,7 @@ def allocate_bits(layers: list[LayerCost], *, bits_per_weight: float | None = No
     return {c.name: ch[2] for c, ch in zip(layers, choice)}
 
 
-Option = tuple  # (bytes, err, bits)
+Option = tuple  # (bytes, err, choice)
 
 
 def _greedy(opts: list[list[Option]], budget: int) -> list[Option]:
@@ -212,4 +241,4 @@ def _fixup(opts: list[list[Option]], choice: list[Option], budget: int) -> list[
 
 def allocation_bytes(layers: list[LayerCost], bits: dict) -> int:
     """Total stored bytes of an allocation returned by ``allocate_bits``."""
-    return sum(layer_bytes(c.n_params, bits[c.name], c.group_size) for c in layers)
+    return sum(layer_bytes(c.n_params, *bits_group(bits[c.name], c.group_size)) for c in layers)

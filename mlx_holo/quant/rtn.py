@@ -14,7 +14,12 @@ Plain min/max RTN is the baseline every paper compares against (e.g. Frantar et 
   codes, repeated; each step can only lower the group's error, and the best iterate (after fp16 storage rounding)
   is kept. This is the refinement of llama.cpp's k-quants (``make_qkx2_quants``, Gerganov et al. 2023) and of
   HQQ-style solvers (Badri & Shaji 2023) in its plain least-squares form. MLX stores scale and bias as two free
-  fp16 numbers, so no zero point has to be an integer.
+  fp16 numbers, so no zero point has to be an integer. ``"zlsq"`` is the same alternation with 0 kept on the grid
+  (bias = -z * scale for an integer zero point z, as in integer-zero-point affine quantization, Jacob et al. 2018):
+  from the "mlx" grid, each step re-rounds the codes and fits the one free parameter, the scale, by least squares
+  for z and its two neighbours. Its weight error lies between "mlx" and "lsq", but small weights keep an exact 0
+  instead of a common offset of up to half a step: without calibration data that measured far better end to end
+  (SmolLM2 3-bit g64 RTN, linears only: PPL 37.4 vs 62.5 for "lsq" and 46.6 for "mlx").
 ``group_size=-1`` is per-channel (one group per output row).
 """
 from __future__ import annotations
@@ -23,7 +28,7 @@ import mlx.core as mx
 
 from .formats import AFFINE_BITS, FormatError, QuantizedWeight
 
-FITS = ("mlx", "minmax", "lsq")
+FITS = ("mlx", "minmax", "lsq", "zlsq")
 
 
 def _groups(w: mx.array, group_size: int) -> tuple[mx.array, int]:
@@ -38,7 +43,8 @@ def affine_params(lo: mx.array, hi: mx.array, bits: int, scale_dtype=mx.float16,
                   fit: str = "mlx") -> tuple[mx.array, mx.array]:
     """Range [lo, hi] per group -> (scale, bias), rounded to the storage dtype so codes see the stored values.
 
-    fit="mlx" (and always with ``exact_zero``): as MLX's own ``mx.quantize`` chooses them. The edge of larger
+    fit="mlx" (or "zlsq", whose starting point this is; always with ``exact_zero``): as MLX's own ``mx.quantize``
+    chooses them. The edge of larger
     magnitude is the bias and the scale is adjusted so that 0 falls exactly on the grid (the scale is negative when
     the max is the edge). fit="minmax" (or "lsq", whose starting point this is): bias = lo, scale = (hi - lo) / n.
     ``exact_zero``: also make 0 exact *after* that rounding (see ``_exact_zero_params``), so pruned weights stay 0.
@@ -46,7 +52,7 @@ def affine_params(lo: mx.array, hi: mx.array, bits: int, scale_dtype=mx.float16,
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     n = 2**bits - 1
-    if fit != "mlx" and not exact_zero:
+    if fit not in ("mlx", "zlsq") and not exact_zero:
         scale = mx.maximum((hi - lo) / n, 1e-7)
         return scale.astype(scale_dtype).astype(mx.float32), lo.astype(scale_dtype).astype(mx.float32)
     lo_edge = mx.abs(lo) > mx.abs(hi)
@@ -156,6 +162,33 @@ def lsq_refine(wg: mx.array, scale: mx.array, bias: mx.array, bits: int, imp: mx
     return best_s, best_b
 
 
+def zlsq_refine(wg: mx.array, scale: mx.array, bias: mx.array, bits: int, imp: mx.array | None = None,
+                iters: int = 8, scale_dtype=mx.float16) -> tuple[mx.array, mx.array]:
+    """Least squares with 0 on the grid (module docstring, fit="zlsq"): w ~ scale * (q - z), z an integer.
+
+    wg [out, G, g]; scale/bias [out, G, 1] a zero-on-grid start (bias / scale an integer, e.g. the "mlx" grid) ->
+    refined (scale, bias), storage-rounded, never worse than the start on the (imp-weighted) group error."""
+    a = mx.ones_like(wg) if imp is None else mx.broadcast_to(imp, wg.shape)  # [out, G, g]
+    best_err = _group_error(wg, scale, bias, bits, imp)
+    best_s, best_b = scale, bias
+    z = mx.round(-bias / scale)  # [out, G, 1]
+    for _ in range(iters):
+        q = round_codes(wg, best_s, best_b, bits)
+        for dz in (0.0, -1.0, 1.0):
+            c = q - (z + dz)
+            den = (a * c * c).sum(2, keepdims=True)
+            s_new = mx.where(den > 0, (a * c * wg).sum(2, keepdims=True) / mx.maximum(den, 1e-30), best_s)
+            s_new = mx.where(mx.abs(s_new) < 1e-7, best_s, s_new).astype(scale_dtype).astype(mx.float32)
+            b_new = (-(z + dz) * s_new).astype(scale_dtype).astype(mx.float32)
+            err = _group_error(wg, s_new, b_new, bits, imp)
+            better = err < best_err
+            best_err = mx.where(better, err, best_err)
+            best_s, best_b = mx.where(better, s_new, best_s), mx.where(better, b_new, best_b)
+        z = mx.round(-best_b / best_s)
+        mx.eval(best_err, best_s, best_b, z)
+    return best_s, best_b
+
+
 def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_search: bool = False,
                  clip_grid: int = 20, clip_min: float = 0.5, importance: mx.array | None = None,
                  grid_offset: float = 0.0, rounding: str = "nearest", seed: int = 0,
@@ -165,8 +198,9 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
     importance: optional [in] per-input-channel weights for the clip-search / lsq error (e.g. E[x^2]).
     exact_zero: stored grids hold 0 exactly, so zeros (pruned weights) dequantize to exactly 0 (no grid offset,
     fit "mlx").
-    fit: "mlx" | "minmax" | "lsq" (module docstring). "lsq" starts from the better of the other two per group (so
-    it is never worse than either) and, with ``clip_search``, from the best clipped range.
+    fit: "mlx" | "minmax" | "lsq" | "zlsq" (module docstring). "lsq" starts from the better of the "mlx" and
+    "minmax" grids per group (so it is never worse than either), "zlsq" from the "mlx" grid; with ``clip_search``
+    both start from the best clipped range.
     """
     if bits not in AFFINE_BITS:
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
@@ -177,7 +211,7 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
     key = mx.random.key(seed)
     imp = None if importance is None else importance.astype(mx.float32).reshape(1, -1, g)
     fit = "mlx" if exact_zero else fit
-    starts = ("mlx", "minmax") if fit == "lsq" else (fit,)
+    starts = ("mlx", "minmax") if fit == "lsq" else ("mlx",) if fit == "zlsq" else (fit,)
     best_s, best_b = affine_params(lo, hi, bits, scale_dtype, fit=starts[0])
     best_lo, best_hi = lo, hi
     if len(starts) > 1 or clip_search:
@@ -197,6 +231,8 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
         scale, bias = affine_params(best_lo, best_hi, bits, scale_dtype, exact_zero=True)
     elif fit == "lsq":
         scale, bias = lsq_refine(wg, scale, bias, bits, imp, scale_dtype=scale_dtype)
+    elif fit == "zlsq":
+        scale, bias = zlsq_refine(wg, scale, bias, bits, imp, scale_dtype=scale_dtype)
     if grid_offset and not exact_zero:
         bias = (bias + grid_offset * scale).astype(scale_dtype).astype(mx.float32)
     q = round_codes(wg, scale, bias, bits, rounding, key)

@@ -1,0 +1,96 @@
+"""QEP (quant/qep.py): the corrected target against a least-squares reference, and in the pipeline."""
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_holo import models, pipeline
+from mlx_holo.quant.gptq import gptq_quantize
+from mlx_holo.quant.qep import propagation_stats, qep_correct
+from mlx_holo.recipe import Recipe, RecipeError
+
+
+def _problem(seed=0, n=4096, d_in=64, d_out=48, noise=0.05):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(d_in, d_in)) / np.sqrt(d_in)
+    x = rng.normal(size=(n, d_in)) @ A  # correlated float inputs
+    B = 0.3 * rng.normal(size=(d_in, d_in)) / np.sqrt(d_in)
+    xq = x + x @ B + noise * rng.normal(size=(n, d_in))  # compressed-model inputs: a distortion of x plus noise
+    w = rng.normal(size=(d_out, d_in)).astype(np.float32)
+    return w, x.astype(np.float32), xq.astype(np.float32)
+
+
+def _qep_objective(w, q, x, xq):  # mean ||w x - q x_q||^2 per token
+    return float(np.mean(np.sum((x @ w.T - xq @ q.T) ** 2, axis=1)))
+
+
+def test_full_correction_is_the_least_squares_map():
+    w, x, xq = _problem()
+    H, D = propagation_stats(mx.array(x), mx.array(xq))
+    w_star = np.array(qep_correct(mx.array(w), H, D, alpha=1.0, damp=1e-8))
+    ref = np.linalg.lstsq(xq.astype(np.float64), (x @ w.T).astype(np.float64), rcond=None)[0].T  # min ||x w^T - xq W^T||
+    np.testing.assert_allclose(w_star, ref, rtol=2e-3, atol=2e-3)
+    assert _qep_objective(w, w_star, x, xq) < 0.5 * _qep_objective(w, w, x, xq)
+
+
+def test_alpha_zero_is_the_identity_and_alpha_interpolates():
+    w, x, xq = _problem(1)
+    H, D = propagation_stats(mx.array(x), mx.array(xq))
+    assert np.array_equal(np.array(qep_correct(mx.array(w), H, D, alpha=0.0)), w)
+    full = np.array(qep_correct(mx.array(w), H, D, alpha=1.0))
+    half = np.array(qep_correct(mx.array(w), H, D, alpha=0.5))
+    np.testing.assert_allclose(half, (w + full) / 2, rtol=1e-4, atol=1e-5)
+
+
+def test_dead_inputs_get_no_correction():
+    w, x, xq = _problem(2)
+    x[:, 5] = 3.0  # the float model drives input 5, the compressed one never does
+    xq[:, 5] = 0.0
+    H, D = propagation_stats(mx.array(x), mx.array(xq))
+    w_star = np.array(qep_correct(mx.array(w), H, D, alpha=1.0))
+    assert np.all(np.isfinite(w_star))
+    np.testing.assert_allclose(w_star[:, 5], w[:, 5])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_on_the_corrected_weight_lowers_the_propagated_error(bits):
+    """GPTQ of W* on H_q beats GPTQ of W on H_q on QEP's objective ||W x - Q x_q||^2: the point of the method."""
+    w, x, xq = _problem(3)
+    H, D = propagation_stats(mx.array(x), mx.array(xq))
+    plain = np.array(gptq_quantize(mx.array(w), H, bits, 32).dequantize())
+    corrected = np.array(gptq_quantize(qep_correct(mx.array(w), H, D, alpha=1.0), H, bits, 32).dequantize())
+    assert _qep_objective(w, corrected, x, xq) < 0.8 * _qep_objective(w, plain, x, xq)
+
+
+def test_recipe_checks_qep():
+    with pytest.raises(RecipeError, match="qep_alpha"):
+        Recipe(method="gptq", qep_alpha=1.5).validate()
+    with pytest.raises(RecipeError, match="gptq or mixed"):
+        Recipe(method="awq", qep_alpha=0.5).validate()
+    Recipe(method="gptq", qep_alpha=0.5).validate()
+
+
+def test_pipeline_feeds_qep_the_float_models_inputs(tiny_model_dir, text_file, monkeypatch):
+    """Block 1's float inputs handed to QEP are the unmodified model's; the compressed ones differ from them."""
+    from test_pipeline import _calib, _run
+
+    calib = _calib(tiny_model_dir, text_file, 256, 128)
+    seen, real = [], pipeline._qep_target
+
+    def spy(w, x_fp, x_q, recipe):
+        seen.append((x_fp, x_q))
+        return real(w, x_fp, x_q, recipe)
+
+    monkeypatch.setattr(pipeline, "_qep_target", spy)
+    res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2, qep_alpha=0.5))
+    assert len(seen) == 14  # every linear of the 2 blocks (the tied head is not corrected)
+    model = models.open_model(str(tiny_model_dir), lazy=True)[0]
+    x, mask = pipeline.block_inputs(model, calib)
+    y0, _ = pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask)
+    _, X1 = pipeline.capture_linear_inputs(models.blocks(model)[1], y0, mask)
+    x_fp, x_q = seen[7]  # block 1's first linear (q_proj, in the pipeline's order)
+    assert mx.allclose(x_fp, X1["self_attn.q_proj"], atol=1e-5).item()
+    assert not mx.allclose(x_q, x_fp, atol=1e-3).item()
+    plain = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2))
+    a = res.quantized["model.layers.1.mlp.down_proj"].dequantize()
+    b = plain.quantized["model.layers.1.mlp.down_proj"].dequantize()
+    assert not mx.array_equal(a, b).item()
