@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bits", type=int, default=4, help="2,3,4,5,6,8 (0 = keep float, e.g. pruning only)")
     ap.add_argument("--group-size", type=int, default=64, help="32, 64, 128 or -1 (per-channel)")
     ap.add_argument("--mode", default="affine", choices=["affine", "mxfp4", "nvfp4", "mxfp8"])
-    ap.add_argument("--fit", default="lsq", choices=FITS,
-                    help="group grid: least-squares refined (default), min/max, or mx.quantize's zero-on-grid rule")
+    ap.add_argument("--fit", default="auto", choices=("auto",) + FITS,
+                    help="group grid: least squares (lsq), least squares with 0 on the grid (zlsq), min/max, or "
+                         "mx.quantize's rule; auto: zlsq for plain rounding at <= 3 bits, else lsq")
     ap.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping per group (RTN/GPTQ)")
     ap.add_argument("--grid-offset", type=float, default=0.0, help="shift of the integer grid, in steps")
     ap.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"])

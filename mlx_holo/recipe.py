@@ -24,7 +24,7 @@ class Recipe:
     mode: str = "affine"             # affine | mxfp4 | nvfp4 | mxfp8
     # RTN refinements
     clip_search: bool = False
-    fit: str = "lsq"                 # group grid: lsq (least-squares refined) | minmax | mlx (mx.quantize's rule)
+    fit: str = "auto"                # group grid: auto | lsq (least squares) | zlsq (lsq, 0 on the grid) | minmax | mlx
     grid_offset: float = 0.0
     rounding: str = "nearest"        # nearest | stochastic
     # calibrated methods
@@ -84,8 +84,8 @@ class Recipe:
             raise RecipeError(f"allocation must be uniform, owl or zero-order, got {self.allocation!r}")
         if self.recover not in (None, "admm"):
             raise RecipeError(f"recover must be admm or unset, got {self.recover!r}")
-        if self.fit not in FITS:
-            raise RecipeError(f"fit must be one of {FITS}, got {self.fit!r}")
+        if self.fit not in ("auto",) + FITS:
+            raise RecipeError(f"fit must be auto or one of {FITS}, got {self.fit!r}")
         if self.rounding not in ("nearest", "stochastic"):
             raise RecipeError(f"rounding must be nearest or stochastic, got {self.rounding!r}")
         if self.method == "mixed" and (self.bits_per_weight is None) == (self.target_mb is None):

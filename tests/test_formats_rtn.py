@@ -185,3 +185,14 @@ def test_exact_zero_grid_keeps_zeros_through_mlx_dequantize(bits, group_size):
     step = mx.repeat(mx.abs(plain.scales), group_size, axis=1)
     worst = float((mx.abs(q.dequantize() - w) / step).max().item())
     assert worst <= float((mx.abs(plain.dequantize() - w) / step).max().item()) + 0.1
+
+
+def test_auto_fit_picks_zero_on_grid_only_for_uncompensated_low_bit_rounding():
+    from mlx_holo.pipeline import grid_fit
+    from mlx_holo.recipe import Recipe
+
+    r = Recipe()
+    assert r.fit == "auto"
+    assert [grid_fit(r, b, compensated=False) for b in (2, 3, 4, 8)] == ["zlsq", "zlsq", "lsq", "lsq"]
+    assert grid_fit(r, 3, compensated=True) == "lsq"
+    assert grid_fit(Recipe(fit="mlx"), 3, compensated=False) == "mlx"

@@ -141,9 +141,9 @@ def test_true_sequential_calibrates_o_proj_on_compressed_qkv(tiny_model_dir, tex
     calib = _calib(tiny_model_dir, text_file, 256, 128)
     seen, real = {}, pipeline.quantize_weight
 
-    def spy(w, X, H, recipe, bits, method, keep=None):
+    def spy(w, X, H, recipe, bits, method, keep=None, group_size=None):
         seen.setdefault(len(seen), (w.shape, X))
-        return real(w, X, H, recipe, bits, method, keep)
+        return real(w, X, H, recipe, bits, method, keep, group_size)
 
     monkeypatch.setattr(pipeline, "quantize_weight", spy)
     res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2, true_sequential=true_sequential))
