@@ -244,10 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPTQ/mixed/SparseGPT: round the output head (lm_head or tied embedding) instead of GPTQ")
     ap.add_argument("--head-damp", type=float, default=0.1, help="GPTQ damping of the output head")
     ap.add_argument("--damp", type=float, default=0.01)
-    ap.add_argument("--qep-alpha", type=float, default=0.0,
-                    help="GPTQ/mixed: quantization error propagation, 0 (off) .. 1 (full correction toward the float "
+    ap.add_argument("--qep-alpha", type=float, default=0.5,
+                    help="gptq/mixed: quantization error propagation, 0 (off) .. 1 (full correction toward the float "
                          "model's outputs)")
-    ap.add_argument("--qep-damp", type=float, default=0.01, help="damping of QEP's correction")
+    ap.add_argument("--qep-damp", type=float, default=1.0,
+                    help="damping of QEP's correction (fraction of mean diag H; it fits few calibration tokens)")
     ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
     ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
     ap.add_argument("--candidate-bits", default=(2, 3, 4, 5, 6, 8), type=_int_tuple,

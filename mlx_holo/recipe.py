@@ -36,8 +36,8 @@ class Recipe:
     head_damp: float = 0.1           # its damping: a tied table is also read as the input embedding
     true_sequential: bool = False    # re-capture a block's inputs after each stage of its linears is compressed
     damp: float = 0.01               # GPTQ/SparseGPT Hessian damping (fraction of mean diagonal)
-    qep_alpha: float = 0.0           # QEP: GPTQ aims at the weight that maps compressed inputs to float outputs (0=off)
-    qep_damp: float = 0.01           # QEP: damping of the correction's H^-1
+    qep_alpha: float = 0.5           # QEP (gptq, mixed): GPTQ aims at the weight mapping compressed inputs to float
+    qep_damp: float = 1.0            # outputs, shrunk by alpha (0 = off); damping of the correction's H^-1
     # mixed precision
     bits_per_weight: float | None = None
     target_mb: float | None = None
@@ -100,8 +100,6 @@ class Recipe:
             raise RecipeError(f"fisher_windows must be >= 1, got {self.fisher_windows}")
         if not 0.0 <= self.qep_alpha <= 1.0:
             raise RecipeError(f"qep_alpha must be in [0, 1], got {self.qep_alpha}")
-        if self.qep_alpha > 0 and (self.method not in ("gptq", "mixed") or self.mode != "affine"):
-            raise RecipeError("qep_alpha corrects the weights GPTQ quantizes: use it with method gptq or mixed")
         if self.qep_damp <= 0:
             raise RecipeError(f"qep_damp must be > 0, got {self.qep_damp}")
         if self.calib_tokens < 0 or self.calib_seq_len <= 0:

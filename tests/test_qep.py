@@ -64,9 +64,10 @@ def test_gptq_on_the_corrected_weight_lowers_the_propagated_error(bits):
 def test_recipe_checks_qep():
     with pytest.raises(RecipeError, match="qep_alpha"):
         Recipe(method="gptq", qep_alpha=1.5).validate()
-    with pytest.raises(RecipeError, match="gptq or mixed"):
-        Recipe(method="awq", qep_alpha=0.5).validate()
-    Recipe(method="gptq", qep_alpha=0.5).validate()
+    with pytest.raises(RecipeError, match="qep_damp"):
+        Recipe(method="gptq", qep_damp=0.0).validate()
+    assert Recipe().qep_alpha == 0.5 and Recipe().qep_damp == 1.0  # on by default for gptq / mixed
+    Recipe(method="awq").validate()  # other methods ignore it
 
 
 def test_pipeline_feeds_qep_the_float_models_inputs(tiny_model_dir, text_file, monkeypatch):
@@ -81,7 +82,7 @@ def test_pipeline_feeds_qep_the_float_models_inputs(tiny_model_dir, text_file, m
         return real(w, x_fp, x_q, recipe)
 
     monkeypatch.setattr(pipeline, "_qep_target", spy)
-    res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2, qep_alpha=0.5))
+    res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2))
     assert len(seen) == 14  # every linear of the 2 blocks (the tied head is not corrected)
     model = models.open_model(str(tiny_model_dir), lazy=True)[0]
     x, mask = pipeline.block_inputs(model, calib)
@@ -90,7 +91,7 @@ def test_pipeline_feeds_qep_the_float_models_inputs(tiny_model_dir, text_file, m
     x_fp, x_q = seen[7]  # block 1's first linear (q_proj, in the pipeline's order)
     assert mx.allclose(x_fp, X1["self_attn.q_proj"], atol=1e-5).item()
     assert not mx.allclose(x_q, x_fp, atol=1e-3).item()
-    plain = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2))
+    plain = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2, qep_alpha=0.0))
     a = res.quantized["model.layers.1.mlp.down_proj"].dequantize()
     b = plain.quantized["model.layers.1.mlp.down_proj"].dequantize()
     assert not mx.array_equal(a, b).item()
