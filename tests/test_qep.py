@@ -95,3 +95,22 @@ def test_pipeline_feeds_qep_the_float_models_inputs(tiny_model_dir, text_file, m
     a = res.quantized["model.layers.1.mlp.down_proj"].dequantize()
     b = plain.quantized["model.layers.1.mlp.down_proj"].dequantize()
     assert not mx.array_equal(a, b).item()
+
+
+def test_untied_head_aims_at_the_qep_target(tmp_path, text_file, monkeypatch):
+    """An untied lm_head is GPTQ'd toward QEP's corrected weight from the final-norm inputs of both models; a tied
+    table is not (the input embedding reads it too)."""
+    from conftest import make_tiny_model
+    from test_pipeline import _calib, _run
+
+    d = make_tiny_model(tmp_path / "untied", {"tie_word_embeddings": False})
+    calib = _calib(d, text_file, 256, 128)
+    shapes, real = [], pipeline._qep_target
+
+    def spy(w, x_fp, x_q, recipe):
+        shapes.append((tuple(w.shape), tuple(x_fp.shape), tuple(x_q.shape)))
+        return real(w, x_fp, x_q, recipe)
+
+    monkeypatch.setattr(pipeline, "_qep_target", spy)
+    _run(d, calib, Recipe(method="gptq", bits=3))
+    assert len(shapes) == 15 and shapes[-1] == ((320, 128), (256, 128), (256, 128))
