@@ -166,7 +166,8 @@ def grid_fit(recipe: Recipe, bits: int, compensated: bool) -> str:
     RTN 3-bit g64 59.4 with zlsq vs 110.8 with lsq (mlx-lm's RTN: 91.9); RTN 4-bit 22.40 vs 22.01 (KL 0.41 vs 0.32);
     GPTQ 3-bit (linears) 26.2 vs 23.2. Rounding that nothing compensates moves a weight by up to half a step; a free
     grid sends the many small weights to a common +-offset, which the attention-sink token's value projection
-    turned out to feel most (its v_proj output error: 1.48x the mlx grid's with lsq, 0.95x with zlsq). GPTQ
+    turned out to feel most (its v_proj output error: 1.48x the mlx grid's with lsq, 0.95x with zlsq, averaged over
+    the blocks: ``python benchmarks/sink_error.py --bits 3``). GPTQ
     compensates each rounding with the calibration inputs and does better on the free grid; AWQ (grids chosen on the
     output error) keeps lsq too (zlsq not measured there)."""
     if recipe.fit != "auto":
