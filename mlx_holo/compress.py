@@ -29,9 +29,8 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     import mlx.core as mx
 
     from . import models, pipeline
-    from .quant.mixed import (LayerCost, allocate_bits, allocation_bytes, bits_group, choices, feasible,
-                              fisher_error, layer_bytes, rtn_layer_cost)
-    from .quant.rtn import quantize_rtn
+    from .quant.mixed import (LayerCost, allocate_bits, allocation_bytes, bits_group, fisher_error, layer_bytes,
+                              rtn_errors, rtn_layer_cost)
     from mlx.utils import tree_flatten
 
     model = models.open_model(model_spec, lazy=True)[0]
@@ -53,9 +52,8 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
         for k in paths:
             w = params[k].astype(mx.float32)
             costs.append(LayerCost(k[: -len(".weight")], int(w.size), recipe.group_size,
-                                   {c: fisher_error(w, F[k], quantize_rtn(w, *bits_group(c, recipe.group_size)))
-                                    for c in feasible(choices(recipe.candidate_bits, recipe.candidate_groups),
-                                                      w.shape[-1], recipe.group_size)}))
+                                   rtn_errors(w, lambda q: fisher_error(w, F[k], q), recipe.group_size,
+                                              recipe.candidate_bits, recipe.candidate_groups)))
             del F[k]
             if on_progress:
                 on_progress("sensitivity", len(costs), len(paths))

@@ -19,7 +19,7 @@ from typing import Callable
 import mlx.core as mx
 
 from .formats import AFFINE_BITS, FormatError, QuantizedWeight
-from .rtn import _groups, affine_params, lsq_refine, quantize_rtn, round_codes, zlsq_refine
+from .rtn import REFINES, _groups, affine_params, quantize_rtn, round_codes, start_fits
 
 Progress = Callable[[str, int, int], None]
 
@@ -128,7 +128,7 @@ def awq_clip(w: mx.array, x: mx.array, bits: int, group_size: int, *, grid: int 
         dG = (round_codes(wg, scale, bias, bits) * scale + bias - wg).transpose(1, 0, 2)  # [G, out, g]
         return ((dG @ gram) * dG).sum(axis=2).T[..., None]
 
-    fits = ("mlx", "minmax") if fit == "lsq" else ("mlx",) if fit == "zlsq" else (fit,)
+    fits = start_fits(fit)
     best_err = best_s = best_b = None
     for k in range(steps):
         m = m0 * (1.0 - k / grid)
@@ -146,9 +146,9 @@ def awq_clip(w: mx.array, x: mx.array, bits: int, group_size: int, *, grid: int 
         if on_progress is not None:
             on_progress("awq-clip", k + 1, steps)
     scale, bias = best_s, best_b
-    if fit in ("lsq", "zlsq"):
+    if fit in REFINES:
         imp = mx.diagonal(gram, axis1=1, axis2=2)[None]  # [1, G, g]
-        s2, b2 = (lsq_refine if fit == "lsq" else zlsq_refine)(wg, scale, bias, bits, imp, scale_dtype=scale_dtype)
+        s2, b2 = REFINES[fit](wg, scale, bias, bits, imp, scale_dtype=scale_dtype)
         better = out_err(s2, b2) < best_err
         scale, bias = mx.where(better, s2, scale), mx.where(better, b2, bias)
     q = round_codes(wg, scale, bias, bits)

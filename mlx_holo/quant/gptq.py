@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from .formats import AFFINE_BITS, GROUP_SIZES, FormatError, QuantizedWeight
-from .rtn import quantize_rtn
+from .rtn import REFINES, quantize_rtn
 
 Progress = Callable[[str, int, int], None]
 
@@ -125,7 +125,7 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
         if tuple(keep.shape) != (n_out, n_in):
             raise ValueError(f"keep must be [{n_out}, {n_in}], got {tuple(keep.shape)}")
         W = W * keep.astype(mx.float32)
-    importance = mx.array(diag.astype(np.float32)) if clip_search or fit in ("lsq", "zlsq") else None  # E[x_i^2]
+    importance = mx.array(diag.astype(np.float32)) if clip_search or fit in REFINES else None  # E[x_i^2]
 
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n_in)
     U = mx.array(inverse_cholesky(Hn[np.ix_(perm, perm)], damp).astype(np.float32))  # [in, in] upper, permuted

@@ -76,9 +76,15 @@ def rtn_layer_cost(name: str, w: mx.array, H: mx.array, group_size: int,
                    candidate_bits: tuple = AFFINE_BITS, candidate_groups: tuple = ()) -> LayerCost:
     """LayerCost with err[c] = hessian_error of RTN for every choice c (a cheap proxy for the calibrated
     quantizer's error)."""
-    err = {c: hessian_error(w, H, quantize_rtn(w, *bits_group(c, group_size)))
-           for c in feasible(choices(candidate_bits, candidate_groups), w.shape[-1], group_size)}
+    err = rtn_errors(w, lambda q: hessian_error(w, H, q), group_size, candidate_bits, candidate_groups)
     return LayerCost(name, int(w.size), group_size, err)
+
+
+def rtn_errors(w: mx.array, score, group_size: int, candidate_bits: tuple,
+               candidate_groups: tuple = ()) -> dict:
+    """w [out, in] -> {choice: score(RTN of w at that choice)} over the choices the layer's width allows."""
+    return {c: score(quantize_rtn(w, *bits_group(c, group_size)))
+            for c in feasible(choices(candidate_bits, candidate_groups), w.shape[-1], group_size)}
 
 
 def feasible(options: list[Choice], width: int, group_size: int) -> list[Choice]:

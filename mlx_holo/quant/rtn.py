@@ -189,6 +189,15 @@ def zlsq_refine(wg: mx.array, scale: mx.array, bias: mx.array, bits: int, imp: m
     return best_s, best_b
 
 
+REFINES = {"lsq": lsq_refine, "zlsq": zlsq_refine}  # refined fits -> their refinement step
+
+
+def start_fits(fit: str) -> tuple[str, ...]:
+    """The closed-form grid rules a fit starts from (the better per group is kept): a refined fit's starting
+    grids ("lsq": mlx and minmax, "zlsq": mlx, which holds 0), or the fit itself."""
+    return {"lsq": ("mlx", "minmax"), "zlsq": ("mlx",)}.get(fit, (fit,))
+
+
 def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_search: bool = False,
                  clip_grid: int = 20, clip_min: float = 0.5, importance: mx.array | None = None,
                  grid_offset: float = 0.0, rounding: str = "nearest", seed: int = 0,
@@ -211,7 +220,7 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
     key = mx.random.key(seed)
     imp = None if importance is None else importance.astype(mx.float32).reshape(1, -1, g)
     fit = "mlx" if exact_zero else fit
-    starts = ("mlx", "minmax") if fit == "lsq" else ("mlx",) if fit == "zlsq" else (fit,)
+    starts = start_fits(fit)
     best_s, best_b = affine_params(lo, hi, bits, scale_dtype, fit=starts[0])
     best_lo, best_hi = lo, hi
     if len(starts) > 1 or clip_search:
@@ -229,10 +238,8 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
     scale, bias = best_s, best_b
     if exact_zero:  # the zero-exact grid of the chosen (clipped) range
         scale, bias = affine_params(best_lo, best_hi, bits, scale_dtype, exact_zero=True)
-    elif fit == "lsq":
-        scale, bias = lsq_refine(wg, scale, bias, bits, imp, scale_dtype=scale_dtype)
-    elif fit == "zlsq":
-        scale, bias = zlsq_refine(wg, scale, bias, bits, imp, scale_dtype=scale_dtype)
+    elif fit in REFINES:
+        scale, bias = REFINES[fit](wg, scale, bias, bits, imp, scale_dtype=scale_dtype)
     if grid_offset and not exact_zero:
         bias = (bias + grid_offset * scale).astype(scale_dtype).astype(mx.float32)
     q = round_codes(wg, scale, bias, bits, rounding, key)
