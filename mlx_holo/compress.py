@@ -242,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GPTQ/mixed/SparseGPT: round the output head (lm_head or tied embedding) instead of GPTQ")
     ap.add_argument("--head-damp", type=float, default=0.1, help="GPTQ damping of the output head")
     ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--awq-scales", action="store_true",
+                    help="gptq/mixed: fold AWQ's per-channel scales into each block before GPTQ (AWQ+GPTQ)")
+    ap.add_argument("--gptq-iters", type=int, default=1,
+                    help="GPTQ passes alternated with the least-squares grid refit, kept while the layer error drops")
     ap.add_argument("--qep-alpha", type=float, default=0.5,
                     help="gptq/mixed: quantization error propagation, 0 (off) .. 1 (full correction toward the float "
                          "model's outputs)")
@@ -285,7 +289,9 @@ def recipe_from_args(args):
     return Recipe(method=args.method, bits=args.bits or None, group_size=args.group_size, mode=args.mode,
                   clip_search=args.clip_search, fit=args.fit, grid_offset=args.grid_offset, rounding=args.rounding,
                   calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
-                  act_order=args.act_order, true_sequential=args.true_sequential, gptq_head=args.gptq_head,
+                  act_order=args.act_order, gptq_iters=args.gptq_iters, awq_scales=args.awq_scales,
+                  true_sequential=args.true_sequential,
+                  gptq_head=args.gptq_head,
                   head_damp=args.head_damp, damp=args.damp, qep_alpha=args.qep_alpha, qep_damp=args.qep_damp,
                   bits_per_weight=args.bits_per_weight,
                   target_mb=args.target_mb,

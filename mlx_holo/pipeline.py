@@ -148,7 +148,8 @@ def quantize_weight(w: mx.array, X: mx.array | None, H: mx.array | None, recipe:
     if method == "gptq":
         from .quant.gptq import gptq_quantize
         return gptq_quantize(w, H, bits, g, act_order=recipe.act_order, damp=recipe.damp,
-                             clip_search=recipe.clip_search, keep=keep, fit=grid_fit(recipe, bits, compensated=True))
+                             clip_search=recipe.clip_search, keep=keep, fit=grid_fit(recipe, bits, compensated=True),
+                             iters=recipe.gptq_iters)
     if method == "awq":
         from .quant.awq import awq_clip
         return awq_clip(w, X, bits, g, fit=grid_fit(recipe, bits, compensated=True))
@@ -229,14 +230,15 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     for i, block in enumerate(blocks):
         mx.eval(block.parameters())
         X, X_fp, stages = {}, {}, []
-        if x_fp is not None:
-            x_fp, X_fp = capture_linear_inputs(block, x_fp, mask)  # the block is still float here
         if x is not None:
             _, X = capture_linear_inputs(block, x, mask, stages)
-        if recipe.method == "awq":
+        if recipe.method == "awq" or recipe.awq_scales:  # AWQ alone, or AWQ's scales then GPTQ (AWQ sec. 5)
             from .quant import awq_block
             awq_block.apply(block, X, recipe)
+            X = {}
             _, X = capture_linear_inputs(block, x, mask)  # inputs after the scale fold
+        if x_fp is not None:  # the block is still float here (a scale fold leaves its function unchanged)
+            x_fp, X_fp = capture_linear_inputs(block, x_fp, mask)
         mods = dict(linear_modules(block))
         staged = [p for st in stages for p in st]
         recapture = {st[0] for st in stages[1:]} if recipe.true_sequential else set()  # first linear of a later stage
@@ -403,7 +405,7 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
                 if head_x_fp is not None and isinstance(_get(model, mod), nn.Linear):
                     target = _qep_target(w, head_x_fp, head_x, recipe)
                 qw = gptq_quantize(target, H, bits, g, act_order=recipe.act_order, damp=recipe.head_damp,
-                                   fit=grid_fit(recipe, bits, compensated=True))
+                                   fit=grid_fit(recipe, bits, compensated=True), iters=recipe.gptq_iters)
             else:
                 qw = quantize_rtn(w, bits, g, fit=grid_fit(recipe, bits, compensated=False))
             if H is not None:

@@ -36,6 +36,8 @@ class Recipe:
     head_damp: float = 0.1           # its damping: a tied table is also read as the input embedding
     true_sequential: bool = False    # re-capture a block's inputs after each stage of its linears is compressed
     damp: float = 0.01               # GPTQ/SparseGPT Hessian damping (fraction of mean diagonal)
+    gptq_iters: int = 1              # GPTQ passes alternated with the grid refit (quant/gptq.py)
+    awq_scales: bool = False         # gptq/mixed: fold AWQ's activation-aware scales into each block first
     qep_alpha: float = 0.5           # QEP (gptq, mixed): GPTQ aims at the weight mapping compressed inputs to float
     qep_damp: float = 1.0            # outputs, shrunk by alpha (0 = off); damping of the correction's H^-1
     # mixed precision
@@ -100,6 +102,10 @@ class Recipe:
             raise RecipeError(f"fisher_windows must be >= 1, got {self.fisher_windows}")
         if not 0.0 <= self.qep_alpha <= 1.0:
             raise RecipeError(f"qep_alpha must be in [0, 1], got {self.qep_alpha}")
+        if self.awq_scales and self.method not in ("gptq", "mixed"):
+            raise RecipeError("awq_scales goes with gptq or mixed (method awq always scales)")
+        if self.gptq_iters < 1:
+            raise RecipeError(f"gptq_iters must be >= 1, got {self.gptq_iters}")
         if self.qep_damp <= 0:
             raise RecipeError(f"qep_damp must be > 0, got {self.qep_damp}")
         if self.calib_tokens < 0 or self.calib_seq_len <= 0:

@@ -114,3 +114,30 @@ def test_untied_head_aims_at_the_qep_target(tmp_path, text_file, monkeypatch):
     monkeypatch.setattr(pipeline, "_qep_target", spy)
     _run(d, calib, Recipe(method="gptq", bits=3))
     assert len(shapes) == 15 and shapes[-1] == ((320, 128), (256, 128), (256, 128))
+
+
+def test_awq_scales_then_gptq_feed_qep_the_folded_float_inputs(tiny_model_dir, text_file, monkeypatch):
+    """AWQ+GPTQ: QEP's float inputs are captured after the scale fold, so w_folded x_fp reproduces the float model's
+    output of the layer (inputs captured before the fold would be off by the per-channel scales)."""
+    from test_pipeline import _calib, _run
+
+    calib = _calib(tiny_model_dir, text_file, 256, 128)
+    seen, real = [], pipeline._qep_target
+
+    def spy(w, x_fp, x_q, recipe):
+        seen.append((w, x_fp))
+        return real(w, x_fp, x_q, recipe)
+
+    monkeypatch.setattr(pipeline, "_qep_target", spy)
+    res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=3, awq_scales=True))
+    model = models.open_model(str(tiny_model_dir), lazy=True)[0]
+    x, mask = pipeline.block_inputs(model, calib)
+    _, X0 = pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask)
+    w0 = models.blocks(model)[0].mlp.gate_proj.weight.astype(mx.float32)
+    want = X0["mlp.gate_proj"].astype(mx.float32) @ w0.T
+    w, x_fp = seen[4]  # block 0: q, k, v, o, then gate_proj
+    assert tuple(w.shape) == tuple(w0.shape) and not mx.allclose(w, w0, atol=1e-4).item()  # scales were folded
+    assert mx.allclose(x_fp @ w.T, want, atol=1e-3, rtol=1e-3).item()
+    assert "model.layers.1.mlp.down_proj" in res.quantized
+    with pytest.raises(RecipeError, match="awq_scales"):
+        Recipe(method="rtn", awq_scales=True).validate()

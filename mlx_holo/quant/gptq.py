@@ -18,6 +18,12 @@ layer objective itself, min over (s, b) of (w - A(s, b)) H (w - A(s, b))^T with 
 scale tuning that later GPTQ variants do by gradient descent (e.g. OmniQuant's learnable weight clipping, Shao et
 al. 2023; the frozen-code parameter refit of this project's ensembles); a row keeps its new parameters only where
 the objective, after fp16 storage rounding, went down.
+
+``iters`` > 1 alternates the two steps (a block-coordinate descent on the same objective): the refitted grid becomes
+the static grid of a fresh GPTQ pass from the original weight (codes re-chosen with error feedback on the new grid),
+which is refitted again; a pass is kept only while the objective trace((W - C) H (W - C)^T) goes down. It is the
+alternation of code assignment and parameter fitting that data-aware quantizers iterate to a fixed point (e.g. the
+alternating updates of Chee et al. 2023, QuIP, sec. 4, or of GPTVQ's codebook update, van Baalen et al. 2024).
 """
 from __future__ import annotations
 
@@ -67,8 +73,8 @@ def refit_params(w: mx.array, H: np.ndarray, codes: mx.array, scales: mx.array, 
     W = np.asarray(w, np.float64)  # [out, in]
     Q = np.asarray(codes, np.float64).reshape(n_out, G, g)  # [out, G, g]
     Hg = np.asarray(H, np.float64).reshape(n_in, G, g)  # [in, G, g]
-    T = np.einsum("jbk,obk->ojb", Hg, Q)  # [out, in, G]: sum_{k in b} H[j, k] q[o, k]
-    SS = np.einsum("oaj,oajb->oab", Q, T.reshape(n_out, G, g, G))  # [out, G, G]
+    T = np.matmul(Q.transpose(1, 0, 2), Hg.transpose(1, 2, 0))  # [G, out, in]: sum_{k in b} q[o, k] H[j, k] (BLAS)
+    SS = np.einsum("oaj,boaj->oab", Q, T.reshape(G, n_out, G, g), optimize=True)  # [out, G, G]
     Hk = Hg.sum(axis=2).reshape(G, g, G)  # [G, g, G]: sum_{k in b} H[j, k]
     SB = np.einsum("oaj,ajb->oab", Q, Hk)  # [out, G, G]
     BB = Hk.sum(axis=1)  # [G, G]
@@ -94,8 +100,25 @@ def refit_params(w: mx.array, H: np.ndarray, codes: mx.array, scales: mx.array, 
 def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bool = True, damp: float = 0.01,
           block_size: int = 128, scale_dtype=mx.float16, clip_search: bool = False,
           static_groups: bool | None = None, keep: mx.array | None = None, on_progress: Progress | None = None,
-          fit: str = "lsq", refit: bool = True) -> tuple[QuantizedWeight, mx.array]:
-    """GPTQ core -> (QuantizedWeight, committed weight [out, in]); qw.dequantize() == committed exactly."""
+          fit: str = "lsq", refit: bool = True, grid: tuple[mx.array, mx.array] | None = None,
+          iters: int = 1) -> tuple[QuantizedWeight, mx.array]:
+    """GPTQ core -> (QuantizedWeight, committed weight [out, in]); qw.dequantize() == committed exactly.
+
+    grid: fixed (scales, biases) [out, G] to round on (static groups); iters: see the module docstring."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    if iters > 1:
+        kw = dict(act_order=act_order, damp=damp, block_size=block_size, scale_dtype=scale_dtype,
+                  clip_search=clip_search, keep=keep, on_progress=on_progress, fit=fit, refit=refit)
+        qw, C = _gptq(w, H, bits, group_size, static_groups=static_groups, grid=grid, **kw)
+        best = _objective(w, C, H)
+        for _ in range(iters - 1):
+            qw2, C2 = _gptq(w, H, bits, group_size, static_groups=True, grid=(qw.scales, qw.biases), **kw)
+            obj = _objective(w, C2, H)
+            if not obj < best:
+                break
+            qw, C, best = qw2, C2, obj
+        return qw, C
     if bits not in AFFINE_BITS:
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
     if group_size not in GROUP_SIZES + (-1,):
@@ -113,7 +136,7 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
     static = act_order if static_groups is None else static_groups
     if act_order and not static:
         raise ValueError("act_order needs static groups: dynamic groups over permuted columns are not MLX format")
-    static = static or group_size == -1  # one group per row: its range is known before the loop either way
+    static = static or group_size == -1 or grid is not None  # per-row groups: range known before the loop anyway
 
     diag = np.diag(Hn).copy()
     dead = diag == 0
@@ -130,10 +153,15 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n_in)
     U = mx.array(inverse_cholesky(Hn[np.ix_(perm, perm)], damp).astype(np.float32))  # [in, in] upper, permuted
 
-    if static:
+    if grid is not None:
+        scales, biases = grid
+        if tuple(scales.shape) != (n_out, n_in // g) or tuple(biases.shape) != (n_out, n_in // g):
+            raise ValueError(f"grid must be two [{n_out}, {n_in // g}] arrays")
+    elif static:
         ref = quantize_rtn(W, bits, group_size, clip_search=clip_search, importance=importance,
                            scale_dtype=scale_dtype, exact_zero=exact_zero, fit=fit)
         scales, biases = ref.scales, ref.biases  # [out, G]
+    if static:
         gid = mx.array((perm // g).astype(np.int32))
         col_s, col_b = scales[:, gid], biases[:, gid]  # [out, in], permuted column order
         bs = block_size
@@ -197,10 +225,21 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
     return qw, C
 
 
+def _objective(w: mx.array, C: mx.array, H: mx.array) -> float:
+    """trace((w - C) H (w - C)^T) on the undamped H, dead inputs excluded (their columns of C are 0 by design)."""
+    Hn = np.array(H, dtype=np.float64)
+    dead = np.diag(Hn) == 0
+    Hn[dead, :] = 0.0
+    Hn[:, dead] = 0.0
+    d = np.asarray(w.astype(mx.float32), np.float64) - np.asarray(C, np.float64)
+    return float(((d @ Hn) * d).sum())
+
+
 def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bool = True,
                   damp: float = 0.01, block_size: int = 128, scale_dtype=mx.float16, clip_search: bool = False,
                   static_groups: bool | None = None, keep: mx.array | None = None,
-                  on_progress: Progress | None = None, fit: str = "lsq", refit: bool = True) -> QuantizedWeight:
+                  on_progress: Progress | None = None, fit: str = "lsq", refit: bool = True,
+                  iters: int = 1) -> QuantizedWeight:
     """w: [out, in], H: [in, in] = mean over calibration tokens of x x^T -> QuantizedWeight (MLX affine groups).
 
     Dead inputs (H_ii == 0) get H_ii = 1 and w[:, i] = 0. ``damp`` adds damp * mean(diag H) to the diagonal.
@@ -212,8 +251,9 @@ def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_o
     the kept weights of later columns like any rounding error (SparseGPT's joint sparsify-and-quantize, sec. 3.5).
     ``fit``: how the groups' grids are fitted (``rtn.quantize_rtn``); "lsq"/"zlsq" weight their least squares by diag(H)
     whether or not ``clip_search`` is on. ``refit``: re-solve the group parameters for the final codes on the layer
-    objective (module docstring; skipped with ``keep``).
+    objective (module docstring; skipped with ``keep``). ``iters``: GPTQ passes alternated with the refit, each
+    on the last refitted grid, while the layer objective goes down (module docstring).
     """
     return _gptq(w, H, bits, group_size, act_order=act_order, damp=damp, block_size=block_size,
                  scale_dtype=scale_dtype, clip_search=clip_search, static_groups=static_groups, keep=keep,
-                 on_progress=on_progress, fit=fit, refit=refit)[0]
+                 on_progress=on_progress, fit=fit, refit=refit, iters=iters)[0]
