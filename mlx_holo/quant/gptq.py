@@ -24,6 +24,9 @@ the static grid of a fresh GPTQ pass from the original weight (codes re-chosen w
 which is refitted again; a pass is kept only while the objective trace((W - C) H (W - C)^T) goes down. It is the
 alternation of code assignment and parameter fitting that data-aware quantizers iterate to a fixed point (e.g. the
 alternating updates of Chee et al. 2023, QuIP, sec. 4, or of GPTVQ's codebook update, van Baalen et al. 2024).
+Measured on SmolLM2-135M (linears only, 8192 calibration tokens, QEP on, 2048 wiki tokens): 3 passes lower the
+layer objective but not the model's loss -- 4-bit PPL 17.50 -> 17.72 (KL 0.0685 -> 0.0678), 3-bit 22.07 -> 22.49
+(KL 0.371 -> 0.380) -- so the default is one pass.
 """
 from __future__ import annotations
 
