@@ -38,6 +38,7 @@ class Recipe:
     damp: float = 0.01               # GPTQ/SparseGPT Hessian damping (fraction of mean diagonal)
     gptq_iters: int = 1              # GPTQ passes alternated with the grid refit (quant/gptq.py)
     awq_scales: bool = False         # gptq/mixed: fold AWQ's activation-aware scales into each block first
+                                     # (measured: GPTQ 3-bit linears 22.07 -> 23.59 with them; off by default)
     qep_alpha: float = 0.5           # QEP (gptq, mixed): GPTQ aims at the weight mapping compressed inputs to float
     qep_damp: float = 1.0            # outputs, shrunk by alpha (0 = off); damping of the correction's H^-1
     # mixed precision
