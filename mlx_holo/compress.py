@@ -53,7 +53,7 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
             w = params[k].astype(mx.float32)
             costs.append(LayerCost(k[: -len(".weight")], int(w.size), recipe.group_size,
                                    rtn_errors(w, lambda q: fisher_error(w, F[k], q), recipe.group_size,
-                                              recipe.candidate_bits, recipe.candidate_groups)))
+                                              recipe.mixed_bits(), recipe.candidate_groups)))
             del F[k]
             if on_progress:
                 on_progress("sensitivity", len(costs), len(paths))
@@ -62,7 +62,7 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
             # An error a linear adds to the residual stream matters relative to that stream's size (the next
             # RMSNorm divides it out): without this, early blocks (small activations) look cheap and get 2 bits,
             # and their errors are amplified by every later block (measured: PPL 141 vs 92 for uniform 3-bit).
-            c = rtn_layer_cost(path, w, pipeline.hessian(X), recipe.group_size, candidate_bits=recipe.candidate_bits,
+            c = rtn_layer_cost(path, w, pipeline.hessian(X), recipe.group_size, candidate_bits=recipe.mixed_bits(),
                                candidate_groups=recipe.candidate_groups)
             c.err = {b: e / h_ms for b, e in c.err.items()}
             return c
@@ -74,7 +74,7 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     else:
         other = sum(v.size * 2 for k, v in _float_params(model))
         budget = int(recipe.target_mb * 1e6) - emb_bytes - other
-    bits = allocate_bits(costs, target_bytes=budget, candidate_bits=recipe.candidate_bits,
+    bits = allocate_bits(costs, target_bytes=budget, candidate_bits=recipe.mixed_bits(),
                          candidate_groups=recipe.candidate_groups)
     used = allocation_bytes(costs, bits)
     hist = {}
@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="damping of QEP's correction (fraction of mean diag H; it fits few calibration tokens)")
     ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
     ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
-    ap.add_argument("--candidate-bits", default=(2, 3, 4, 5, 6, 8), type=_int_tuple,
-                    help="mixed: the bit-widths a layer may get, comma-separated")
+    ap.add_argument("--candidate-bits", default=(), type=_int_tuple,
+                    help="mixed: the bit-widths a layer may get, comma-separated (default: every bit-width >= --bits)")
     ap.add_argument("--candidate-groups", default=(), type=_int_tuple,
                     help="mixed: also choose each layer's group size among these (e.g. 32,64,128); default: "
                          "--group-size only")

@@ -308,7 +308,8 @@ def plan(config: dict, *, context: int = 4096, batch: int = 1, target_gb: float 
     floor_bpw = min(QUANT_BITS) + 32 / group_size
     if bpw >= floor_bpw:
         result.fits = True
-        result.recipe = {"method": "mixed", "bits_per_weight": bpw, "group_size": group_size}
+        floor_bits = max(b for b in QUANT_BITS if b + 32 / group_size <= bpw)  # mixed precision's lowest bits
+        result.recipe = {"method": "mixed", "bits": floor_bits, "bits_per_weight": bpw, "group_size": group_size}
         total = weight_bytes(params, bpw - 32 / group_size, group_size) + kv + act
         result.message = (f"mixed precision at {bpw:.1f} bits/weight: {total / GIB:.2f} GiB of "
                           f"{budget / GIB:.2f} GiB usable ({target_gb:g} GB x {usable_fraction:g})")

@@ -44,7 +44,7 @@ class Recipe:
     # mixed precision
     bits_per_weight: float | None = None
     target_mb: float | None = None
-    candidate_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    candidate_bits: tuple[int, ...] = ()  # () = every MLX bit-width >= bits (``mixed_bits``)
     candidate_groups: tuple[int, ...] = ()  # also choose each layer's group size among these (() = group_size only)
     sensitivity: str = "hessian"     # hessian (streamed, per-layer output error) | fisher (end-to-end, incl. embeddings)
     fisher_windows: int = 8          # calibration windows differentiated for the Fisher
@@ -93,8 +93,15 @@ class Recipe:
             raise RecipeError(f"rounding must be nearest or stochastic, got {self.rounding!r}")
         if self.method == "mixed" and (self.bits_per_weight is None) == (self.target_mb is None):
             raise RecipeError("method mixed needs exactly one of --bits-per-weight or --target-mb")
-        if not self.candidate_bits or any(b not in AFFINE_BITS for b in self.candidate_bits):
-            raise RecipeError(f"candidate_bits must be a non-empty subset of {AFFINE_BITS}, got {self.candidate_bits}")
+        if any(b not in AFFINE_BITS for b in self.candidate_bits):
+            raise RecipeError(f"candidate_bits must be a subset of {AFFINE_BITS}, got {self.candidate_bits}")
+        if self.method == "mixed" and self.bits_per_weight is not None:
+            g = max(128 if x == -1 else x for x in (self.candidate_groups or (self.group_size,)))
+            floor = min(self.mixed_bits()) + 32 / g  # the cheapest choice: fewest bits, largest groups
+            if self.bits_per_weight < floor:
+                raise RecipeError(f"bits_per_weight={self.bits_per_weight} is below the cheapest choice, "
+                                  f"{min(self.mixed_bits())} bits at group size {g} = {floor:g} bits/weight; lower "
+                                  "--bits (mixed precision's floor), pass --candidate-bits or larger --candidate-groups")
         if any(g not in GROUP_SIZES + (-1,) for g in self.candidate_groups):
             raise RecipeError(f"candidate_groups must be a subset of {GROUP_SIZES + (-1,)}, got {self.candidate_groups}")
         if self.sensitivity not in ("hessian", "fisher"):
@@ -112,6 +119,16 @@ class Recipe:
         if self.calib_tokens < 0 or self.calib_seq_len <= 0:
             raise RecipeError("calib_tokens must be >= 0 and calib_seq_len > 0")
         return self
+
+    def mixed_bits(self) -> tuple[int, ...]:
+        """The bit-widths mixed precision may give a layer: ``candidate_bits``, or by default every MLX bit-width
+        from ``bits`` up (``bits`` is the floor). Why a floor: the allocation's loss estimates are second order,
+        and below the operating point they miss how much a layer's error grows -- measured on SmolLM2 at 3.5
+        bits/weight (Fisher, groups 32/64/128, 2048 wiki tokens): 29.13 with 2-bit layers allowed (44 linears got
+        2 bits) vs 25.48 without, uniform GPTQ 3-bit 25.53."""
+        if self.candidate_bits:
+            return tuple(self.candidate_bits)
+        return tuple(b for b in AFFINE_BITS if b >= (self.bits or min(AFFINE_BITS)))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

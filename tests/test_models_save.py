@@ -90,12 +90,17 @@ def test_existing_output_is_not_clobbered(tiny_model_dir, tmp_path, text_file):
 
 def test_recipe_validation():
     for bad in (dict(bits=7), dict(group_size=16), dict(sparsity=1.5), dict(method="nope"), dict(nm="4:2"),
-                dict(method="mixed"), dict(mode="int3"), dict(candidate_bits=(3, 7)), dict(candidate_bits=()),
-                dict(fit="nope")):
+                dict(method="mixed"), dict(mode="int3"), dict(candidate_bits=(3, 7)),
+                dict(fit="nope"), dict(method="mixed", bits=3, bits_per_weight=3.4),
+                dict(method="mixed", bits=3, bits_per_weight=3.2, candidate_groups=(32, 64))):
         with pytest.raises(RecipeError):
             Recipe(**bad).validate()
-    r = Recipe(method="mixed", bits_per_weight=3.0).validate()
+    r = Recipe(method="mixed", bits=2, bits_per_weight=3.0).validate()
     assert Recipe.from_dict(r.to_dict()) == r
+    # mixed precision's bit-widths: from --bits up by default, or exactly the given ones
+    assert Recipe(method="mixed", bits=3, bits_per_weight=3.5).validate().mixed_bits() == (3, 4, 5, 6, 8)
+    assert Recipe(method="mixed", bits=3, bits_per_weight=3.25, candidate_groups=(64, 128)).validate()
+    assert Recipe(method="mixed", bits=4, bits_per_weight=3.0, candidate_bits=(2, 4)).validate().mixed_bits() == (2, 4)
 
 
 def test_cli_clear_errors(tmp_path):

@@ -71,7 +71,7 @@ def test_mixed_precision_respects_budget_and_loads(tiny_model_dir, text_file, tm
     from mlx_lm import load
 
     out = tmp_path / "mixed"
-    ev = compress(str(tiny_model_dir), Recipe(method="mixed", bits=4, bits_per_weight=3.25, calib_tokens=1024,
+    ev = compress(str(tiny_model_dir), Recipe(method="mixed", bits=2, bits_per_weight=3.25, calib_tokens=1024,
                                               calib_seq_len=128, sensitivity=sensitivity, fisher_windows=4),
                   str(out), eval_tokens=256, eval_seq_len=128, calib_corpus=str(text_file),
                   eval_corpus=str(text_file))

@@ -151,7 +151,7 @@ def allocate_bits(layers: list[LayerCost], *, bits_per_weight: float | None = No
     if used > budget:
         raise ValueError(f"budget of {budget} bytes ({8 * budget / total_params:.3f} bits/weight) is infeasible: "
                          f"the cheapest choice ({min(candidate_bits)} bits, largest groups) needs {used} bytes "
-                         f"({8 * used / total_params:.3f} bits/weight)")
+                         f"({8 * used / total_params:.3f} bits/weight); allow fewer bits or raise the budget")
 
     greedy = _fixup(opts, _greedy(opts, budget), budget)
     dp = _fixup(opts, _dp(opts, budget, resolution), budget)
