@@ -7,7 +7,7 @@ compressing again (its compression seconds are read back from DIR/<variant>/qual
 (mlx-lm's AWQ takes ~16 CPU-minutes for this 135M model) can be done once, or by ``--methods mlx_lm:awq`` alone.
 
 Ours: rtn, gptq, awq, mixed / mixed-fisher (Hessian or Fisher sensitivity, at the same average bits as uniform ``b``
-+ its group overhead), via
++ its group overhead, bit-widths from ``b`` up, group sizes 32/64/128), via
 ``mlx_holo.compress.compress`` in-process. mlx-lm: ``mlx_lm.convert -q`` (RTN), ``mlx_lm.quant.gptq`` and
 ``mlx_lm.quant.awq`` as subprocesses, offline: the same calibration text (c4) is placed where mlx-lm looks for its
 calibration file, under a temporary HOME. mlx-lm's GPTQ supports only 2/4/8 bits and quantizes the embedding at its
@@ -135,6 +135,7 @@ def main(argv=None) -> int:
                     kw = {}
                     if method in ("mixed", "mixed-fisher"):
                         kw = dict(method="mixed", bits=bits, bits_per_weight=bits + 32 / args.group_size,
+                                  candidate_groups=(32, 64, 128),  # room to move: --bits is mixed's floor
                                   sensitivity="fisher" if method == "mixed-fisher" else "hessian")
                     else:
                         kw = dict(method=method, bits=bits)

@@ -70,25 +70,31 @@ def test_recipe_checks_qep():
     Recipe(method="awq").validate()  # other methods ignore it
 
 
+def _record_qep(monkeypatch) -> list:
+    """Spy on the pipeline's QEP step: -> the list it fills with (w, x_fp, x_q) per corrected weight."""
+    seen, real = [], pipeline._qep_target
+
+    def spy(w, x_fp, x_q, recipe):
+        seen.append((w, x_fp, x_q))
+        return real(w, x_fp, x_q, recipe)
+
+    monkeypatch.setattr(pipeline, "_qep_target", spy)
+    return seen
+
+
 def test_pipeline_feeds_qep_the_float_models_inputs(tiny_model_dir, text_file, monkeypatch):
     """Block 1's float inputs handed to QEP are the unmodified model's; the compressed ones differ from them."""
     from test_pipeline import _calib, _run
 
     calib = _calib(tiny_model_dir, text_file, 256, 128)
-    seen, real = [], pipeline._qep_target
-
-    def spy(w, x_fp, x_q, recipe):
-        seen.append((x_fp, x_q))
-        return real(w, x_fp, x_q, recipe)
-
-    monkeypatch.setattr(pipeline, "_qep_target", spy)
+    seen = _record_qep(monkeypatch)
     res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2))
     assert len(seen) == 14  # every linear of the 2 blocks (the tied head is not corrected)
     model = models.open_model(str(tiny_model_dir), lazy=True)[0]
     x, mask = pipeline.block_inputs(model, calib)
     y0, _ = pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask)
     _, X1 = pipeline.capture_linear_inputs(models.blocks(model)[1], y0, mask)
-    x_fp, x_q = seen[7]  # block 1's first linear (q_proj, in the pipeline's order)
+    _, x_fp, x_q = seen[7]  # block 1's first linear (q_proj, in the pipeline's order)
     assert mx.allclose(x_fp, X1["self_attn.q_proj"], atol=1e-5).item()
     assert not mx.allclose(x_q, x_fp, atol=1e-3).item()
     plain = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2, qep_alpha=0.0))
@@ -105,14 +111,9 @@ def test_untied_head_aims_at_the_qep_target(tmp_path, text_file, monkeypatch):
 
     d = make_tiny_model(tmp_path / "untied", {"tie_word_embeddings": False})
     calib = _calib(d, text_file, 256, 128)
-    shapes, real = [], pipeline._qep_target
-
-    def spy(w, x_fp, x_q, recipe):
-        shapes.append((tuple(w.shape), tuple(x_fp.shape), tuple(x_q.shape)))
-        return real(w, x_fp, x_q, recipe)
-
-    monkeypatch.setattr(pipeline, "_qep_target", spy)
+    seen = _record_qep(monkeypatch)
     _run(d, calib, Recipe(method="gptq", bits=3))
+    shapes = [tuple(tuple(a.shape) for a in t) for t in seen]
     assert len(shapes) == 15 and shapes[-1] == ((320, 128), (256, 128), (256, 128))
 
 
@@ -122,20 +123,14 @@ def test_awq_scales_then_gptq_feed_qep_the_folded_float_inputs(tiny_model_dir, t
     from test_pipeline import _calib, _run
 
     calib = _calib(tiny_model_dir, text_file, 256, 128)
-    seen, real = [], pipeline._qep_target
-
-    def spy(w, x_fp, x_q, recipe):
-        seen.append((w, x_fp))
-        return real(w, x_fp, x_q, recipe)
-
-    monkeypatch.setattr(pipeline, "_qep_target", spy)
+    seen = _record_qep(monkeypatch)
     res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=3, awq_scales=True))
     model = models.open_model(str(tiny_model_dir), lazy=True)[0]
     x, mask = pipeline.block_inputs(model, calib)
     _, X0 = pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask)
     w0 = models.blocks(model)[0].mlp.gate_proj.weight.astype(mx.float32)
     want = X0["mlp.gate_proj"].astype(mx.float32) @ w0.T
-    w, x_fp = seen[4]  # block 0: q, k, v, o, then gate_proj
+    w, x_fp, _ = seen[4]  # block 0: q, k, v, o, then gate_proj
     assert tuple(w.shape) == tuple(w0.shape) and not mx.allclose(w, w0, atol=1e-4).item()  # scales were folded
     assert mx.allclose(x_fp @ w.T, want, atol=1e-3, rtol=1e-3).item()
     assert "model.layers.1.mlp.down_proj" in res.quantized
