@@ -279,6 +279,9 @@ def test_compress_form_errors_start_nothing(monkeypatch, tmp_path):
             pane.query_one("#out", Input).value = str(tmp_path / "o")
             pane.query_one("#method", Select).value = "mixed"          # no bits-per-weight budget
             await click_run(pilot, pane)
+            pane.query_one("#bits", Select).value = "4"
+            pane.query_one("#bpw", Input).value = "3.5"                # below 4-bit g64, mixed's floor
+            await click_run(pilot, pane)
             pane.query_one("#method", Select).value = "rtn"
             pane.query_one("#model", Input).value = str(tmp_path / "nope")
             await click_run(pilot, pane)
@@ -288,6 +291,7 @@ def test_compress_form_errors_start_nothing(monkeypatch, tmp_path):
             await wait_job(pilot, pane)
             log = " ".join(" ".join(line.text for line in pane.query_one(RichLog).lines).split())  # unwrap
             assert "mixed needs a bits-per-weight budget" in log
+            assert "form: bits_per_weight=3.5 is below the cheapest choice" in log  # refused by the form itself
             assert "existing folder" in log and "tick overwrite" in log
             assert calls == []
 

@@ -291,6 +291,8 @@ class CompressPane(JobPane):
             if not bpw_text:
                 raise FormError("mixed needs a bits-per-weight budget")
             recipe["bits_per_weight"] = float(bpw_text)
+        from mlx_holo.recipe import Recipe
+        Recipe(**recipe).validate()  # a recipe that cannot run (e.g. a budget below mixed's floor) starts nothing
         args = {"model": check_model(self.query_one("#model", Input).value), "recipe": recipe, "out": out,
                 "eval_tokens": int(self.query_one("#eval_tokens", Input).value), "gates": gates or None}
         if overwrite:
