@@ -167,8 +167,12 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
     if recipe.method in PRUNE_METHODS and recipe.allocation != "uniform":
         from .allocation import allocate_sparsity
         layer_sparsity, details["allocation"] = allocate_sparsity(model, calib, recipe, on_progress=on_progress)
+    head_x_first = None
+    if recipe.embed_first and calib is not None:
+        head_x_first = pipeline.float_head_inputs(models.open_model(model, lazy=True)[0], calib)
     res = pipeline.run(base, calib, recipe, layer_bits=layer_bits, layer_sparsity=layer_sparsity,
-                       on_progress=on_progress)
+                       head_x_first=head_x_first, on_progress=on_progress)
+    del head_x_first
     compress_s = time.perf_counter() - t0
     del base
     mx.clear_cache()
@@ -241,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-gptq-head", dest="gptq_head", action="store_false",
                     help="GPTQ/mixed/SparseGPT: round the output head (lm_head or tied embedding) instead of GPTQ")
     ap.add_argument("--head-damp", type=float, default=0.1, help="GPTQ damping of the output head")
+    ap.add_argument("--embed-first", action="store_true",
+                    help="gptq/mixed: quantize a tied embedding table first (on the float model's head inputs), so "
+                         "the blocks calibrate on the quantized input embedding")
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--awq-scales", action="store_true",
                     help="gptq/mixed: fold AWQ's per-channel scales into each block before GPTQ (AWQ+GPTQ)")
@@ -291,7 +298,7 @@ def recipe_from_args(args):
                   calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
                   act_order=args.act_order, gptq_iters=args.gptq_iters, awq_scales=args.awq_scales,
                   true_sequential=args.true_sequential,
-                  gptq_head=args.gptq_head,
+                  gptq_head=args.gptq_head, embed_first=args.embed_first,
                   head_damp=args.head_damp, damp=args.damp, qep_alpha=args.qep_alpha, qep_damp=args.qep_damp,
                   bits_per_weight=args.bits_per_weight,
                   target_mb=args.target_mb,

@@ -200,13 +200,17 @@ def prune_weight(w: mx.array, X: mx.array | None, H: mx.array | None, method: st
 # ------------------------------------------------------------------------------------------------ the pipeline
 
 def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits: dict[str, int | None] | None = None,
-        layer_sparsity: list[float] | None = None, on_progress=None) -> PipelineResult:
+        layer_sparsity: list[float] | None = None, head_x_first: mx.array | None = None,
+        on_progress=None) -> PipelineResult:
     """Compress ``model`` block by block with ``recipe``.
 
     calib: [N, S] calibration token windows (None for data-free RTN / magnitude).
     layer_bits: optional per-linear choice (full paths, e.g. from mixed precision): bits, (bits, group size), or
     None = keep float.
     layer_sparsity: optional per-block sparsity (OWL / zero-order allocation).
+    head_x_first: the float model's head inputs [n, D] (``float_head_inputs``). Given, a tied embedding table is
+    GPTQ'd on them *before* the blocks and the compressed stream starts from the quantized table, so every block's
+    GPTQ (and QEP) sees, and can compensate, the input embedding's rounding (``recipe.embed_first``).
     The model is consumed: its float weights are released as blocks finish.
     """
     t0 = time.perf_counter()
@@ -226,6 +230,17 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         x, mask = block_inputs(model, calib)
         mx.eval(x)
         x_fp = x if qep else None  # QEP: the float model's own activations flow beside the compressed ones
+        if head_x_first is not None:
+            first = _tied_table_first(model, recipe, layer_bits, head_x_first)
+            if first is not None:
+                path, qw = first
+                res.quantized[path] = qw
+                table = _get(model, path)
+                w_float = table.weight
+                table.weight = qw.dequantize()
+                x, _ = block_inputs(model, calib)  # the compressed stream starts from the quantized table
+                mx.eval(x)
+                table.weight = w_float
     prefix = _block_prefix(model)
     for i, block in enumerate(blocks):
         mx.eval(block.parameters())
@@ -299,6 +314,35 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def float_head_inputs(model: nn.Module, calib: mx.array) -> mx.array | None:
+    """calib [N, S] -> the unmodified model's head inputs [N*S, D] (final norm outputs), block by block; the blocks
+    are released as they finish (open a fresh lazy model for the compression itself)."""
+    x, mask = block_inputs(model, calib)
+    for block in models.blocks(model):
+        mx.eval(block.parameters())
+        x = block(x, mask)
+        mx.eval(x)
+        block.update(tree_map(lambda a: mx.zeros((0,), a.dtype), block.parameters()))
+    return head_inputs(model, x)
+
+
+def _tied_table_first(model: nn.Module, recipe: Recipe, layer_bits: dict | None, head_x: mx.array
+                      ) -> tuple[str, QuantizedWeight] | None:
+    """GPTQ of a tied embedding table on the float model's head inputs -> (module path, compact weight), or None
+    when the model has no quantized tied table (an untied lm_head is GPTQ'd after the blocks as usual)."""
+    for k, v in outside_quantizable(model, recipe):
+        mod = k.rsplit(".", 1)[0]
+        if isinstance(_get(model, mod), nn.Embedding) and _head_module(model, mod):
+            from .quant.gptq import gptq_quantize
+
+            bits, g = bits_group((layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits), recipe.group_size)
+            qw = gptq_quantize(v.astype(mx.float32), hessian(head_x), bits, g, act_order=recipe.act_order,
+                               damp=recipe.head_damp, fit=grid_fit(recipe, bits, compensated=True),
+                               iters=recipe.gptq_iters)
+            return mod, qw.compact()
+    return None
 
 
 def _qep_target(w: mx.array, x_fp: mx.array, x_q: mx.array, recipe: Recipe) -> mx.array:
@@ -396,6 +440,10 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
         mod = k.rsplit(".", 1)[0]
         bits, g = bits_group((layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits), recipe.group_size)
         H = hessian(head_x) if head_x is not None and _head_module(model, mod) else None
+        if mod in res.quantized:  # a tied table quantized before the blocks (``head_x_first``)
+            err = rel_error(v.astype(mx.float32), res.quantized[mod].dequantize(), H) if H is not None else None
+            res.layers.append(LayerRecord(mod, bits, g, 0.0, err, 0.0))
+            continue
         err = None
         if recipe.mode == "affine":
             w = v.astype(mx.float32)

@@ -34,6 +34,8 @@ class Recipe:
     act_order: bool = True           # GPTQ
     gptq_head: bool = True           # GPTQ also quantizes the output head (lm_head, or the tied embedding)
     head_damp: float = 0.1           # its damping: a tied table is also read as the input embedding
+    embed_first: bool = False        # GPTQ a tied table on the float model's head inputs before the blocks, so the
+                                     # blocks calibrate on (and compensate) the quantized input embedding
     true_sequential: bool = False    # re-capture a block's inputs after each stage of its linears is compressed
     damp: float = 0.01               # GPTQ/SparseGPT Hessian damping (fraction of mean diagonal)
     gptq_iters: int = 1              # GPTQ passes alternated with the grid refit (quant/gptq.py)
@@ -112,6 +114,8 @@ class Recipe:
             raise RecipeError(f"qep_alpha must be in [0, 1], got {self.qep_alpha}")
         if self.awq_scales and self.method not in ("gptq", "mixed"):
             raise RecipeError("awq_scales goes with gptq or mixed (method awq always scales)")
+        if self.embed_first and (self.method not in ("gptq", "mixed") or not self.gptq_head):
+            raise RecipeError("embed_first goes with gptq or mixed and the GPTQ'd head (no --no-gptq-head)")
         if self.gptq_iters < 1:
             raise RecipeError(f"gptq_iters must be >= 1, got {self.gptq_iters}")
         if self.qep_damp <= 0:

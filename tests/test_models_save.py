@@ -92,7 +92,8 @@ def test_recipe_validation():
     for bad in (dict(bits=7), dict(group_size=16), dict(sparsity=1.5), dict(method="nope"), dict(nm="4:2"),
                 dict(method="mixed"), dict(mode="int3"), dict(candidate_bits=(3, 7)),
                 dict(fit="nope"), dict(method="mixed", bits=3, bits_per_weight=3.4),
-                dict(method="mixed", bits=3, bits_per_weight=3.2, candidate_groups=(32, 64))):
+                dict(method="mixed", bits=3, bits_per_weight=3.2, candidate_groups=(32, 64)),
+                dict(method="rtn", embed_first=True), dict(method="gptq", embed_first=True, gptq_head=False)):
         with pytest.raises(RecipeError):
             Recipe(**bad).validate()
     r = Recipe(method="mixed", bits=2, bits_per_weight=3.0).validate()

@@ -170,3 +170,48 @@ def test_gptq_head_lowers_the_tied_head_error(tiny_model_dir, text_file):
         rec = next(r for r in res.layers if r.name == "model.embed_tokens")
         err[head] = rec.error
     assert err[True] is not None and err[True] < 0.9 * err[False], err
+
+
+def test_embed_first_feeds_the_blocks_the_quantized_table(tiny_model_dir, text_file, monkeypatch):
+    """embed_first: the tied table is GPTQ'd on the float model's head inputs before the blocks, and block 0
+    calibrates on the quantized table's lookups (without it, on the float table's)."""
+    from mlx_holo.quant.gptq import gptq_quantize
+
+    calib = _calib(tiny_model_dir, text_file, 256, 128)
+    seen, real = [], pipeline._qep_target
+
+    def spy(w, x_fp, x_q, recipe):
+        seen.append(x_q)
+        return real(w, x_fp, x_q, recipe)
+
+    monkeypatch.setattr(pipeline, "_qep_target", spy)
+    head_x = pipeline.float_head_inputs(models.open_model(str(tiny_model_dir), lazy=True)[0], calib)
+    recipe = Recipe(method="gptq", bits=3, embed_first=True)
+    res = pipeline.run(models.open_model(str(tiny_model_dir), lazy=True)[0], calib, recipe, head_x_first=head_x)
+    table = res.quantized["model.embed_tokens"].dequantize()
+
+    model = models.open_model(str(tiny_model_dir), lazy=True)[0]
+    w_float = model.model.embed_tokens.weight.astype(mx.float32)
+    want = gptq_quantize(w_float, pipeline.hessian(head_x), 3, 64, damp=recipe.head_damp).dequantize()
+    assert mx.allclose(table, want, atol=1e-6).item()  # the float model's head statistics, head damping
+    x, mask = pipeline.block_inputs(model, calib)
+    _, X_float = pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask)
+    model.model.embed_tokens.weight = table
+    x, mask = pipeline.block_inputs(model, calib)
+    _, X_quant = pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask)
+    assert mx.allclose(seen[0], X_quant["self_attn.q_proj"], atol=1e-5).item()
+    assert not mx.allclose(seen[0], X_float["self_attn.q_proj"], atol=1e-3).item()
+    rec = next(r for r in res.layers if r.name == "model.embed_tokens")
+    assert rec.bits == 3 and rec.error is not None and rec.error > 0
+
+
+def test_embed_first_through_compress_loads(tiny_model_dir, text_file, tmp_path):
+    from mlx_lm import load
+
+    ev = compress(str(tiny_model_dir), Recipe(method="gptq", bits=3, embed_first=True, calib_tokens=512,
+                                              calib_seq_len=128), str(tmp_path / "o"), eval_tokens=256,
+                  eval_seq_len=128, calib_corpus=str(text_file), eval_corpus=str(text_file))
+    assert ev["recipe"]["embed_first"] is True
+    assert next(r for r in ev["layers"] if r["name"] == "model.embed_tokens")["bits"] == 3
+    model, _ = load(str(tmp_path / "o"))
+    assert model.model.embed_tokens.bits == 3
