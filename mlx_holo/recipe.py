@@ -36,6 +36,7 @@ class Recipe:
     head_damp: float = 0.1           # its damping: a tied table is also read as the input embedding
     embed_first: bool = False        # GPTQ a tied table on the float model's head inputs before the blocks, so the
                                      # blocks calibrate on (and compensate) the quantized input embedding
+                                     # (measured: GPTQ 3-bit 25.53 -> 26.83, KL 0.530 -> 0.547; off by default)
     true_sequential: bool = False    # re-capture a block's inputs after each stage of its linears is compressed
     damp: float = 0.01               # GPTQ/SparseGPT Hessian damping (fraction of mean diagonal)
     gptq_iters: int = 1              # GPTQ passes alternated with the grid refit (quant/gptq.py)
