@@ -4,9 +4,9 @@ Run: python benchmarks/head_damp.py --model runs/e-gptq3-qep05-d1 --bits 3 --dam
 
 ``--model``: a compressed folder whose embedding was kept in float (``--no-quantize-embeddings``), so the blocks are
 already quantized. The head's calibration inputs are the final-norm outputs of that model on ``--calib-tokens`` c4
-tokens (``pipeline.block_inputs`` -> blocks -> ``pipeline.head_inputs``, as the pipeline does after its last block);
-the tied table is then quantized at ``--bits`` by RTN (the default grid rule for plain rounding) and by GPTQ on
-H = X^T X / n at each damping, and every variant is scored against the base model on ``--eval-tokens`` wiki tokens.
+tokens (``pipeline.forward_head_inputs``, as the pipeline sees them after its last block);
+the tied table is then quantized at ``--bits`` by RTN (the default grid rule for plain rounding) and by the pipeline's
+head GPTQ (``pipeline.gptq_head``) on H = X^T X / n at each damping, and every variant is scored against the base model on ``--eval-tokens`` wiki tokens.
 This is the measurement behind ``Recipe.head_damp``'s default.
 """
 from __future__ import annotations
@@ -29,7 +29,6 @@ def main(argv=None) -> int:
 
     from mlx_holo import data, evaluate, models, pipeline
     from mlx_holo.pipeline import grid_fit
-    from mlx_holo.quant.gptq import gptq_quantize
     from mlx_holo.quant.rtn import quantize_rtn
     from mlx_holo.recipe import Recipe
 
@@ -50,17 +49,13 @@ def main(argv=None) -> int:
         raise SystemExit("needs a model whose output head is its (tied) embedding table")
     base = models.open_model(args.base)[0]
     calib = data.calibration_windows(tok, data.load_corpus("c4"), args.calib_tokens, args.seq_len, 0)
-    x, mask = pipeline.block_inputs(m, calib)
-    for block in models.blocks(m):
-        x = block(x, mask)
-        mx.eval(x)
-    X = pipeline.head_inputs(m, x)  # [n, D]
-    H = pipeline.hessian(X)
+    H = pipeline.hessian(pipeline.forward_head_inputs(m, calib, release=False))  # [D, D]
     mx.eval(H)
     E = table.weight.astype(mx.float32)
     mx.eval(E)
     wins = data.windows(data.tokenize(tok, data.load_corpus("wiki"), args.eval_tokens), args.seq_len)
-    rtn_fit = grid_fit(Recipe(bits=args.bits), args.bits, compensated=False)
+    recipe = Recipe(bits=args.bits, group_size=args.group_size)
+    rtn_fit = grid_fit(recipe, args.bits, compensated=False)
     variants = [("float", None), (f"rtn ({rtn_fit})", None)] + [(f"gptq damp {d:g}", d)
                                                                   for d in map(float, args.damps.split(","))]
     print(f"{args.model}: tied table {tuple(E.shape)} at {args.bits} bits, group {args.group_size}")
@@ -71,8 +66,8 @@ def main(argv=None) -> int:
         elif damp is None:
             W = quantize_rtn(E, args.bits, args.group_size, fit=rtn_fit).dequantize()
         else:
-            W = gptq_quantize(E, H, args.bits, args.group_size, damp=damp,
-                              fit=grid_fit(Recipe(bits=args.bits), args.bits, compensated=True)).dequantize()
+            recipe.head_damp = damp
+            W = pipeline.gptq_head(E, H, args.bits, args.group_size, recipe).dequantize()
         table.weight = W
         mx.eval(table.weight)
         r = evaluate.compare(m, base, wins, det_windows=0)

@@ -169,7 +169,7 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
         layer_sparsity, details["allocation"] = allocate_sparsity(model, calib, recipe, on_progress=on_progress)
     head_x_first = None
     if recipe.embed_first and calib is not None:
-        head_x_first = pipeline.float_head_inputs(models.open_model(model, lazy=True)[0], calib)
+        head_x_first = pipeline.forward_head_inputs(models.open_model(model, lazy=True)[0], calib)
     res = pipeline.run(base, calib, recipe, layer_bits=layer_bits, layer_sparsity=layer_sparsity,
                        head_x_first=head_x_first, on_progress=on_progress)
     del head_x_first

@@ -208,7 +208,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     layer_bits: optional per-linear choice (full paths, e.g. from mixed precision): bits, (bits, group size), or
     None = keep float.
     layer_sparsity: optional per-block sparsity (OWL / zero-order allocation).
-    head_x_first: the float model's head inputs [n, D] (``float_head_inputs``). Given, a tied embedding table is
+    head_x_first: the float model's head inputs [n, D] (``forward_head_inputs``). Given, a tied embedding table is
     GPTQ'd on them *before* the blocks and the compressed stream starts from the quantized table, so every block's
     GPTQ (and QEP) sees, and can compensate, the input embedding's rounding (``recipe.embed_first``).
     The model is consumed: its float weights are released as blocks finish.
@@ -316,16 +316,25 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     return res
 
 
-def float_head_inputs(model: nn.Module, calib: mx.array) -> mx.array | None:
-    """calib [N, S] -> the unmodified model's head inputs [N*S, D] (final norm outputs), block by block; the blocks
-    are released as they finish (open a fresh lazy model for the compression itself)."""
+def forward_head_inputs(model: nn.Module, calib: mx.array, *, release: bool = True) -> mx.array | None:
+    """calib [N, S] -> ``model``'s head inputs [N*S, D] (final norm outputs), run block by block. ``release``: free
+    each block as it finishes (bounded memory; the model is then spent -- open a fresh lazy one to compress)."""
     x, mask = block_inputs(model, calib)
     for block in models.blocks(model):
         mx.eval(block.parameters())
         x = block(x, mask)
         mx.eval(x)
-        block.update(tree_map(lambda a: mx.zeros((0,), a.dtype), block.parameters()))
+        if release:
+            block.update(tree_map(lambda a: mx.zeros((0,), a.dtype), block.parameters()))
     return head_inputs(model, x)
+
+
+def gptq_head(w: mx.array, H: mx.array, bits: int, group_size: int, recipe: Recipe) -> QuantizedWeight:
+    """The output head's GPTQ (an lm_head, or a tied table) on its inputs' H, with the head's damping."""
+    from .quant.gptq import gptq_quantize
+
+    return gptq_quantize(w, H, bits, group_size, act_order=recipe.act_order, damp=recipe.head_damp,
+                         fit=grid_fit(recipe, bits, compensated=True), iters=recipe.gptq_iters)
 
 
 def _tied_table_first(model: nn.Module, recipe: Recipe, layer_bits: dict | None, head_x: mx.array
@@ -335,13 +344,8 @@ def _tied_table_first(model: nn.Module, recipe: Recipe, layer_bits: dict | None,
     for k, v in outside_quantizable(model, recipe):
         mod = k.rsplit(".", 1)[0]
         if isinstance(_get(model, mod), nn.Embedding) and _head_module(model, mod):
-            from .quant.gptq import gptq_quantize
-
             bits, g = bits_group((layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits), recipe.group_size)
-            qw = gptq_quantize(v.astype(mx.float32), hessian(head_x), bits, g, act_order=recipe.act_order,
-                               damp=recipe.head_damp, fit=grid_fit(recipe, bits, compensated=True),
-                               iters=recipe.gptq_iters)
-            return mod, qw.compact()
+            return mod, gptq_head(v.astype(mx.float32), hessian(head_x), bits, g, recipe).compact()
     return None
 
 
@@ -448,12 +452,10 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
         if recipe.mode == "affine":
             w = v.astype(mx.float32)
             if H is not None and recipe.gptq_head:
-                from .quant.gptq import gptq_quantize
                 target = w
                 if head_x_fp is not None and isinstance(_get(model, mod), nn.Linear):
                     target = _qep_target(w, head_x_fp, head_x, recipe)
-                qw = gptq_quantize(target, H, bits, g, act_order=recipe.act_order, damp=recipe.head_damp,
-                                   fit=grid_fit(recipe, bits, compensated=True), iters=recipe.gptq_iters)
+                qw = gptq_head(target, H, bits, g, recipe)
             else:
                 qw = quantize_rtn(w, bits, g, fit=grid_fit(recipe, bits, compensated=False))
             if H is not None:

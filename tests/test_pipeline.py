@@ -16,6 +16,18 @@ def _calib(folder, text_file, n=1024, seq=128):
     return data.calibration_windows(tok, data.load_corpus(str(text_file)), n, seq, seed=0)
 
 
+def _record_qep(monkeypatch) -> list:
+    """Spy on the pipeline's QEP step: -> the list it fills with (w, x_fp, x_q) per corrected weight."""
+    seen, real = [], pipeline._qep_target
+
+    def spy(w, x_fp, x_q, recipe):
+        seen.append((w, x_fp, x_q))
+        return real(w, x_fp, x_q, recipe)
+
+    monkeypatch.setattr(pipeline, "_qep_target", spy)
+    return seen
+
+
 def _run(folder, calib, recipe):
     model = models.open_model(str(folder), lazy=True)[0]
     return pipeline.run(model, calib, recipe)
@@ -178,14 +190,8 @@ def test_embed_first_feeds_the_blocks_the_quantized_table(tiny_model_dir, text_f
     from mlx_holo.quant.gptq import gptq_quantize
 
     calib = _calib(tiny_model_dir, text_file, 256, 128)
-    seen, real = [], pipeline._qep_target
-
-    def spy(w, x_fp, x_q, recipe):
-        seen.append(x_q)
-        return real(w, x_fp, x_q, recipe)
-
-    monkeypatch.setattr(pipeline, "_qep_target", spy)
-    head_x = pipeline.float_head_inputs(models.open_model(str(tiny_model_dir), lazy=True)[0], calib)
+    seen = _record_qep(monkeypatch)
+    head_x = pipeline.forward_head_inputs(models.open_model(str(tiny_model_dir), lazy=True)[0], calib)
     recipe = Recipe(method="gptq", bits=3, embed_first=True)
     res = pipeline.run(models.open_model(str(tiny_model_dir), lazy=True)[0], calib, recipe, head_x_first=head_x)
     table = res.quantized["model.embed_tokens"].dequantize()
@@ -199,8 +205,9 @@ def test_embed_first_feeds_the_blocks_the_quantized_table(tiny_model_dir, text_f
     model.model.embed_tokens.weight = table
     x, mask = pipeline.block_inputs(model, calib)
     _, X_quant = pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask)
-    assert mx.allclose(seen[0], X_quant["self_attn.q_proj"], atol=1e-5).item()
-    assert not mx.allclose(seen[0], X_float["self_attn.q_proj"], atol=1e-3).item()
+    x_q = seen[0][2]  # block 0's first linear
+    assert mx.allclose(x_q, X_quant["self_attn.q_proj"], atol=1e-5).item()
+    assert not mx.allclose(x_q, X_float["self_attn.q_proj"], atol=1e-3).item()
     rec = next(r for r in res.layers if r.name == "model.embed_tokens")
     assert rec.bits == 3 and rec.error is not None and rec.error > 0
 

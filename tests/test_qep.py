@@ -70,21 +70,9 @@ def test_recipe_checks_qep():
     Recipe(method="awq").validate()  # other methods ignore it
 
 
-def _record_qep(monkeypatch) -> list:
-    """Spy on the pipeline's QEP step: -> the list it fills with (w, x_fp, x_q) per corrected weight."""
-    seen, real = [], pipeline._qep_target
-
-    def spy(w, x_fp, x_q, recipe):
-        seen.append((w, x_fp, x_q))
-        return real(w, x_fp, x_q, recipe)
-
-    monkeypatch.setattr(pipeline, "_qep_target", spy)
-    return seen
-
-
 def test_pipeline_feeds_qep_the_float_models_inputs(tiny_model_dir, text_file, monkeypatch):
     """Block 1's float inputs handed to QEP are the unmodified model's; the compressed ones differ from them."""
-    from test_pipeline import _calib, _run
+    from test_pipeline import _calib, _record_qep, _run
 
     calib = _calib(tiny_model_dir, text_file, 256, 128)
     seen = _record_qep(monkeypatch)
@@ -107,7 +95,7 @@ def test_untied_head_aims_at_the_qep_target(tmp_path, text_file, monkeypatch):
     """An untied lm_head is GPTQ'd toward QEP's corrected weight from the final-norm inputs of both models; a tied
     table is not (the input embedding reads it too)."""
     from conftest import make_tiny_model
-    from test_pipeline import _calib, _run
+    from test_pipeline import _calib, _record_qep, _run
 
     d = make_tiny_model(tmp_path / "untied", {"tie_word_embeddings": False})
     calib = _calib(d, text_file, 256, 128)
@@ -120,7 +108,7 @@ def test_untied_head_aims_at_the_qep_target(tmp_path, text_file, monkeypatch):
 def test_awq_scales_then_gptq_feed_qep_the_folded_float_inputs(tiny_model_dir, text_file, monkeypatch):
     """AWQ+GPTQ: QEP's float inputs are captured after the scale fold, so w_folded x_fp reproduces the float model's
     output of the layer (inputs captured before the fold would be off by the per-channel scales)."""
-    from test_pipeline import _calib, _run
+    from test_pipeline import _calib, _record_qep, _run
 
     calib = _calib(tiny_model_dir, text_file, 256, 128)
     seen = _record_qep(monkeypatch)

@@ -114,10 +114,11 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
         kw = dict(act_order=act_order, damp=damp, block_size=block_size, scale_dtype=scale_dtype,
                   clip_search=clip_search, keep=keep, on_progress=on_progress, fit=fit, refit=refit)
         qw, C = _gptq(w, H, bits, group_size, static_groups=static_groups, grid=grid, **kw)
-        best = _objective(w, C, H)
+        H_obj = layer_objective_hessian(H)
+        best = _objective(w, C, H_obj)
         for _ in range(iters - 1):
             qw2, C2 = _gptq(w, H, bits, group_size, static_groups=True, grid=(qw.scales, qw.biases), **kw)
-            obj = _objective(w, C2, H)
+            obj = _objective(w, C2, H_obj)
             if not obj < best:
                 break
             qw, C, best = qw2, C2, obj
@@ -218,24 +219,27 @@ def _gptq(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bo
     if not static:
         scales, biases = mx.concatenate(s_groups, axis=1), mx.concatenate(b_groups, axis=1)
     if refit and keep is None:  # (a pruned weight's zero code must stay exactly 0: no refit then)
-        H_obj = np.array(H, dtype=np.float64)
-        H_obj[dead, :] = 0.0
-        H_obj[:, dead] = 0.0
-        scales, biases = refit_params(w.astype(mx.float32), H_obj, Q, scales, biases, group_size,
+        scales, biases = refit_params(w.astype(mx.float32), layer_objective_hessian(H), Q, scales, biases, group_size,
                                       scale_dtype=scale_dtype)
         C = (Q.astype(mx.float32).reshape(n_out, -1, g) * scales[..., None] + biases[..., None]).reshape(n_out, n_in)
     qw = QuantizedWeight(Q.astype(mx.uint8), scales, biases, bits, group_size)
     return qw, C
 
 
-def _objective(w: mx.array, C: mx.array, H: mx.array) -> float:
-    """trace((w - C) H (w - C)^T) on the undamped H, dead inputs excluded (their columns of C are 0 by design)."""
+def layer_objective_hessian(H: mx.array) -> np.ndarray:
+    """H [in, in] -> the undamped float64 H of the layer objective, dead inputs (H_ii == 0) cut out: their columns
+    are committed as 0 by design, so the original weight's values there are no error to fit."""
     Hn = np.array(H, dtype=np.float64)
     dead = np.diag(Hn) == 0
     Hn[dead, :] = 0.0
     Hn[:, dead] = 0.0
+    return Hn
+
+
+def _objective(w: mx.array, C: mx.array, H_obj: np.ndarray) -> float:
+    """trace((w - C) H (w - C)^T) with H_obj = ``layer_objective_hessian(H)``."""
     d = np.asarray(w.astype(mx.float32), np.float64) - np.asarray(C, np.float64)
-    return float(((d @ Hn) * d).sum())
+    return float(((d @ H_obj) * d).sum())
 
 
 def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order: bool = True,
