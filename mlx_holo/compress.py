@@ -155,7 +155,7 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
     recipe.validate()
     t0 = time.perf_counter()
     base, tok, config, info = models.open_model(model, lazy=True)
-    needs_calib = recipe.method not in ("rtn", "magnitude") or recipe.allocation != "uniform"
+    needs_calib = recipe.method not in ("rtn", "magnitude") or recipe.allocation != "uniform" or recipe.tune_steps > 0
     calib = corpus_c = None
     if needs_calib:
         corpus_c = data.load_corpus(calib_corpus)
@@ -182,7 +182,7 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
                                         if recipe.group_size != -1 else 128, mode=recipe.mode)
         nbytes["original"] = 2 * info.n_params
         layers = res.layer_dicts()
-        extra = dict(details)
+        extra = dict(details, **res.extra)
         if recipe.method in PRUNE_METHODS:
             extra["sparsity"] = sparsity_report(tmp, layers, recipe.nm)
         t1 = time.perf_counter()
@@ -258,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "model's outputs)")
     ap.add_argument("--qep-damp", type=float, default=1.0,
                     help="damping of QEP's correction (fraction of mean diag H; it fits few calibration tokens)")
+    ap.add_argument("--tune-steps", type=int, default=0,
+                    help="block-wise Adam steps on each block's scales/biases, codes frozen (0 = off)")
+    ap.add_argument("--tune-lr", type=float, default=1e-3, help="its learning rate, relative to each tensor's RMS")
+    ap.add_argument("--tune-target", default="local", choices=["local", "stream"],
+                    help="tuning target: the float block on the compressed inputs, or the float model's stream")
     ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
     ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
     ap.add_argument("--candidate-bits", default=(), type=_int_tuple,
@@ -300,6 +305,7 @@ def recipe_from_args(args):
                   true_sequential=args.true_sequential,
                   gptq_head=args.gptq_head, embed_first=args.embed_first,
                   head_damp=args.head_damp, damp=args.damp, qep_alpha=args.qep_alpha, qep_damp=args.qep_damp,
+                  tune_steps=args.tune_steps, tune_lr=args.tune_lr, tune_target=args.tune_target,
                   bits_per_weight=args.bits_per_weight,
                   target_mb=args.target_mb,
                   candidate_bits=args.candidate_bits, candidate_groups=args.candidate_groups,

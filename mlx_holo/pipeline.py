@@ -221,7 +221,8 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     quant_method = {"mixed": "gptq", "sparsegpt": "gptq", "magnitude": "rtn", "wanda": "rtn"}.get(recipe.method,
                                                                                                  recipe.method)
     pruning = recipe.method in PRUNE_METHODS
-    needs_data = recipe.method not in ("rtn", "magnitude") or (recipe.clip_search and calib is not None)
+    needs_data = (recipe.method not in ("rtn", "magnitude") or recipe.tune_steps > 0
+                  or (recipe.clip_search and calib is not None))
     x = mask = x_fp = None
     qep = recipe.qep_alpha > 0 and quant_method == "gptq" and not pruning
     if needs_data:
@@ -254,6 +255,10 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             _, X = capture_linear_inputs(block, x, mask)  # inputs after the scale fold
         if x_fp is not None:  # the block is still float here (a scale fold leaves its function unchanged)
             x_fp, X_fp = capture_linear_inputs(block, x_fp, mask)
+        target = None
+        if recipe.tune_steps and x is not None:  # what the tuned block should reproduce (recipe.tune_target)
+            target = x_fp if recipe.tune_target == "stream" else block(x, mask)
+            mx.eval(target)
         mods = dict(linear_modules(block))
         staged = [p for st in stages for p in st]
         recapture = {st[0] for st in stages[1:]} if recipe.true_sequential else set()  # first linear of a later stage
@@ -293,6 +298,9 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             res.layers.append(LayerRecord(full, bits, g if bits is not None else None, sparsity, err,
                                           time.perf_counter() - ts))
         X = X_fp = {}
+        if target is not None:
+            _tune_block(block, i, prefix, x, mask, target, recipe, res, on_progress)
+            target = None
         if x is not None:
             x = block(x, mask)
             mx.eval(x)
@@ -314,6 +322,22 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _tune_block(block, i, prefix, x, mask, target, recipe, res, on_progress) -> None:
+    """Block-wise tuning of block i's quantized scales/biases (quant/blockwise.py); updates res in place."""
+    from .quant.blockwise import tune_block
+
+    qws = {p: res.quantized[f"{prefix}.{i}.{p}"] for p, _ in linear_modules(block)
+           if isinstance(res.quantized.get(f"{prefix}.{i}.{p}"), QuantizedWeight)}
+    if not qws:
+        return
+    new, tr = tune_block(block, qws, x, mask, target, steps=recipe.tune_steps, lr=recipe.tune_lr,
+                         seed=recipe.seed + i, on_progress=on_progress)
+    for p, qw in new.items():
+        res.quantized[f"{prefix}.{i}.{p}"] = qw.compact()
+    res.extra.setdefault("block_tune", []).append(
+        {"block": i, "loss_before": tr.loss_before, "loss_after": tr.loss_after, "kept": tr.kept})
 
 
 def forward_head_inputs(model: nn.Module, calib: mx.array, *, release: bool = True) -> mx.array | None:

@@ -1,0 +1,105 @@
+"""Block-wise tuning of quantization parameters (codes frozen), on a tiny seeded llama model."""
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_holo import data, models, pipeline
+from mlx_holo.compress import compress
+from mlx_holo.quant.blockwise import tune_block
+from mlx_holo.quant.rtn import quantize_rtn
+from mlx_holo.recipe import Recipe, RecipeError
+
+
+def _block_and_inputs(folder, text_file, n=512, seq=64):
+    model, tok = models.open_model(str(folder))[:2]
+    calib = data.calibration_windows(tok, data.load_corpus(str(text_file)), n, seq, seed=0)
+    x, mask = pipeline.block_inputs(model, calib)
+    block = models.blocks(model)[0]
+    y = block(x, mask)  # the float block's output: what the quantized block should reproduce
+    mx.eval(x, y)
+    return block, x, mask, y
+
+
+def _quantize_block(block, bits=2):
+    """RTN every linear of the block; set the dequantized weights -> {path: QuantizedWeight}."""
+    qws = {}
+    for path, lin in pipeline.linear_modules(block):
+        qw = quantize_rtn(lin.weight.astype(mx.float32), bits, 32)
+        lin.weight = qw.dequantize()
+        qws[path] = qw.compact()
+    return qws
+
+
+def _mse(block, x, mask, y):
+    d = block(x, mask) - y
+    return float(((d * d).sum(-1) / (y * y).sum(-1)).mean().item())
+
+
+def test_tuning_lowers_the_block_error_with_codes_frozen(tiny_model_dir, text_file):
+    block, x, mask, y = _block_and_inputs(tiny_model_dir, text_file)
+    qws = _quantize_block(block)
+    before = _mse(block, x, mask, y)
+    codes = {p: np.array(q.unpacked()) for p, q in qws.items()}
+    new, res = tune_block(block, qws, x, mask, y, steps=60, lr=1e-2, batch=2, holdout=0)
+    assert res.kept and res.loss_before == pytest.approx(before, rel=1e-4)
+    assert res.loss_after < 0.8 * res.loss_before  # measured 0.37x on this block
+    assert _mse(block, x, mask, y) == pytest.approx(res.loss_after, rel=1e-4)  # the block now holds the tuned weights
+    for p, q in new.items():
+        assert np.array_equal(np.array(q.unpacked()), codes[p])  # codes frozen
+        assert not np.array_equal(np.array(q.scales), np.array(qws[p].scales))  # parameters moved
+        assert mx.array_equal(q.scales.astype(mx.float16).astype(q.scales.dtype), q.scales).item()  # fp16 as stored
+        lin = pipeline._get(block, p)
+        assert type(lin) is nn.Linear and mx.allclose(lin.weight, q.dequantize(), atol=0).item()
+    assert len(block.trainable_parameters()["self_attn"]) > 0  # the block is left unfrozen, as it was
+
+
+def test_tuning_that_does_not_help_is_dropped(tiny_model_dir, text_file):
+    block, x, mask, y = _block_and_inputs(tiny_model_dir, text_file)
+    qws = _quantize_block(block)
+    weights = {p: mx.array(lin.weight) for p, lin in pipeline.linear_modules(block)}
+    new, res = tune_block(block, qws, x, mask, y, steps=5, lr=50.0)  # a diverging learning rate
+    assert not res.kept and res.loss_after == res.loss_before
+    assert all(new[p] is qws[p] for p in qws)
+    for p, lin in pipeline.linear_modules(block):
+        assert mx.array_equal(lin.weight, weights[p]).item()
+
+
+def test_compress_with_tuning_saves_tuned_parameters(tiny_model_dir, text_file, tmp_path):
+    from mlx_lm import load
+
+    kw = dict(eval_tokens=256, eval_seq_len=128, calib_corpus=str(text_file), eval_corpus=str(text_file))
+    r = dict(method="gptq", bits=2, calib_tokens=512, calib_seq_len=128)
+    plain = compress(str(tiny_model_dir), Recipe(**r), str(tmp_path / "plain"), **kw)
+    ev = compress(str(tiny_model_dir), Recipe(**r, tune_steps=40, tune_lr=1e-3), str(tmp_path / "tuned"), **kw)
+    recs = ev["block_tune"]
+    assert [t["block"] for t in recs] == [0, 1]
+    assert all(t["loss_after"] <= t["loss_before"] for t in recs) and any(t["kept"] for t in recs)
+    assert "block_tune" not in plain
+    a, _ = load(str(tmp_path / "plain"))
+    b, _ = load(str(tmp_path / "tuned"))
+    i = next(t["block"] for t in recs if t["kept"])
+    qa, qb = a.model.layers[i].mlp.down_proj, b.model.layers[i].mlp.down_proj
+    assert mx.array_equal(qa.weight, qb.weight).item()  # same codes (GPTQ is deterministic) ...
+    assert not mx.array_equal(qa.scales, qb.scales).item()  # ... tuned scales
+
+
+def test_tuning_recipe_errors():
+    with pytest.raises(RecipeError, match="tune_steps"):
+        Recipe(method="gptq", tune_steps=-1).validate()
+    with pytest.raises(RecipeError, match="affine"):
+        Recipe(method="rtn", mode="mxfp4", tune_steps=10).validate()
+
+
+def test_held_out_windows_are_not_trained_on(tiny_model_dir, text_file):
+    block, x, mask, y = _block_and_inputs(tiny_model_dir, text_file)
+    assert x.shape[0] == 8
+    qws = _quantize_block(block)
+    weights = {p: mx.array(lin.weight) for p, lin in pipeline.linear_modules(block)}
+    _, clean = tune_block(block, qws, x, mask, y, steps=10, lr=1e-2, holdout=0.25)
+    for p, lin in pipeline.linear_modules(block):
+        lin.weight = weights[p]
+    noisy_y = mx.concatenate([y[:6], 100.0 * mx.random.normal(y[6:].shape)])  # corrupt the 2 held-out windows
+    _, noisy = tune_block(block, qws, x, mask, noisy_y, steps=10, lr=1e-2, holdout=0.25)
+    assert noisy.losses == clean.losses  # the same training steps ...
+    assert noisy.loss_before != pytest.approx(clean.loss_before, rel=1e-3)  # ... judged on the held-out windows
