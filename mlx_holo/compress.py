@@ -261,8 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tune-steps", type=int, default=0,
                     help="block-wise Adam steps on each block's scales/biases, codes frozen (0 = off)")
     ap.add_argument("--tune-lr", type=float, default=1e-3, help="its learning rate, relative to each tensor's RMS")
-    ap.add_argument("--tune-target", default="local", choices=["local", "stream"],
-                    help="tuning target: the float block on the compressed inputs, or the float model's stream")
     ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
     ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
     ap.add_argument("--candidate-bits", default=(), type=_int_tuple,
@@ -305,7 +303,7 @@ def recipe_from_args(args):
                   true_sequential=args.true_sequential,
                   gptq_head=args.gptq_head, embed_first=args.embed_first,
                   head_damp=args.head_damp, damp=args.damp, qep_alpha=args.qep_alpha, qep_damp=args.qep_damp,
-                  tune_steps=args.tune_steps, tune_lr=args.tune_lr, tune_target=args.tune_target,
+                  tune_steps=args.tune_steps, tune_lr=args.tune_lr,
                   bits_per_weight=args.bits_per_weight,
                   target_mb=args.target_mb,
                   candidate_bits=args.candidate_bits, candidate_groups=args.candidate_groups,

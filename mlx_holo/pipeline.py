@@ -256,8 +256,8 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         if x_fp is not None:  # the block is still float here (a scale fold leaves its function unchanged)
             x_fp, X_fp = capture_linear_inputs(block, x_fp, mask)
         target = None
-        if recipe.tune_steps and x is not None:  # what the tuned block should reproduce (recipe.tune_target)
-            target = x_fp if recipe.tune_target == "stream" else block(x, mask)
+        if recipe.tune_steps and x is not None:  # what the tuned block should reproduce: the float block on x
+            target = block(x, mask)
             mx.eval(target)
         mods = dict(linear_modules(block))
         staged = [p for st in stages for p in st]

@@ -45,9 +45,8 @@ class Recipe:
     qep_alpha: float = 0.5           # QEP (gptq, mixed): GPTQ aims at the weight mapping compressed inputs to float
     qep_damp: float = 1.0            # outputs, shrunk by alpha (0 = off); damping of the correction's H^-1
     tune_steps: int = 0              # block-wise Adam on the quantized linears' scales/biases, codes frozen
+                                     # (measured: GPTQ 3-bit linears 22.07 -> 22.83, KL 0.371 -> 0.381; off)
     tune_lr: float = 1e-3            # (quant/blockwise.py; 0 = off); relative learning rate: lr * RMS(tensor)
-    tune_target: str = "local"       # local: the float block on the compressed inputs | stream: the float model's
-                                     # output of the block (needs QEP's float stream, qep_alpha > 0)
     # mixed precision
     bits_per_weight: float | None = None
     target_mb: float | None = None
@@ -127,11 +126,6 @@ class Recipe:
             raise RecipeError(f"tune_steps must be >= 0 and tune_lr > 0, got {self.tune_steps}, {self.tune_lr}")
         if self.tune_steps and (self.mode != "affine" or self.bits is None or self.method in ("none",)):
             raise RecipeError("tune_steps tunes affine quantization parameters: it needs --bits and mode affine")
-        if self.tune_target not in ("local", "stream"):
-            raise RecipeError(f"tune_target must be local or stream, got {self.tune_target!r}")
-        if self.tune_steps and self.tune_target == "stream" and (self.qep_alpha == 0 or self.method not in
-                                                                 ("gptq", "mixed")):
-            raise RecipeError("tune_target stream needs the float stream: gptq/mixed with qep_alpha > 0")
         if self.qep_damp <= 0:
             raise RecipeError(f"qep_damp must be > 0, got {self.qep_damp}")
         if self.calib_tokens < 0 or self.calib_seq_len <= 0:

@@ -103,3 +103,23 @@ def test_held_out_windows_are_not_trained_on(tiny_model_dir, text_file):
     _, noisy = tune_block(block, qws, x, mask, noisy_y, steps=10, lr=1e-2, holdout=0.25)
     assert noisy.losses == clean.losses  # the same training steps ...
     assert noisy.loss_before != pytest.approx(clean.loss_before, rel=1e-3)  # ... judged on the held-out windows
+
+
+def test_end_to_end_kl_tuning_lowers_held_out_kl(tiny_model_dir, text_file, tmp_path):
+    from mlx_holo.quant.e2e_qp import swap_code_linears, to_float, tune_kl
+
+    kw = dict(eval_tokens=0, calib_corpus=str(text_file), eval_corpus=str(text_file))
+    compress(str(tiny_model_dir), Recipe(method="rtn", bits=2), str(tmp_path / "q"), **kw)
+    m, tok = models.open_model(str(tmp_path / "q"), dequantize=False)[:2]
+    code = swap_code_linears(m)
+    assert len(code) == 14  # 2 blocks x 7 linears (the tied table stays as it is)
+    models.dequantize_model(m)
+    base = models.open_model(str(tiny_model_dir))[0]
+    calib = data.calibration_windows(tok, data.load_corpus(str(text_file)), 1024, 128, seed=0)
+    codes = {p: np.array(cl._codes) for p, cl in code.items()}
+    res = tune_kl(m, base, code, calib, steps=30, lr=1e-2)
+    assert res.kept and res.kl_after < 0.9 * res.kl_before
+    tuned = to_float(m, code)
+    for p, qw in tuned.items():
+        assert np.array_equal(np.array(qw.unpacked()).reshape(codes[p].shape), codes[p].astype(np.uint8))
+        assert mx.array_equal(pipeline._get(m, p).weight, qw.dequantize()).item()

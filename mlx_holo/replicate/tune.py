@@ -70,6 +70,21 @@ class PerTensorAdam:
         return [o.state for o in self.opts.values()]
 
 
+def adam_steps(module: nn.Module, loss_grad, opt: PerTensorAdam, sample, steps: int, on_progress=None,
+               stage: str = "tune") -> list[float]:
+    """``steps`` Adam updates of module's trainable parameters; sample(step) -> the arguments of
+    loss_grad(module, *args). -> the loss per step."""
+    losses = []
+    for step in range(steps):
+        loss, grads = loss_grad(module, *sample(step))
+        opt.update(module, grads)
+        mx.eval(module.trainable_parameters(), opt.state(), loss)
+        losses.append(float(loss.item()))
+        if on_progress:
+            on_progress(stage, step + 1, steps)
+    return losses
+
+
 def _mse(module, x, y):
     d = module(x).astype(mx.float32) - y
     return (d * d).mean()
@@ -99,15 +114,12 @@ def tune_block(module: nn.Module, x: mx.array, target: mx.array, *, steps: int =
     opt = PerTensorAdam(module, lr, steps)
     loss_grad = nn.value_and_grad(module, _mse)
     rng = np.random.default_rng(seed)
-    losses = []
-    for step in range(steps):
+
+    def sample(_):
         idx = mx.array(rng.integers(0, x.shape[0], size=min(batch, x.shape[0])).astype(np.int32))
-        loss, grads = loss_grad(module, x[idx], target[idx])
-        opt.update(module, grads)
-        mx.eval(module.trainable_parameters(), opt.state(), loss)
-        losses.append(float(loss.item()))
-        if on_progress:
-            on_progress("tune", step + 1, steps)
+        return x[idx], target[idx]
+
+    losses = adam_steps(module, loss_grad, opt, sample, steps, on_progress)
     round_params(module, storage_dtype)
     mse1, rel1 = _full_mse(module, x, target)
     assert_codes_frozen(frozen, module)
@@ -153,15 +165,12 @@ def tune_kl(model: nn.Module, base_logits: list[mx.array], windows: mx.array, *,
 
     loss_grad = nn.value_and_grad(model, loss_fn)
     rng = np.random.default_rng(seed)
-    losses = []
-    for step in range(steps):
+
+    def sample(_):
         i = int(rng.integers(0, windows.shape[0]))
-        loss, grads = loss_grad(model, windows[i:i + 1], base_logits[i])
-        opt.update(model, grads)
-        mx.eval(model.trainable_parameters(), opt.state(), loss)
-        losses.append(float(loss.item()))
-        if on_progress:
-            on_progress("tune-kl", step + 1, steps)
+        return windows[i:i + 1], base_logits[i]
+
+    losses = adam_steps(model, loss_grad, opt, sample, steps, on_progress, "tune-kl")
     for p, m in ens:
         round_params(m, storage_dtype)
         assert_codes_frozen(frozen[p], m)

@@ -1,0 +1,112 @@
+"""End-to-end tuning of quantization parameters (codes frozen) on the KL to the float model.
+
+EfficientQAT's second stage, "E2E-QP" (Chen et al. 2024, arXiv:2407.11062): with every linear's integer codes fixed,
+only the per-group scales and biases train, end to end, here on KL(p_base || p_model) over calibration windows
+(the objective the evaluation reports) instead of EfficientQAT's next-token loss. Where block-wise reconstruction
+(quant/blockwise.py) matches each block's output, this tunes all blocks jointly against the model's output
+distribution. The whole compressed model is held (dequantized, fp32 on CPU) while tuning: this step is not bounded
+by one block, unlike the pipeline.
+
+``swap_code_linears`` turns a loaded quantized model's ``QuantizedLinear`` layers into trainable code linears;
+``tune_kl`` tunes them; ``to_float`` puts plain dequantized linears back (for scoring) and returns the tuned
+QuantizedWeights (for saving).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .blockwise import _CodeLinear, _set
+from .formats import QuantizedWeight
+
+
+@dataclass
+class KLTuneResult:
+    kl_before: float            # mean KL on the held-out calibration windows, parameters as given
+    kl_after: float             # ... after tuning (fp16-rounded); == kl_before when not kept
+    kept: bool
+    losses: list = field(default_factory=list)
+
+
+def swap_code_linears(model: nn.Module) -> dict[str, _CodeLinear]:
+    """Replace every affine ``nn.QuantizedLinear`` of model by a ``_CodeLinear`` (codes frozen) -> path -> module."""
+    out = {}
+    for path, m in list(model.named_modules()):
+        if isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine":
+            qw = QuantizedWeight(None, m.scales, m.biases, m.bits, m.group_size, wq=m.weight)
+            cl = _CodeLinear(qw, m.get("bias"))
+            cl._qw = qw
+            _set(model, path, cl)
+            out[path] = cl
+    return out
+
+
+def to_float(model: nn.Module, code_linears: dict[str, _CodeLinear]) -> dict[str, QuantizedWeight]:
+    """Put nn.Linear layers holding the dequantized (tuned) weights back -> path -> tuned QuantizedWeight."""
+    out = {}
+    for path, cl in code_linears.items():
+        qw = cl._qw
+        out[path] = QuantizedWeight(None, cl.scales.astype(qw.scales.dtype), cl.biases.astype(qw.biases.dtype),
+                                    qw.bits, qw.group_size, wq=qw.wq)
+        w = cl.weight()
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=cl._bias is not None)
+        lin.weight = w
+        if cl._bias is not None:
+            lin.bias = cl._bias
+        _set(model, path, lin)
+    return out
+
+
+def _kl(logits: mx.array, base_logits: mx.array) -> mx.array:
+    """Mean over positions of KL(p_base || p_model); logits [..., V]."""
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    lq = base_logits - mx.logsumexp(base_logits, axis=-1, keepdims=True)
+    return (mx.exp(lq) * (lq - lp)).sum(axis=-1).mean()
+
+
+def _mean_kl(model, base, windows) -> float:
+    return float(np.mean([_kl(model(windows[i:i + 1]).astype(mx.float32),
+                              base(windows[i:i + 1]).astype(mx.float32)).item() for i in range(windows.shape[0])]))
+
+
+def tune_kl(model: nn.Module, base: nn.Module, code_linears: dict[str, _CodeLinear], windows: mx.array, *,
+            steps: int = 100, lr: float = 1e-3, holdout: float = 0.25, seed: int = 0, on_progress=None
+            ) -> KLTuneResult:
+    """Adam on the scales/biases of ``code_linears`` (everything else frozen) to lower KL(base || model).
+
+    windows: [N, S] calibration tokens, one window per step; the last ``holdout`` fraction (at least one when N >= 2)
+    is not trained on and decides whether the tuning is kept (else the parameters are restored)."""
+    from ..replicate.tune import PerTensorAdam, adam_steps
+
+    n = windows.shape[0]
+    n_val = min(max(1, round(holdout * n)), n - 1) if holdout > 0 and n > 1 else 0
+    train, val = windows[:n - n_val], (windows[n - n_val:] if n_val else windows)
+    saved = {p: (cl.scales, cl.biases) for p, cl in code_linears.items()}
+    kl0 = _mean_kl(model, base, val)
+    model.freeze()
+    for cl in code_linears.values():
+        cl.unfreeze(keys=["scales", "biases"], recurse=False)
+    opt = PerTensorAdam(model, lr, steps)
+    loss_grad = nn.value_and_grad(model, lambda m, toks, blog: _kl(m(toks).astype(mx.float32), blog))
+    rng = np.random.default_rng(seed)
+
+    def sample(_):
+        i = int(rng.integers(0, train.shape[0]))
+        blog = base(train[i:i + 1]).astype(mx.float32)
+        mx.eval(blog)
+        return train[i:i + 1], blog
+
+    losses = adam_steps(model, loss_grad, opt, sample, steps, on_progress, "tune-kl")
+    model.unfreeze()
+    for cl in code_linears.values():  # as stored: fp16
+        cl.scales = cl.scales.astype(mx.float16).astype(mx.float32)
+        cl.biases = cl.biases.astype(mx.float16).astype(mx.float32)
+    kl1 = _mean_kl(model, base, val)
+    kept = kl1 < kl0
+    if not kept:
+        for p, cl in code_linears.items():
+            cl.scales, cl.biases = saved[p]
+    return KLTuneResult(kl0, kl1 if kept else kl0, kept, losses)
