@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     res = tune_kl(m, base, code, calib, steps=args.steps, lr=args.lr, seed=args.seed, on_progress=progress_printer())
     tuned_s = time.perf_counter() - t
+    k = max(1, len(res.losses) // 10)
+    print(f"training KL, first/last {k} steps: {sum(res.losses[:k]) / k:.4f} -> {sum(res.losses[-k:]) / k:.4f}")
     print(f"held-out calibration KL {res.kl_before:.4f} -> {res.kl_after:.4f} (kept: {res.kept}), {tuned_s:.0f} s")
     to_float(m, code)
     r = evaluate.compare(m, base, wins, det_windows=0)

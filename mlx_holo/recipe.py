@@ -45,8 +45,9 @@ class Recipe:
     qep_alpha: float = 0.5           # QEP (gptq, mixed): GPTQ aims at the weight mapping compressed inputs to float
     qep_damp: float = 1.0            # outputs, shrunk by alpha (0 = off); damping of the correction's H^-1
     tune_steps: int = 0              # block-wise Adam on the quantized linears' scales/biases, codes frozen
-                                     # (measured: GPTQ 3-bit linears 22.07 -> 22.83, KL 0.371 -> 0.381; off)
-    tune_lr: float = 1e-3            # (quant/blockwise.py; 0 = off); relative learning rate: lr * RMS(tensor)
+                                     # (quant/blockwise.py; 0 = off; measured: GPTQ 3-bit linears 22.07 -> 22.83,
+                                     # KL 0.371 -> 0.381)
+    tune_lr: float = 1e-3            # its learning rate, relative: lr * RMS(tensor)
     # mixed precision
     bits_per_weight: float | None = None
     target_mb: float | None = None
@@ -126,6 +127,8 @@ class Recipe:
             raise RecipeError(f"tune_steps must be >= 0 and tune_lr > 0, got {self.tune_steps}, {self.tune_lr}")
         if self.tune_steps and (self.mode != "affine" or self.bits is None or self.method in ("none",)):
             raise RecipeError("tune_steps tunes affine quantization parameters: it needs --bits and mode affine")
+        if self.tune_steps and self.method in PRUNE_METHODS:
+            raise RecipeError("tune_steps would move the stored zeros of a pruned weight; not with pruning")
         if self.qep_damp <= 0:
             raise RecipeError(f"qep_damp must be > 0, got {self.qep_damp}")
         if self.calib_tokens < 0 or self.calib_seq_len <= 0:

@@ -89,6 +89,8 @@ def test_tuning_recipe_errors():
         Recipe(method="gptq", tune_steps=-1).validate()
     with pytest.raises(RecipeError, match="affine"):
         Recipe(method="rtn", mode="mxfp4", tune_steps=10).validate()
+    with pytest.raises(RecipeError, match="pruned"):
+        Recipe(method="wanda", sparsity=0.5, tune_steps=10).validate()
 
 
 def test_held_out_windows_are_not_trained_on(tiny_model_dir, text_file):

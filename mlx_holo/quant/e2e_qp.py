@@ -7,6 +7,13 @@ only the per-group scales and biases train, end to end, here on KL(p_base || p_m
 distribution. The whole compressed model is held (dequantized, fp32 on CPU) while tuning: this step is not bounded
 by one block, unlike the pipeline.
 
+Measured: it loses here, as a tuning step after GPTQ (``python benchmarks/e2e_tune.py --model
+runs/e-gptq3-qep05-d1 --steps 60 --lr 3e-4``: SmolLM2-135M, GPTQ 3-bit linears, 8192 c4 calibration tokens in 16
+windows, one window a step): the training KL rose from 0.196 (first 6 steps) to 0.418 (last 6) and the held-out KL
+from 0.184 to 0.355, so the tuning was dropped (wiki PPL stays 22.07); with ``--steps 100 --lr 1e-3`` it was dropped
+too. Per-coordinate Adam steps on one noisy 512-token window move every group at once; a working setting would need
+far more tokens per step or a much smaller rate than 2 cores allow to search.
+
 ``swap_code_linears`` turns a loaded quantized model's ``QuantizedLinear`` layers into trainable code linears;
 ``tune_kl`` tunes them; ``to_float`` puts plain dequantized linears back (for scoring) and returns the tuned
 QuantizedWeights (for saving).
@@ -26,8 +33,8 @@ from .formats import QuantizedWeight
 @dataclass
 class KLTuneResult:
     kl_before: float            # mean KL on the held-out calibration windows, parameters as given
-    kl_after: float             # ... after tuning (fp16-rounded); == kl_before when not kept
-    kept: bool
+    kl_after: float             # ... after tuning (fp16-rounded), kept or not
+    kept: bool                  # kl_after < kl_before: the tuned parameters stay, else the given ones are restored
     losses: list = field(default_factory=list)
 
 
@@ -109,4 +116,4 @@ def tune_kl(model: nn.Module, base: nn.Module, code_linears: dict[str, _CodeLine
     if not kept:
         for p, cl in code_linears.items():
             cl.scales, cl.biases = saved[p]
-    return KLTuneResult(kl0, kl1 if kept else kl0, kept, losses)
+    return KLTuneResult(kl0, kl1, kept, losses)
