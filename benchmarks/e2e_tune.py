@@ -1,6 +1,6 @@
 """Does end-to-end KL tuning of the scales/biases (codes frozen, quant/e2e_qp.py) help a compressed model?
 
-Run: python benchmarks/e2e_tune.py --model runs/e-gptq3-qep05-d1 --steps 100 --lr 1e-3
+Run: python benchmarks/e2e_tune.py --model runs/e-gptq3-qep05-d1 --steps 20 --lr 3e-5 --out runs/e-gptq3-e2e
 
 ``--model``: a compressed folder (any affine bits). Calibration: ``--calib-tokens`` c4 tokens in windows of
 ``--seq-len`` (a quarter held out to decide whether the tuning is kept); scoring: ``--eval-tokens`` wiki tokens
@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="save the tuned model here (when the tuning was kept); score it with "
+                                               "python -m mlx_holo.eval --model OUT --base default")
+    ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
 
     m, tok, _, _ = models.open_model(args.model, dequantize=False)
@@ -52,7 +55,11 @@ def main(argv=None) -> int:
     k = max(1, len(res.losses) // 10)
     print(f"training KL, first/last {k} steps: {sum(res.losses[:k]) / k:.4f} -> {sum(res.losses[-k:]) / k:.4f}")
     print(f"held-out calibration KL {res.kl_before:.4f} -> {res.kl_after:.4f} (kept: {res.kept}), {tuned_s:.0f} s")
-    to_float(m, code)
+    tuned = to_float(m, code)
+    if args.out and res.kept:
+        models.save_replaced(args.model, args.out, {f"{p}.{k}": getattr(q, k) for p, q in tuned.items()
+                                                    for k in ("scales", "biases")}, overwrite=args.overwrite)
+        print(f"saved {args.out}")
     r = evaluate.compare(m, base, wins, det_windows=0)
     print(f"tuned   ppl {r.ppl:8.3f}  kl {r.kl:.4f}  top1 {r.top1:.4f}  (base {r.base_ppl:.3f})", flush=True)
     return 0

@@ -420,6 +420,24 @@ def save_compressed(floats: dict[str, mx.array], quantized: dict, config: dict, 
     return nbytes
 
 
+def save_replaced(src: str | Path, out: str | Path, tensors: dict[str, mx.array], *, overwrite: bool = False) -> Path:
+    """Copy the model folder ``src`` to ``out`` (atomically) with some of its tensors replaced, each cast to the
+    dtype it had (e.g. tuned scales/biases of a compressed model). Its evidence.json, if any, is not copied: it
+    describes ``src``."""
+    src = Path(src)
+    weights = load_weights(src)
+    unknown = sorted(set(tensors) - set(weights))
+    if unknown:
+        raise ModelError(f"{src} has no tensors {unknown[:3]}{' ...' if len(unknown) > 3 else ''}")
+    weights.update({k: v.astype(weights[k].dtype) for k, v in tensors.items()})
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        for f in src.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name != "evidence.json":
+                shutil.copy2(f, tmp / f.name)
+    return Path(out)
+
+
 def _cast_floats(items, float_dtype) -> dict[str, mx.array]:
     """(path, tensor) pairs -> {path: tensor}, floating tensors cast to ``float_dtype`` (others as they are)."""
     return {k: v.astype(float_dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in items}

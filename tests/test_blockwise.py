@@ -125,3 +125,12 @@ def test_end_to_end_kl_tuning_lowers_held_out_kl(tiny_model_dir, text_file, tmp_
     for p, qw in tuned.items():
         assert np.array_equal(np.array(qw.unpacked()).reshape(codes[p].shape), codes[p].astype(np.uint8))
         assert mx.array_equal(pipeline._get(m, p).weight, qw.dequantize()).item()
+    from mlx_lm import load
+    models.save_replaced(tmp_path / "q", tmp_path / "t", {f"{p}.{k}": getattr(q, k) for p, q in tuned.items()
+                                                          for k in ("scales", "biases")})
+    loaded, _ = load(str(tmp_path / "t"))
+    p, qw = next(iter(tuned.items()))
+    lin = pipeline._get(loaded, p)
+    assert mx.array_equal(lin.scales, qw.scales.astype(lin.scales.dtype)).item()
+    assert mx.array_equal(lin.weight, qw.wq).item()
+    assert not (tmp_path / "t" / "evidence.json").exists()

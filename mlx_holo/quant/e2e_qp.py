@@ -7,12 +7,15 @@ only the per-group scales and biases train, end to end, here on KL(p_base || p_m
 distribution. The whole compressed model is held (dequantized, fp32 on CPU) while tuning: this step is not bounded
 by one block, unlike the pipeline.
 
-Measured: it loses here, as a tuning step after GPTQ (``python benchmarks/e2e_tune.py --model
-runs/e-gptq3-qep05-d1 --steps 60 --lr 3e-4``: SmolLM2-135M, GPTQ 3-bit linears, 8192 c4 calibration tokens in 16
-windows, one window a step): the training KL rose from 0.196 (first 6 steps) to 0.418 (last 6) and the held-out KL
-from 0.184 to 0.355, so the tuning was dropped (wiki PPL stays 22.07); with ``--steps 100 --lr 1e-3`` it was dropped
-too. Per-coordinate Adam steps on one noisy 512-token window move every group at once; a working setting would need
-far more tokens per step or a much smaller rate than 2 cores allow to search.
+Measured (``benchmarks/e2e_tune.py``, SmolLM2-135M, 8192 c4 calibration tokens in 16 windows, one window a step, 4
+held out; 2048 wiki tokens, base 16.57): the learning rate decides everything. GPTQ 3-bit linears
+(``runs/e-gptq3-qep05-d1``, 22.07, KL 0.371): lr 3e-5, 20 steps -> **21.54, KL 0.359** (held-out KL 0.184 ->
+0.180; ``--out`` saves it, ``python -m mlx_holo.eval`` on the saved folder gives 21.55); lr 3e-4, 60 steps: the
+training KL rose 0.196 -> 0.418 and the held-out KL to 0.355, dropped; lr 1e-3, 100 steps: dropped. GPTQ 4-bit
+linears (17.50, KL 0.0685): lr 3e-5, 20 steps: held-out KL 0.0366 -> 0.0381, dropped; lr 1e-5: 17.46, KL 0.0679.
+GPTQ 3-bit defaults with the 3-bit tied table (``runs/gptq3``, 25.53, KL 0.530; the table stays as it is): lr 3e-5,
+20 steps -> 24.78, KL 0.511. Adam moves every group by about lr x RMS
+per step whatever its gradient, and one 512-token window is a noisy gradient: small rates, few steps.
 
 ``swap_code_linears`` turns a loaded quantized model's ``QuantizedLinear`` layers into trainable code linears;
 ``tune_kl`` tunes them; ``to_float`` puts plain dequantized linears back (for scoring) and returns the tuned
