@@ -246,19 +246,18 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     for i, block in enumerate(blocks):
         mx.eval(block.parameters())
         X, X_fp, stages = {}, {}, []
+        y_float = None  # the still-float block's output on x
         if x is not None:
-            _, X = capture_linear_inputs(block, x, mask, stages)
+            y_float, X = capture_linear_inputs(block, x, mask, stages)
         if recipe.method == "awq" or recipe.awq_scales:  # AWQ alone, or AWQ's scales then GPTQ (AWQ sec. 5)
             from .quant import awq_block
             awq_block.apply(block, X, recipe)
             X = {}
-            _, X = capture_linear_inputs(block, x, mask)  # inputs after the scale fold
+            y_float, X = capture_linear_inputs(block, x, mask)  # inputs after the scale fold
         if x_fp is not None:  # the block is still float here (a scale fold leaves its function unchanged)
             x_fp, X_fp = capture_linear_inputs(block, x_fp, mask)
-        target = None
-        if recipe.tune_steps and x is not None:  # what the tuned block should reproduce: the float block on x
-            target = block(x, mask)
-            mx.eval(target)
+        target = y_float if recipe.tune_steps else None  # what the block-wise tuning should reproduce
+        y_float = None
         mods = dict(linear_modules(block))
         staged = [p for st in stages for p in st]
         recapture = {st[0] for st in stages[1:]} if recipe.true_sequential else set()  # first linear of a later stage

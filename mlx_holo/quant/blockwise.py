@@ -36,6 +36,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx.utils import tree_unflatten
+
 from .formats import QuantizedWeight
 
 
@@ -53,10 +55,17 @@ class _CodeLinear(nn.Module):
     def __init__(self, qw: QuantizedWeight, bias: mx.array | None):
         super().__init__()
         out, n = qw.shape
+        self._qw = qw
         self._codes = qw.unpacked().astype(mx.float32).reshape(out, n // qw.group_size, qw.group_size)
         self.scales = qw.scales.astype(mx.float32)   # [out, G]
         self.biases = qw.biases.astype(mx.float32)   # [out, G]
         self._bias = bias
+
+    def tuned(self) -> QuantizedWeight:
+        """The given QuantizedWeight (same codes) with the current scales/biases, in its own dtypes."""
+        qw = self._qw
+        return QuantizedWeight(qw.codes, self.scales.astype(qw.scales.dtype), self.biases.astype(qw.biases.dtype),
+                               qw.bits, qw.group_size, qw.wq)
 
     def weight(self) -> mx.array:
         out, G, g = self._codes.shape
@@ -67,15 +76,15 @@ class _CodeLinear(nn.Module):
         return y if self._bias is None else y + self._bias
 
 
-def _set(block: nn.Module, path: str, module: nn.Module) -> None:
-    *parents, last = path.split(".")
-    m = block
-    for part in parents:
-        m = m[int(part)] if isinstance(m, list) else getattr(m, part)
-    if isinstance(m, list):
-        m[int(last)] = module
-    else:
-        setattr(m, last, module)
+def swap_modules(root: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put each module of ``modules`` (path relative to root -> module) in place of the one at its path."""
+    root.update_modules(tree_unflatten(list(modules.items())))
+
+
+def holdout_split(n: int, holdout: float) -> int:
+    """How many of n calibration windows (the last ones) to hold out: round(holdout * n), at least one and leaving
+    at least one to train on when n >= 2; 0 when holdout is 0 or n < 2 (then the training windows are judged)."""
+    return min(max(1, round(holdout * n)), n - 1) if holdout > 0 and n > 1 else 0
 
 
 def _loss(out: mx.array, y: mx.array) -> mx.array:
@@ -107,18 +116,14 @@ def tune_block(block: nn.Module, qws: dict[str, QuantizedWeight], x: mx.array, m
     -> (path -> QuantizedWeight with the tuned fp16 parameters, or the given ones if tuning did not help; result).
     """
     from ..pipeline import _get
-    from ..replicate.tune import PerTensorAdam, adam_steps
+    from ..replicate.tune import PerTensorAdam, adam_steps, round_params
 
     linears = {p: _get(block, p) for p in qws}
     y = y.astype(mx.float32)
     block.freeze()
-    swapped = {}
-    for p, qw in qws.items():
-        lin = linears[p]
-        cl = _CodeLinear(qw, getattr(lin, "bias", None) if "bias" in lin else None)
-        _set(block, p, cl)
-        swapped[p] = cl
-    n_val = min(max(1, round(holdout * x.shape[0])), x.shape[0] - 1) if holdout > 0 and x.shape[0] > 1 else 0
+    swapped = {p: _CodeLinear(qw, linears[p].get("bias")) for p, qw in qws.items()}
+    swap_modules(block, swapped)
+    n_val = holdout_split(x.shape[0], holdout)
     xt, yt = x[:x.shape[0] - n_val], y[:y.shape[0] - n_val]
     xv, yv = (x[-n_val:], y[-n_val:]) if n_val else (x, y)
     try:
@@ -139,21 +144,12 @@ def tune_block(block: nn.Module, qws: dict[str, QuantizedWeight], x: mx.array, m
 
         losses = adam_steps(block, loss_grad, opt, sample, steps, on_progress)
         for cl in swapped.values():  # as stored: fp16
-            cl.scales = cl.scales.astype(mx.float16).astype(mx.float32)
-            cl.biases = cl.biases.astype(mx.float16).astype(mx.float32)
+            round_params(cl)
         loss1 = _block_loss(block, xv, mask, yv)
         kept = loss1 < loss0
-        out = {}
-        for p, qw in qws.items():
-            cl = swapped[p]
-            if kept:
-                out[p] = QuantizedWeight(qw.codes, cl.scales.astype(qw.scales.dtype), cl.biases.astype(qw.biases.dtype),
-                                         qw.bits, qw.group_size, qw.wq)
-            else:
-                out[p] = qw
+        out = {p: swapped[p].tuned() if kept else qw for p, qw in qws.items()}
     finally:
-        for p, lin in linears.items():
-            _set(block, p, lin)
+        swap_modules(block, linears)
         block.unfreeze()
     for p, qw in out.items():
         linears[p].weight = qw.dequantize()

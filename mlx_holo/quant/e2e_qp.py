@@ -29,7 +29,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .blockwise import _CodeLinear, _set
+from ..replicate.tune import PerTensorAdam, adam_steps, kl_to_base, round_params
+from .blockwise import _CodeLinear, holdout_split, swap_modules
 from .formats import QuantizedWeight
 
 
@@ -43,43 +44,31 @@ class KLTuneResult:
 
 def swap_code_linears(model: nn.Module) -> dict[str, _CodeLinear]:
     """Replace every affine ``nn.QuantizedLinear`` of model by a ``_CodeLinear`` (codes frozen) -> path -> module."""
-    out = {}
-    for path, m in list(model.named_modules()):
-        if isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine":
-            qw = QuantizedWeight(None, m.scales, m.biases, m.bits, m.group_size, wq=m.weight)
-            cl = _CodeLinear(qw, m.get("bias"))
-            cl._qw = qw
-            _set(model, path, cl)
-            out[path] = cl
+    out = {path: _CodeLinear(QuantizedWeight(None, m.scales, m.biases, m.bits, m.group_size, wq=m.weight),
+                             m.get("bias"))
+           for path, m in model.named_modules()
+           if isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine"}
+    swap_modules(model, out)
     return out
 
 
 def to_float(model: nn.Module, code_linears: dict[str, _CodeLinear]) -> dict[str, QuantizedWeight]:
     """Put nn.Linear layers holding the dequantized (tuned) weights back -> path -> tuned QuantizedWeight."""
-    out = {}
+    linears = {}
     for path, cl in code_linears.items():
-        qw = cl._qw
-        out[path] = QuantizedWeight(None, cl.scales.astype(qw.scales.dtype), cl.biases.astype(qw.biases.dtype),
-                                    qw.bits, qw.group_size, wq=qw.wq)
         w = cl.weight()
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=cl._bias is not None)
+        lin = linears[path] = nn.Linear(w.shape[1], w.shape[0], bias=cl._bias is not None)
         lin.weight = w
         if cl._bias is not None:
             lin.bias = cl._bias
-        _set(model, path, lin)
-    return out
-
-
-def _kl(logits: mx.array, base_logits: mx.array) -> mx.array:
-    """Mean over positions of KL(p_base || p_model); logits [..., V]."""
-    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    lq = base_logits - mx.logsumexp(base_logits, axis=-1, keepdims=True)
-    return (mx.exp(lq) * (lq - lp)).sum(axis=-1).mean()
+    swap_modules(model, linears)
+    return {path: cl.tuned() for path, cl in code_linears.items()}
 
 
 def _mean_kl(model, base, windows) -> float:
-    return float(np.mean([_kl(model(windows[i:i + 1]).astype(mx.float32),
-                              base(windows[i:i + 1]).astype(mx.float32)).item() for i in range(windows.shape[0])]))
+    return float(np.mean([kl_to_base(model(windows[i:i + 1]).astype(mx.float32),
+                                     base(windows[i:i + 1]).astype(mx.float32)).item()
+                          for i in range(windows.shape[0])]))
 
 
 def tune_kl(model: nn.Module, base: nn.Module, code_linears: dict[str, _CodeLinear], windows: mx.array, *,
@@ -89,10 +78,8 @@ def tune_kl(model: nn.Module, base: nn.Module, code_linears: dict[str, _CodeLine
 
     windows: [N, S] calibration tokens, one window per step; the last ``holdout`` fraction (at least one when N >= 2)
     is not trained on and decides whether the tuning is kept (else the parameters are restored)."""
-    from ..replicate.tune import PerTensorAdam, adam_steps
-
     n = windows.shape[0]
-    n_val = min(max(1, round(holdout * n)), n - 1) if holdout > 0 and n > 1 else 0
+    n_val = holdout_split(n, holdout)
     train, val = windows[:n - n_val], (windows[n - n_val:] if n_val else windows)
     saved = {p: (cl.scales, cl.biases) for p, cl in code_linears.items()}
     kl0 = _mean_kl(model, base, val)
@@ -100,7 +87,7 @@ def tune_kl(model: nn.Module, base: nn.Module, code_linears: dict[str, _CodeLine
     for cl in code_linears.values():
         cl.unfreeze(keys=["scales", "biases"], recurse=False)
     opt = PerTensorAdam(model, lr, steps)
-    loss_grad = nn.value_and_grad(model, lambda m, toks, blog: _kl(m(toks).astype(mx.float32), blog))
+    loss_grad = nn.value_and_grad(model, lambda m, toks, blog: kl_to_base(m(toks).astype(mx.float32), blog))
     rng = np.random.default_rng(seed)
 
     def sample(_):
@@ -112,8 +99,7 @@ def tune_kl(model: nn.Module, base: nn.Module, code_linears: dict[str, _CodeLine
     losses = adam_steps(model, loss_grad, opt, sample, steps, on_progress, "tune-kl")
     model.unfreeze()
     for cl in code_linears.values():  # as stored: fp16
-        cl.scales = cl.scales.astype(mx.float16).astype(mx.float32)
-        cl.biases = cl.biases.astype(mx.float16).astype(mx.float32)
+        round_params(cl)
     kl1 = _mean_kl(model, base, val)
     kept = kl1 < kl0
     if not kept:
