@@ -70,15 +70,59 @@ def correctness(quick: bool) -> list[dict]:
         x = mx.random.normal((m, n_in)).astype(dt)
         S, B = replica_params(s, b, k)
         y = K.replica_matvec(x, wq, S, B, bits, gs, backend="cuda")
-        ref = K.replica_matvec_reference(x, wq, S, B, bits, gs)
+        with mx.stream(mx.cpu):  # exact fp32 products (the GPU's fp32 matmul may use TF32: ~3e-4 off)
+            ref = K.replica_matvec_reference(x, wq, S, B, bits, gs)
         row = dict(bits=bits, group=gs, m=m, k=k, dtype=str(dt).split(".")[-1], n_in=n_in, n_out=n_out,
                    rel_err_reference=rel(y, ref))
-        if k == 1:
-            row["rel_err_quantized_matmul"] = rel(y[0], mx.quantized_matmul(x, wq, s, b, transpose=True,
+        if k == 1:  # the replica's own scales/biases (replica_params scales even a single replica)
+            row["rel_err_quantized_matmul"] = rel(y[0], mx.quantized_matmul(x, wq, S[0], B[0], transpose=True,
                                                                           group_size=gs, bits=bits))
         row["ok"] = max(v for key, v in row.items() if key.startswith("rel_err")) < TOL[dt]
         rows.append(row)
         log(row)
+    return rows
+
+
+def np_truth(x, wq, s, b, bits: int, gs: int):
+    """float64 y [M, out] from a host-side word/shift unpack of the LSB-first bitstream (no MLX in the loop)."""
+    import numpy as np
+    p = np.asarray(wq).astype(np.uint64)
+    p = np.concatenate([p, np.zeros((p.shape[0], 1), np.uint64)], axis=1)
+    n_in = x.shape[1]
+    bit = np.arange(n_in) * bits
+    lo, hi, sh = p[:, bit // 32], p[:, bit // 32 + 1], (bit % 32).astype(np.uint64)
+    q = ((((hi << np.uint64(32)) | lo) >> sh) & np.uint64(2**bits - 1)).astype(np.float64)   # q: [out, in]
+    f64 = lambda a: np.asarray(a.astype(mx.float32), np.float64)  # noqa: E731
+    w = np.repeat(f64(s), gs, axis=1) * q + np.repeat(f64(b), gs, axis=1)                      # w: [out, in]
+    return f64(x) @ w.T
+
+
+def consistency() -> list[dict]:
+    """Which of MLX's own ops agree with the host truth on this back-end: quantized_matmul, dequantize + matmul,
+    the CUDA twin, and CPU-stream quantize/quantized_matmul (is the packing the same on both back-ends?)."""
+    import numpy as np
+    rows = []
+    for dt in (mx.float32, mx.bfloat16):
+        for bits in BITS:
+            for m in (1, 8):
+                mx.random.seed(bits * 10 + m)
+                w = mx.random.normal((512, 4096)).astype(dt)
+                x = mx.random.normal((m, 4096)).astype(dt)
+                wq, s, b = mx.quantize(w, group_size=64, bits=bits)
+                wq_c, s_c, b_c = mx.quantize(w, group_size=64, bits=bits, stream=mx.cpu)
+                truth = np_truth(x, wq, s, b, bits, 64)
+                err = lambda y: float(np.abs(np.asarray(y.astype(mx.float32), np.float64) - truth).max()  # noqa: E731
+                                      / np.abs(truth).max())
+                row = dict(bits=bits, group=64, m=m, dtype=str(dt).split(".")[-1],
+                           same_packing_cpu_gpu=bool(mx.array_equal(wq, wq_c).item()),
+                           same_scales_cpu_gpu=bool(mx.allclose(s.astype(mx.float32), s_c.astype(mx.float32)).item()),
+                           qmm_gpu=err(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=bits)),
+                           qmm_cpu=err(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=bits,
+                                                           stream=mx.cpu)),
+                           dequant_matmul_gpu=err(K.quantized_matvec_reference(x, wq, s, b, bits, 64)),
+                           cuda_twin=err(K.quantized_matvec(x, wq, s, b, bits, 64, backend="cuda")))
+                rows.append(row)
+                log(row)
     return rows
 
 
@@ -121,7 +165,7 @@ def speed(args, copy_gbs: float) -> list[dict]:
     n_out, n_in, gs, n_layers = 14336, 4096, args.group, args.layers
     x = mx.random.normal((1, n_in)).astype(mx.bfloat16)
     rows = []
-    for bits in BITS:
+    for bits in args.bits:
         layers = [layer(n_out, n_in, bits, gs, mx.bfloat16, seed=100 + j) for j in range(n_layers)]
         reps = {k: [replica_params(s, b, k) for _, s, b in layers] for k in (2, 3, 4)}
         code_bytes = sum(wq.nbytes for wq, _, _ in layers)
@@ -176,6 +220,11 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="time the default tiling only")
     p.add_argument("--quick", action="store_true", help="a third of the correctness cases, no sweep")
+    p.add_argument("--parts", type=lambda v: v.split(","), default=["correctness", "speed"],
+                   help="comma-separated, run in this order: consistency (MLX's own ops vs a host float64 truth, "
+                        "CPU vs GPU packing; slow: every op JIT-compiles), correctness, speed")
+    p.add_argument("--bits", type=lambda v: [int(b) for b in v.split(",")], default=list(BITS),
+                   help="bit-widths to time, comma-separated")
     args = p.parse_args(argv)
     if args.quick:
         args.sweep = False
@@ -189,17 +238,23 @@ def main(argv=None) -> int:
         print(f"CUDA back-end not active (backend={info['backend']}); nothing to check", file=sys.stderr)
         (out / "kernels_gpu.json").write_text(json.dumps(result, indent=1))
         return 2
-    result["correctness"] = correctness(args.quick)
-    (out / "kernels_gpu.json").write_text(json.dumps(result, indent=1))
-    bad = [r for r in result["correctness"] if not r["ok"]]
-    print(f"correctness: {len(result['correctness']) - len(bad)}/{len(result['correctness'])} cases within tolerance")
-    for r in bad:
-        print("  FAILED", r)
-    result["copy_gbs"] = copy_bandwidth(args.iters)
-    print(f"copy bandwidth (read+write): {result['copy_gbs']:.0f} GB/s")
-    result["speed"] = speed(args, result["copy_gbs"])
-    (out / "kernels_gpu.json").write_text(json.dumps(result, indent=1))
-    print(table(result["speed"]))
+    bad = []
+    for part in args.parts:  # the JSON is rewritten after each part: a run cut short keeps what it finished
+        if part == "consistency":
+            result["consistency"] = consistency()
+        elif part == "correctness":
+            result["correctness"] = correctness(args.quick)
+            bad = [r for r in result["correctness"] if not r["ok"]]
+            print(f"correctness: {len(result['correctness']) - len(bad)}/{len(result['correctness'])} cases "
+                  "within tolerance")
+            for r in bad:
+                print("  FAILED", r)
+        elif part == "speed":
+            result["copy_gbs"] = copy_bandwidth(args.iters)
+            print(f"copy bandwidth (read+write): {result['copy_gbs']:.0f} GB/s")
+            result["speed"] = speed(args, result["copy_gbs"])
+            print(table(result["speed"]))
+        (out / "kernels_gpu.json").write_text(json.dumps(result, indent=1))
     return 1 if bad else 0
 
 

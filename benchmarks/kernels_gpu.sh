@@ -87,7 +87,8 @@ EOF
     export PYTHONPATH="$SITE:$PWD"
     export PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv || true
-    python3 benchmarks/kernels_gpu.py --out "${OUT:-/tmp/holo_out}" "$@"
+    mkdir -p "${OUT:-/tmp/holo_out}"
+    python3 benchmarks/kernels_gpu.py --out "${OUT:-/tmp/holo_out}" "$@" 2>&1 | tee "${OUT:-/tmp/holo_out}/kernels_gpu.log"
     ;;
   *)
     echo "usage: $0 split|stage|run [kernels_gpu.py args]" >&2
