@@ -140,6 +140,37 @@ def sparsity_report(folder, layers: list, nm: str | None) -> dict:
             "layers_quantized": quantized, "nm": nm, "nm_pattern_holds": (nm_ok if nm and checked else None)}
 
 
+def e2e_tune(folder, base, calib, *, steps: int, lr: float, seed: int = 0, on_progress=None):
+    """End-to-end KL tuning (quant/e2e_qp.py) of a compressed folder's scales/biases, codes frozen
+    -> (report, tensors, model).
+
+    folder: a compressed mlx-lm folder; base: the float model; calib: [N, S] calibration windows (a quarter held out
+    decides whether the tuning is kept). tensors: {"<linear>.scales"/"<linear>.biases": tuned} when kept, else {};
+    model: the folder's model with plain float linears holding the (tuned, or restored) dequantized weights."""
+    import mlx.core as mx
+    import numpy as np
+
+    from . import models
+    from .quant.e2e_qp import swap_code_linears, to_float, tune_kl
+
+    m = models.open_model(str(folder), dequantize=False)[0]
+    code = swap_code_linears(m)
+    models.dequantize_model(m)  # anything still quantized (e.g. a tied table): float, fixed
+    models.cast_floats(m, mx.float32)
+    t = time.perf_counter()
+    res = tune_kl(m, base, code, calib, steps=steps, lr=lr, seed=seed, on_progress=on_progress)
+    tuned = to_float(m, code)
+    k = max(1, len(res.losses) // 10)
+    report = {"steps": steps, "lr": lr, "linears": len(code), "windows": int(calib.shape[0]),
+              "heldout_kl_before": res.kl_before, "heldout_kl_after": res.kl_after, "kept": bool(res.kept),
+              "train_kl_first": float(np.mean(res.losses[:k])) if res.losses else None,
+              "train_kl_last": float(np.mean(res.losses[-k:])) if res.losses else None,
+              "seconds": time.perf_counter() - t}
+    tensors = {f"{p}.{key}": getattr(q, key) for p, q in tuned.items() for key in ("scales", "biases")} \
+        if res.kept else {}
+    return report, tensors, m
+
+
 def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, eval_seq_len: int = 512,
              calib_corpus: str = "c4", eval_corpus: str = "wiki", gates: list[str] | None = None,
              overwrite: bool = False, base_model=None, on_progress=None) -> dict:
@@ -155,7 +186,8 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
     recipe.validate()
     t0 = time.perf_counter()
     base, tok, config, info = models.open_model(model, lazy=True)
-    needs_calib = recipe.method not in ("rtn", "magnitude") or recipe.allocation != "uniform" or recipe.tune_steps > 0
+    needs_calib = (recipe.method not in ("rtn", "magnitude") or recipe.allocation != "uniform" or recipe.tune_steps > 0
+                   or recipe.e2e_steps > 0)
     calib = corpus_c = None
     if needs_calib:
         corpus_c = data.load_corpus(calib_corpus)
@@ -185,12 +217,22 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
         extra = dict(details, **res.extra)
         if recipe.method in PRUNE_METHODS:
             extra["sparsity"] = sparsity_report(tmp, layers, recipe.nm)
+        bm = base_model
+        e2e_s = 0.0
+        if recipe.e2e_steps > 0:
+            bm = bm if bm is not None else models.open_model(model)[0]
+            extra["e2e_tune"], tensors, _ = e2e_tune(tmp, bm, calib, steps=recipe.e2e_steps, lr=recipe.e2e_lr,
+                                                     seed=recipe.seed, on_progress=on_progress)
+            if tensors:
+                models.replace_tensors(tmp, tensors)
+            e2e_s = extra["e2e_tune"]["seconds"]
+            mx.clear_cache()
         t1 = time.perf_counter()
         metrics: dict = {}
         corpus_e = data.load_corpus(eval_corpus)
         if eval_tokens > 0:
             cm = models.open_model(str(tmp))[0]
-            bm = base_model if base_model is not None else models.open_model(model)[0]
+            bm = bm if bm is not None else models.open_model(model)[0]
             wins = data.windows(data.tokenize(tok, corpus_e, eval_tokens), eval_seq_len)
             metrics = evaluate.compare(cm, bm, wins, on_progress=on_progress).to_dict()
             del cm, bm
@@ -208,7 +250,7 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
                    "n_params": info.n_params},
             recipe=recipe.to_dict(), corpora=corpora, nbytes=nbytes, n_quant_params=n_quant, metrics=metrics,
             environment=hardware.device_info(),
-            timings={"compress_s": compress_s, "eval_s": time.perf_counter() - t1,
+            timings={"compress_s": compress_s, "e2e_tune_s": e2e_s, "eval_s": time.perf_counter() - t1,
                      "total_s": time.perf_counter() - t0},
             peak_memory_bytes=_peak_rss(), gates=gates or evidence.DEFAULT_GATES, layers=layers,
             output={"path": str(out)}, pipeline_peak_mlx_bytes=int(res.peak_memory_bytes),
@@ -261,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tune-steps", type=int, default=0,
                     help="block-wise Adam steps on each block's scales/biases, codes frozen (0 = off)")
     ap.add_argument("--tune-lr", type=float, default=1e-3, help="its learning rate, relative to each tensor's RMS")
+    ap.add_argument("--e2e-steps", type=int, default=0,
+                    help="after compression: Adam steps on every quantized linear's scales/biases against the KL to "
+                         "the float model, codes frozen, one calibration window a step, kept only if the held-out "
+                         "windows' KL falls (0 = off; holds the whole model, not one block)")
+    ap.add_argument("--e2e-lr", type=float, default=3e-5, help="its learning rate, relative to each tensor's RMS")
     ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
     ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
     ap.add_argument("--candidate-bits", default=(), type=_int_tuple,
@@ -303,7 +350,7 @@ def recipe_from_args(args):
                   true_sequential=args.true_sequential,
                   gptq_head=args.gptq_head, embed_first=args.embed_first,
                   head_damp=args.head_damp, damp=args.damp, qep_alpha=args.qep_alpha, qep_damp=args.qep_damp,
-                  tune_steps=args.tune_steps, tune_lr=args.tune_lr,
+                  tune_steps=args.tune_steps, tune_lr=args.tune_lr, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr,
                   bits_per_weight=args.bits_per_weight,
                   target_mb=args.target_mb,
                   candidate_bits=args.candidate_bits, candidate_groups=args.candidate_groups,

@@ -420,22 +420,41 @@ def save_compressed(floats: dict[str, mx.array], quantized: dict, config: dict, 
     return nbytes
 
 
+def _with_replaced(folder: Path, tensors: dict[str, mx.array]) -> dict[str, mx.array]:
+    """All tensors of ``folder`` (lazy) with ``tensors`` put in, each cast to the dtype it had."""
+    weights = load_weights(folder)
+    unknown = sorted(set(tensors) - set(weights))
+    if unknown:
+        raise ModelError(f"{folder} has no tensors {unknown[:3]}{' ...' if len(unknown) > 3 else ''}")
+    weights.update({k: v.astype(weights[k].dtype) for k, v in tensors.items()})
+    return weights
+
+
 def save_replaced(src: str | Path, out: str | Path, tensors: dict[str, mx.array], *, overwrite: bool = False) -> Path:
     """Copy the model folder ``src`` to ``out`` (atomically) with some of its tensors replaced, each cast to the
     dtype it had (e.g. tuned scales/biases of a compressed model). Its evidence.json, if any, is not copied: it
     describes ``src``."""
     src = Path(src)
-    weights = load_weights(src)
-    unknown = sorted(set(tensors) - set(weights))
-    if unknown:
-        raise ModelError(f"{src} has no tensors {unknown[:3]}{' ...' if len(unknown) > 3 else ''}")
-    weights.update({k: v.astype(weights[k].dtype) for k, v in tensors.items()})
+    weights = _with_replaced(src, tensors)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         for f in src.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name != "evidence.json":
                 shutil.copy2(f, tmp / f.name)
     return Path(out)
+
+
+def replace_tensors(folder: str | Path, tensors: dict[str, mx.array]) -> None:
+    """Rewrite ``folder``'s weights in place with some tensors replaced (dtype kept): a new model.safetensors is
+    written under a temporary name, then the old weight files go and it is renamed."""
+    folder = Path(folder)
+    weights = _with_replaced(folder, tensors)
+    part = folder / ".replacing.safetensors"  # not matched by weight_files' model*.safetensors
+    mx.save_safetensors(str(part), weights, metadata={"format": "mlx"})
+    del weights
+    for f in weight_files(folder):
+        f.unlink()
+    os.replace(part, folder / "model.safetensors")
 
 
 def _cast_floats(items, float_dtype) -> dict[str, mx.array]:

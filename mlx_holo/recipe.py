@@ -48,6 +48,9 @@ class Recipe:
                                      # (quant/blockwise.py; 0 = off; measured: GPTQ 3-bit linears 22.07 -> 22.83,
                                      # KL 0.371 -> 0.381)
     tune_lr: float = 1e-3            # its learning rate, relative: lr * RMS(tensor)
+    e2e_steps: int = 0               # after compression: Adam on every quantized linear's scales/biases against
+                                     # KL(base || model), codes frozen (quant/e2e_qp.py; whole model in memory)
+    e2e_lr: float = 3e-5             # its learning rate, relative: lr * RMS(tensor)
     # mixed precision
     bits_per_weight: float | None = None
     target_mb: float | None = None
@@ -129,6 +132,12 @@ class Recipe:
             raise RecipeError("tune_steps tunes affine quantization parameters: it needs --bits and mode affine")
         if self.tune_steps and self.method in PRUNE_METHODS:
             raise RecipeError("tune_steps would move the stored zeros of a pruned weight; not with pruning")
+        if self.e2e_steps < 0 or self.e2e_lr <= 0:
+            raise RecipeError(f"e2e_steps must be >= 0 and e2e_lr > 0, got {self.e2e_steps}, {self.e2e_lr}")
+        if self.e2e_steps and (self.mode != "affine" or self.bits is None or self.method == "none"):
+            raise RecipeError("e2e_steps tunes affine quantization parameters: it needs --bits and mode affine")
+        if self.e2e_steps and self.method in PRUNE_METHODS:
+            raise RecipeError("e2e_steps would move the stored zeros of a pruned weight; not with pruning")
         if self.qep_damp <= 0:
             raise RecipeError(f"qep_damp must be > 0, got {self.qep_damp}")
         if self.calib_tokens < 0 or self.calib_seq_len <= 0:

@@ -134,3 +134,35 @@ def test_end_to_end_kl_tuning_lowers_held_out_kl(tiny_model_dir, text_file, tmp_
     assert mx.array_equal(lin.scales, qw.scales.astype(lin.scales.dtype)).item()
     assert mx.array_equal(lin.weight, qw.wq).item()
     assert not (tmp_path / "t" / "evidence.json").exists()
+
+
+def test_compress_with_e2e_tuning_saves_tuned_parameters(tiny_model_dir, text_file, tmp_path):
+    from mlx_lm import load
+
+    kw = dict(eval_tokens=512, eval_seq_len=128, calib_corpus=str(text_file), eval_corpus=str(text_file))
+    r = dict(method="rtn", bits=2, calib_tokens=1024, calib_seq_len=128)
+    plain = compress(str(tiny_model_dir), Recipe(**r), str(tmp_path / "plain"), **kw)
+    ev = compress(str(tiny_model_dir), Recipe(**r, e2e_steps=30, e2e_lr=1e-2), str(tmp_path / "tuned"), **kw)
+    rep = ev["e2e_tune"]
+    assert rep["kept"] and rep["heldout_kl_after"] < 0.9 * rep["heldout_kl_before"]
+    assert rep["linears"] == 14 and rep["windows"] == 8 and ev["timings"]["e2e_tune_s"] > 0
+    assert ev["metrics"]["kl"] < plain["metrics"]["kl"]  # what was saved is what was tuned
+    assert "e2e_tune" not in plain and ev["recipe"]["e2e_steps"] == 30
+    a, _ = load(str(tmp_path / "plain"))
+    b, _ = load(str(tmp_path / "tuned"))
+    qa, qb = a.model.layers[1].mlp.down_proj, b.model.layers[1].mlp.down_proj
+    assert mx.array_equal(qa.weight, qb.weight).item()  # same codes ...
+    assert not mx.array_equal(qa.scales, qb.scales).item() and qb.scales.dtype == qa.scales.dtype  # tuned, fp16
+    assert sorted(p.name for p in (tmp_path / "tuned").iterdir() if p.suffix == ".safetensors") == \
+        ["model.safetensors"]
+
+
+def test_e2e_recipe_errors():
+    with pytest.raises(RecipeError, match="e2e_steps"):
+        Recipe(method="gptq", e2e_steps=-1).validate()
+    with pytest.raises(RecipeError, match="e2e_lr"):
+        Recipe(method="gptq", e2e_steps=5, e2e_lr=0).validate()
+    with pytest.raises(RecipeError, match="affine"):
+        Recipe(method="rtn", mode="mxfp4", e2e_steps=10).validate()
+    with pytest.raises(RecipeError, match="pruned"):
+        Recipe(method="wanda", sparsity=0.5, e2e_steps=10).validate()

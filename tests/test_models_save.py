@@ -117,3 +117,22 @@ def test_cli_clear_errors(tmp_path):
     r = run("--method", "mixed", "--bits-per-weight", "3", "--candidate-bits", "3,7", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "candidate_bits" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_replace_tensors_in_place(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    before = models.load_weights(folder)
+    key = "model.layers.0.mlp.down_proj.weight"
+    new = mx.ones(before[key].shape, dtype=mx.float32) * 0.5
+    models.replace_tensors(folder, {key: new})
+    after = models.load_weights(folder)
+    assert after[key].dtype == before[key].dtype and mx.array_equal(after[key], new.astype(before[key].dtype)).item()
+    assert set(after) == set(before)
+    assert all(mx.array_equal(after[k], before[k]).item() for k in before if k != key)
+    assert [p.name for p in folder.iterdir() if p.suffix == ".safetensors"] == ["model.safetensors"]
+    with pytest.raises(models.ModelError, match="no tensors"):
+        models.replace_tensors(folder, {"model.nope.weight": new})
+    assert [p.name for p in folder.iterdir() if p.suffix == ".safetensors"] == ["model.safetensors"]
