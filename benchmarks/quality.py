@@ -6,7 +6,7 @@ Run: python benchmarks/quality.py --bits 2,3,4 --eval-tokens 4096 --calib-tokens
 compressing again (its compression seconds are read back from DIR/<variant>/quality_seconds.txt): a long tool run
 (mlx-lm's AWQ takes ~16 CPU-minutes for this 135M model) can be done once, or by ``--methods mlx_lm:awq`` alone.
 
-Ours: rtn, gptq, awq, mixed / mixed-fisher (Hessian or Fisher sensitivity, at the same average bits as uniform ``b``
+Ours: rtn, gptq, gptq+e2e (GPTQ, then ``--e2e-steps 20 --e2e-lr 3e-5``), awq, mixed / mixed-fisher (Hessian or Fisher sensitivity, at the same average bits as uniform ``b``
 + its group overhead, bit-widths from ``b`` up, group sizes 32/64/128), via
 ``mlx_holo.compress.compress`` in-process. mlx-lm: ``mlx_lm.convert -q`` (RTN), ``mlx_lm.quant.gptq`` and
 ``mlx_lm.quant.awq`` as subprocesses, offline: the same calibration text (c4) is placed where mlx-lm looks for its
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     for bits in [int(b) for b in args.bits.split(",")]:
         for method in args.methods.split(","):
             out = work / f"{method.replace(':', '_')}-{bits}"
-            emb = {"mlx_lm:gptq": 6, "gptq": 6, "mlx_lm:awq": 4, "awq": 4}.get(method, bits)
+            emb = {"mlx_lm:gptq": 6, "gptq": 6, "gptq+e2e": 6, "mlx_lm:awq": 4, "awq": 4}.get(method, bits)
             row = {"method": method, "bits": bits, "emb": emb}
             t0 = time.perf_counter()
             try:
@@ -137,12 +137,14 @@ def main(argv=None) -> int:
                         kw = dict(method="mixed", bits=bits, bits_per_weight=bits + 32 / args.group_size,
                                   candidate_groups=(32, 64, 128),  # room to move: --bits is mixed's floor
                                   sensitivity="fisher" if method == "mixed-fisher" else "hessian")
+                    elif method == "gptq+e2e":  # GPTQ, then 20 steps of end-to-end KL tuning (--e2e-steps 20)
+                        kw = dict(method="gptq", bits=bits, e2e_steps=20, e2e_lr=3e-5)
                     else:
                         kw = dict(method=method, bits=bits)
                     r = Recipe(group_size=args.group_size, calib_tokens=args.calib_tokens,
                                calib_seq_len=args.seq_len, embed_bits=emb if emb != bits else None, **kw)
-                    ev = compress(args.model, r, str(out), eval_tokens=0, overwrite=True)
-                    row["seconds"] = ev["timings"]["compress_s"]
+                    ev = compress(args.model, r, str(out), eval_tokens=0, overwrite=True, base_model=base)
+                    row["seconds"] = ev["timings"]["compress_s"] + ev["timings"]["e2e_tune_s"]
                     row["peak_rss_mb"] = ev["peak_memory_bytes"] / 1e6
                 if not row.get("reused"):
                     (out / "quality_seconds.txt").write_text(f"{row['seconds']:.1f}")

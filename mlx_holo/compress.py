@@ -141,8 +141,8 @@ def sparsity_report(folder, layers: list, nm: str | None) -> dict:
 
 
 def e2e_tune(folder, base, calib, *, steps: int, lr: float, seed: int = 0, on_progress=None):
-    """End-to-end KL tuning (quant/e2e_qp.py) of a compressed folder's scales/biases, codes frozen
-    -> (report, tensors, model).
+    """End-to-end KL tuning (quant/e2e_qp.py) of a compressed folder's scales/biases (every affine quantized linear
+    and embedding table), codes frozen -> (report, tensors, model).
 
     folder: a compressed mlx-lm folder; base: the float model; calib: [N, S] calibration windows (a quarter held out
     decides whether the tuning is kept). tensors: {"<linear>.scales"/"<linear>.biases": tuned} when kept, else {};
@@ -151,17 +151,20 @@ def e2e_tune(folder, base, calib, *, steps: int, lr: float, seed: int = 0, on_pr
     import numpy as np
 
     from . import models
+    from .quant.blockwise import _CodeEmbedding
     from .quant.e2e_qp import swap_code_linears, to_float, tune_kl
 
     m = models.open_model(str(folder), dequantize=False)[0]
     code = swap_code_linears(m)
-    models.dequantize_model(m)  # anything still quantized (e.g. a tied table): float, fixed
+    models.dequantize_model(m)  # anything still quantized (other modes): float, fixed
     models.cast_floats(m, mx.float32)
     t = time.perf_counter()
     res = tune_kl(m, base, code, calib, steps=steps, lr=lr, seed=seed, on_progress=on_progress)
     tuned = to_float(m, code)
     k = max(1, len(res.losses) // 10)
-    report = {"steps": steps, "lr": lr, "linears": len(code), "windows": int(calib.shape[0]),
+    n_emb = sum(isinstance(c, _CodeEmbedding) for c in code.values())
+    report = {"steps": steps, "lr": lr, "linears": len(code) - n_emb, "embeddings": n_emb,
+              "windows": int(calib.shape[0]),
               "heldout_kl_before": res.kl_before, "heldout_kl_after": res.kl_after, "kept": bool(res.kept),
               "train_kl_first": float(np.mean(res.losses[:k])) if res.losses else None,
               "train_kl_last": float(np.mean(res.losses[-k:])) if res.losses else None,

@@ -114,7 +114,7 @@ def test_end_to_end_kl_tuning_lowers_held_out_kl(tiny_model_dir, text_file, tmp_
     compress(str(tiny_model_dir), Recipe(method="rtn", bits=2), str(tmp_path / "q"), **kw)
     m, tok = models.open_model(str(tmp_path / "q"), dequantize=False)[:2]
     code = swap_code_linears(m)
-    assert len(code) == 14  # 2 blocks x 7 linears (the tied table stays as it is)
+    assert len(code) == 15  # 2 blocks x 7 linears + the tied table (input lookups and output head)
     models.dequantize_model(m)
     base = models.open_model(str(tiny_model_dir))[0]
     calib = data.calibration_windows(tok, data.load_corpus(str(text_file)), 1024, 128, seed=0)
@@ -145,7 +145,8 @@ def test_compress_with_e2e_tuning_saves_tuned_parameters(tiny_model_dir, text_fi
     ev = compress(str(tiny_model_dir), Recipe(**r, e2e_steps=30, e2e_lr=1e-2), str(tmp_path / "tuned"), **kw)
     rep = ev["e2e_tune"]
     assert rep["kept"] and rep["heldout_kl_after"] < 0.9 * rep["heldout_kl_before"]
-    assert rep["linears"] == 14 and rep["windows"] == 8 and ev["timings"]["e2e_tune_s"] > 0
+    assert rep["linears"] == 14 and rep["embeddings"] == 1 and rep["windows"] == 8
+    assert ev["timings"]["e2e_tune_s"] > 0
     assert ev["metrics"]["kl"] < plain["metrics"]["kl"]  # what was saved is what was tuned
     assert "e2e_tune" not in plain and ev["recipe"]["e2e_steps"] == 30
     a, _ = load(str(tmp_path / "plain"))
@@ -153,6 +154,8 @@ def test_compress_with_e2e_tuning_saves_tuned_parameters(tiny_model_dir, text_fi
     qa, qb = a.model.layers[1].mlp.down_proj, b.model.layers[1].mlp.down_proj
     assert mx.array_equal(qa.weight, qb.weight).item()  # same codes ...
     assert not mx.array_equal(qa.scales, qb.scales).item() and qb.scales.dtype == qa.scales.dtype  # tuned, fp16
+    ea, eb = a.model.embed_tokens, b.model.embed_tokens  # the tied table (lookups and head): same codes, tuned
+    assert mx.array_equal(ea.weight, eb.weight).item() and not mx.array_equal(ea.scales, eb.scales).item()
     assert sorted(p.name for p in (tmp_path / "tuned").iterdir() if p.suffix == ".safetensors") == \
         ["model.safetensors"]
 
@@ -166,3 +169,17 @@ def test_e2e_recipe_errors():
         Recipe(method="rtn", mode="mxfp4", e2e_steps=10).validate()
     with pytest.raises(RecipeError, match="pruned"):
         Recipe(method="wanda", sparsity=0.5, e2e_steps=10).validate()
+
+
+def test_code_embedding_matches_quantized_embedding():
+    from mlx_holo.quant.blockwise import _CodeEmbedding
+    from mlx_holo.quant.formats import QuantizedWeight
+
+    mx.random.seed(0)
+    emb = nn.QuantizedEmbedding(100, 64, group_size=32, bits=3)
+    ce = _CodeEmbedding(QuantizedWeight(None, emb.scales, emb.biases, 3, 32, wq=emb.weight))
+    ids = mx.array([[0, 5, 99], [7, 7, 1]])
+    x = mx.random.normal((2, 3, 64))
+    assert mx.allclose(ce(ids), emb(ids), atol=1e-6).item()
+    assert mx.allclose(ce.as_linear(x), emb.as_linear(x), atol=1e-4).item()
+    assert mx.allclose(ce(ids), ce.weight()[ids]).item()

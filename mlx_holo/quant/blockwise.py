@@ -76,6 +76,22 @@ class _CodeLinear(nn.Module):
         return y if self._bias is None else y + self._bias
 
 
+class _CodeEmbedding(_CodeLinear):
+    """An embedding table (rows = tokens) held as frozen codes with trainable scales/biases; ``as_linear`` serves a
+    tied output head from the same parameters."""
+
+    def __init__(self, qw: QuantizedWeight):
+        super().__init__(qw, None)
+
+    def __call__(self, ids):
+        G, g = self._codes.shape[1:]
+        rows = self._codes[ids] * self.scales[ids][..., None] + self.biases[ids][..., None]  # [..., G, g]
+        return rows.reshape(*ids.shape, G * g)
+
+    def as_linear(self, x):
+        return x @ self.weight().T
+
+
 def swap_modules(root: nn.Module, modules: dict[str, nn.Module]) -> None:
     """Put each module of ``modules`` (path relative to root -> module) in place of the one at its path."""
     root.update_modules(tree_unflatten(list(modules.items())))

@@ -30,7 +30,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..replicate.tune import PerTensorAdam, adam_steps, kl_to_base, round_params
-from .blockwise import _CodeLinear, holdout_split, swap_modules
+from .blockwise import _CodeEmbedding, _CodeLinear, holdout_split, swap_modules
 from .formats import QuantizedWeight
 
 
@@ -42,26 +42,39 @@ class KLTuneResult:
     losses: list = field(default_factory=list)
 
 
-def swap_code_linears(model: nn.Module) -> dict[str, _CodeLinear]:
-    """Replace every affine ``nn.QuantizedLinear`` of model by a ``_CodeLinear`` (codes frozen) -> path -> module."""
-    out = {path: _CodeLinear(QuantizedWeight(None, m.scales, m.biases, m.bits, m.group_size, wq=m.weight),
-                             m.get("bias"))
-           for path, m in model.named_modules()
-           if isinstance(m, nn.QuantizedLinear) and getattr(m, "mode", "affine") == "affine"}
+def swap_code_linears(model: nn.Module, *, embeddings: bool = True) -> dict[str, _CodeLinear]:
+    """Replace every affine ``nn.QuantizedLinear`` of model by a ``_CodeLinear`` (codes frozen), and with
+    ``embeddings`` every affine ``nn.QuantizedEmbedding`` (a tied table serves the head too) by a ``_CodeEmbedding``
+    -> path -> module."""
+    def qw(m):
+        return QuantizedWeight(None, m.scales, m.biases, m.bits, m.group_size, wq=m.weight)
+
+    out = {}
+    for path, m in model.named_modules():
+        if getattr(m, "mode", "affine") != "affine":
+            continue
+        if isinstance(m, nn.QuantizedLinear):
+            out[path] = _CodeLinear(qw(m), m.get("bias"))
+        elif embeddings and isinstance(m, nn.QuantizedEmbedding):
+            out[path] = _CodeEmbedding(qw(m))
     swap_modules(model, out)
     return out
 
 
 def to_float(model: nn.Module, code_linears: dict[str, _CodeLinear]) -> dict[str, QuantizedWeight]:
-    """Put nn.Linear layers holding the dequantized (tuned) weights back -> path -> tuned QuantizedWeight."""
-    linears = {}
+    """Put float layers (nn.Linear, nn.Embedding) holding the dequantized (tuned) weights back -> path -> tuned
+    QuantizedWeight."""
+    layers = {}
     for path, cl in code_linears.items():
         w = cl.weight()
-        lin = linears[path] = nn.Linear(w.shape[1], w.shape[0], bias=cl._bias is not None)
-        lin.weight = w
-        if cl._bias is not None:
-            lin.bias = cl._bias
-    swap_modules(model, linears)
+        if isinstance(cl, _CodeEmbedding):
+            layer = layers[path] = nn.Embedding(*w.shape)
+        else:
+            layer = layers[path] = nn.Linear(w.shape[1], w.shape[0], bias=cl._bias is not None)
+            if cl._bias is not None:
+                layer.bias = cl._bias
+        layer.weight = w
+    swap_modules(model, layers)
     return {path: cl.tuned() for path, cl in code_linears.items()}
 
 
