@@ -40,6 +40,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res["base"] = base
+    res["command"] = " ".join(sys.orig_argv)
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:
