@@ -307,9 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block-wise Adam steps on each block's scales/biases, codes frozen (0 = off)")
     ap.add_argument("--tune-lr", type=float, default=1e-3, help="its learning rate, relative to each tensor's RMS")
     ap.add_argument("--e2e-steps", type=int, default=0,
-                    help="after compression: Adam steps on every quantized linear's scales/biases against the KL to "
-                         "the float model, codes frozen, one calibration window a step, kept only if the held-out "
-                         "windows' KL falls (0 = off; holds the whole model, not one block)")
+                    help="after compression: Adam steps on the scales/biases of every quantized linear and "
+                         "embedding table against the KL to the float model, codes frozen, one calibration window a "
+                         "step, kept only if the held-out windows' KL falls (0 = off; holds the whole model, not one "
+                         "block)")
     ap.add_argument("--e2e-lr", type=float, default=3e-5, help="its learning rate, relative to each tensor's RMS")
     ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
     ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
