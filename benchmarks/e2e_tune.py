@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     wins = data.windows(data.tokenize(tok, data.load_corpus("wiki"), args.eval_tokens), args.seq_len)
     rep, tensors, m = e2e_tune(args.model, base, calib, steps=args.steps, lr=args.lr, seed=args.seed,
                                on_progress=progress_printer())
-    print(f"{args.model}: {rep['linears']} quantized linears, {rep['windows']} calibration windows")
+    print(f"{args.model}: {rep['linears']} quantized linears, {rep['embeddings']} quantized tables, {rep['windows']} "
+          "calibration windows")
     print(f"training KL, first/last tenth of the steps: {rep['train_kl_first']:.4f} -> {rep['train_kl_last']:.4f}")
     print(f"held-out calibration KL {rep['heldout_kl_before']:.4f} -> {rep['heldout_kl_after']:.4f} "
           f"(kept: {rep['kept']}), {rep['seconds']:.0f} s")
