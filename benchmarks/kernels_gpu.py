@@ -188,6 +188,7 @@ def speed(args, copy_gbs: float) -> list[dict]:
         for cfg in (sweep_configs(bits, n_in, n_out) if args.sweep else [default]):
             t = timeit(lambda: [K.quantized_matvec(x, wq, s, b, bits, gs, backend="cuda", config=cfg)
                                 for wq, s, b in layers], args.iters)
+            log(f"sweep bits={bits} {vars(cfg)}: {1e6 * t / n_layers:.1f} us/layer")
             if cfg == default:
                 record("quantized_matvec", 1, t, cfg)
             if best is None or t < best[0]:
