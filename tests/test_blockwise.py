@@ -65,19 +65,25 @@ def test_tuning_that_does_not_help_is_dropped(tiny_model_dir, text_file):
         assert mx.array_equal(lin.weight, weights[p]).item()
 
 
-def test_compress_with_tuning_saves_tuned_parameters(tiny_model_dir, text_file, tmp_path):
+def _plain_and_tuned(folder, text_file, tmp_path, eval_tokens: int, recipe: dict, tuning: dict):
+    """compress ``folder`` with ``recipe`` and with ``recipe`` + ``tuning`` -> (plain evidence, tuned evidence,
+    plain model, tuned model), the models loaded back by stock mlx_lm."""
     from mlx_lm import load
 
-    kw = dict(eval_tokens=256, eval_seq_len=128, calib_corpus=str(text_file), eval_corpus=str(text_file))
-    r = dict(method="gptq", bits=2, calib_tokens=512, calib_seq_len=128)
-    plain = compress(str(tiny_model_dir), Recipe(**r), str(tmp_path / "plain"), **kw)
-    ev = compress(str(tiny_model_dir), Recipe(**r, tune_steps=40, tune_lr=1e-3), str(tmp_path / "tuned"), **kw)
+    kw = dict(eval_tokens=eval_tokens, eval_seq_len=128, calib_corpus=str(text_file), eval_corpus=str(text_file))
+    plain = compress(str(folder), Recipe(**recipe), str(tmp_path / "plain"), **kw)
+    ev = compress(str(folder), Recipe(**recipe, **tuning), str(tmp_path / "tuned"), **kw)
+    return plain, ev, load(str(tmp_path / "plain"))[0], load(str(tmp_path / "tuned"))[0]
+
+
+def test_compress_with_tuning_saves_tuned_parameters(tiny_model_dir, text_file, tmp_path):
+    plain, ev, a, b = _plain_and_tuned(tiny_model_dir, text_file, tmp_path, 256,
+                                       dict(method="gptq", bits=2, calib_tokens=512, calib_seq_len=128),
+                                       dict(tune_steps=40, tune_lr=1e-3))
     recs = ev["block_tune"]
     assert [t["block"] for t in recs] == [0, 1]
     assert all(t["loss_after"] <= t["loss_before"] for t in recs) and any(t["kept"] for t in recs)
     assert "block_tune" not in plain
-    a, _ = load(str(tmp_path / "plain"))
-    b, _ = load(str(tmp_path / "tuned"))
     i = next(t["block"] for t in recs if t["kept"])
     qa, qb = a.model.layers[i].mlp.down_proj, b.model.layers[i].mlp.down_proj
     assert mx.array_equal(qa.weight, qb.weight).item()  # same codes (GPTQ is deterministic) ...
@@ -137,20 +143,15 @@ def test_end_to_end_kl_tuning_lowers_held_out_kl(tiny_model_dir, text_file, tmp_
 
 
 def test_compress_with_e2e_tuning_saves_tuned_parameters(tiny_model_dir, text_file, tmp_path):
-    from mlx_lm import load
-
-    kw = dict(eval_tokens=512, eval_seq_len=128, calib_corpus=str(text_file), eval_corpus=str(text_file))
-    r = dict(method="rtn", bits=2, calib_tokens=1024, calib_seq_len=128)
-    plain = compress(str(tiny_model_dir), Recipe(**r), str(tmp_path / "plain"), **kw)
-    ev = compress(str(tiny_model_dir), Recipe(**r, e2e_steps=30, e2e_lr=1e-2), str(tmp_path / "tuned"), **kw)
+    plain, ev, a, b = _plain_and_tuned(tiny_model_dir, text_file, tmp_path, 512,
+                                       dict(method="rtn", bits=2, calib_tokens=1024, calib_seq_len=128),
+                                       dict(e2e_steps=30, e2e_lr=1e-2))
     rep = ev["e2e_tune"]
     assert rep["kept"] and rep["heldout_kl_after"] < 0.9 * rep["heldout_kl_before"]
     assert rep["linears"] == 14 and rep["embeddings"] == 1 and rep["windows"] == 8
     assert ev["timings"]["e2e_tune_s"] > 0
     assert ev["metrics"]["kl"] < plain["metrics"]["kl"]  # what was saved is what was tuned
     assert "e2e_tune" not in plain and ev["recipe"]["e2e_steps"] == 30
-    a, _ = load(str(tmp_path / "plain"))
-    b, _ = load(str(tmp_path / "tuned"))
     qa, qb = a.model.layers[1].mlp.down_proj, b.model.layers[1].mlp.down_proj
     assert mx.array_equal(qa.weight, qb.weight).item()  # same codes ...
     assert not mx.array_equal(qa.scales, qb.scales).item() and qb.scales.dtype == qa.scales.dtype  # tuned, fp16
