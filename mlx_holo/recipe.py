@@ -126,18 +126,14 @@ class Recipe:
             raise RecipeError("embed_first goes with gptq or mixed and the GPTQ'd head (no --no-gptq-head)")
         if self.gptq_iters < 1:
             raise RecipeError(f"gptq_iters must be >= 1, got {self.gptq_iters}")
-        if self.tune_steps < 0 or self.tune_lr <= 0:
-            raise RecipeError(f"tune_steps must be >= 0 and tune_lr > 0, got {self.tune_steps}, {self.tune_lr}")
-        if self.tune_steps and (self.mode != "affine" or self.bits is None or self.method in ("none",)):
-            raise RecipeError("tune_steps tunes affine quantization parameters: it needs --bits and mode affine")
-        if self.tune_steps and self.method in PRUNE_METHODS:
-            raise RecipeError("tune_steps would move the stored zeros of a pruned weight; not with pruning")
-        if self.e2e_steps < 0 or self.e2e_lr <= 0:
-            raise RecipeError(f"e2e_steps must be >= 0 and e2e_lr > 0, got {self.e2e_steps}, {self.e2e_lr}")
-        if self.e2e_steps and (self.mode != "affine" or self.bits is None or self.method == "none"):
-            raise RecipeError("e2e_steps tunes affine quantization parameters: it needs --bits and mode affine")
-        if self.e2e_steps and self.method in PRUNE_METHODS:
-            raise RecipeError("e2e_steps would move the stored zeros of a pruned weight; not with pruning")
+        for name in ("tune", "e2e"):  # the two scale/bias tuners (block-wise, end-to-end) share their rules
+            steps, lr = getattr(self, f"{name}_steps"), getattr(self, f"{name}_lr")
+            if steps < 0 or lr <= 0:
+                raise RecipeError(f"{name}_steps must be >= 0 and {name}_lr > 0, got {steps}, {lr}")
+            if steps and (self.mode != "affine" or self.bits is None or self.method == "none"):
+                raise RecipeError(f"{name}_steps tunes affine quantization parameters: it needs --bits and mode affine")
+            if steps and self.method in PRUNE_METHODS:
+                raise RecipeError(f"{name}_steps would move the stored zeros of a pruned weight; not with pruning")
         if self.qep_damp <= 0:
             raise RecipeError(f"qep_damp must be > 0, got {self.qep_damp}")
         if self.calib_tokens < 0 or self.calib_seq_len <= 0:
