@@ -25,7 +25,10 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     hessian: streamed block by block, err[b] = RTN's Hessian-weighted output error relative to the residual stream;
     embeddings/lm_head keep ``embed_bits or bits`` and their bytes come off the budget first.
     fisher: err[b] = sum F (W - RTN_b(W))^2 with F the diagonal Fisher of the LM loss (quant/fisher.py); the
-    embeddings/lm_head join the knapsack like any linear (``embed_bits``, when set, still pins them)."""
+    embeddings/lm_head join the knapsack like any linear (``embed_bits``, when set, still pins them).
+    kl: err[b] = the measured KL(base || model with only that layer RTN'd at b) on ``kl_tokens`` calibration tokens
+    (quant/measured.py) for bits <= MEASURED_MAX_BITS at the recipe's group size, the other choices extrapolated by
+    RTN's weight-space error ratios; embeddings as for fisher."""
     import mlx.core as mx
 
     from . import models, pipeline
@@ -39,14 +42,16 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     pinned = recipe.sensitivity == "hessian" or recipe.embed_bits is not None
     emb_bytes = sum(layer_bytes(n, recipe.embed_bits or recipe.bits, recipe.group_size) for _, n in emb) \
         if pinned else 0
-    if recipe.sensitivity == "fisher":
+    prefix = pipeline._block_prefix(model)
+    lin = [f"{prefix}.{i}.{p}.weight" for i, b in enumerate(models.blocks(model))
+           for p, _ in pipeline.linear_modules(b)]
+    paths = lin + ([] if pinned else [k for k, _ in emb])
+    params = dict(tree_flatten(model.parameters()))
+    if recipe.sensitivity == "kl":
+        costs = _measured_costs(model, calib, recipe, paths, params, on_progress)
+    elif recipe.sensitivity == "fisher":
         from .quant.fisher import diagonal_fisher
 
-        prefix = pipeline._block_prefix(model)
-        lin = [f"{prefix}.{i}.{p}.weight" for i, b in enumerate(models.blocks(model))
-               for p, _ in pipeline.linear_modules(b)]
-        paths = lin + ([] if pinned else [k for k, _ in emb])
-        params = dict(tree_flatten(model.parameters()))
         F = diagonal_fisher(model, calib[: recipe.fisher_windows], paths, on_progress=on_progress)
         costs = []
         for k in paths:
@@ -88,6 +93,47 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
                 for k, _ in emb}
     return bits, {"sensitivity": recipe.sensitivity, "budget_bytes": budget, "allocated_bytes": used,
                   "bits_histogram": hist, "embedding_bits": emb_bits}
+
+
+MEASURED_MAX_BITS = 4  # kl sensitivity: choices with more bits are extrapolated (their KL is tiny and noisy)
+
+
+def _measured_costs(model, calib, recipe, paths: list[str], params: dict, on_progress) -> list:
+    """LayerCosts of the kl sensitivity: measured KL at few bits, the rest extrapolated (quant/measured.py)."""
+    import mlx.core as mx
+
+    from .quant.measured import extrapolate, measured_errors
+    from .quant.mixed import LayerCost, bits_group, choices, feasible, rtn_errors
+    from .quant.rtn import quantize_rtn
+
+    g0 = recipe.group_size
+    S = calib.shape[1]
+    tokens = calib[: -(-recipe.kl_tokens // S), : min(S, recipe.kl_tokens)]  # [N, S'] the scored tokens
+    opts = {p: feasible(choices(recipe.mixed_bits(), recipe.candidate_groups), params[p].shape[-1], g0)
+            for p in paths}
+
+    def measured(p):
+        at_g0 = [c for c in opts[p] if bits_group(c, g0)[1] == g0]
+        few = [c for c in at_g0 if bits_group(c, g0)[0] <= MEASURED_MAX_BITS]
+        return few or sorted(at_g0 or opts[p], key=lambda c: bits_group(c, g0))[:1]
+
+    kl = measured_errors(model, tokens, paths, measured,
+                         lambda p, w, c: quantize_rtn(w.astype(mx.float32), *bits_group(c, g0)).dequantize(),
+                         on_progress=on_progress)
+    costs = []
+    for p in paths:
+        w = params[p].astype(mx.float32)
+        proxy = rtn_errors(w, lambda q: float(((w - q.dequantize()) ** 2).sum().item()), g0, recipe.mixed_bits(),
+                           recipe.candidate_groups)
+        m = kl[p]
+
+        def anchor(c, m=m):  # the measured choice with c's bits at g0, else the one with the most bits
+            b = bits_group(c, g0)[0]
+            same = [a for a in m if bits_group(a, g0)[0] == b]
+            return same[0] if same else max(m, key=lambda a: bits_group(a, g0)[0])
+
+        costs.append(LayerCost(p[: -len(".weight")], int(w.size), g0, extrapolate(m, proxy, anchor)))
+    return costs
 
 
 def _float_params(model):
@@ -319,10 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--candidate-groups", default=(), type=_int_tuple,
                     help="mixed: also choose each layer's group size among these (e.g. 32,64,128); default: "
                          "--group-size only")
-    ap.add_argument("--sensitivity", default="hessian", choices=["hessian", "fisher"],
+    ap.add_argument("--sensitivity", default="hessian", choices=["hessian", "fisher", "kl"],
                     help="mixed: per-layer output error (streamed) or diagonal Fisher of the LM loss (whole model, "
                          "embeddings included in the budget)")
     ap.add_argument("--fisher-windows", type=int, default=8, help="mixed, fisher: calibration windows differentiated")
+    ap.add_argument("--kl-tokens", type=int, default=256, help="mixed, kl: calibration tokens each measurement scores")
     ap.add_argument("--sparsity", type=float, default=0.0)
     ap.add_argument("--nm", default=None, help="N:M structured sparsity, e.g. 2:4")
     ap.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "zero-order"])
@@ -358,7 +405,7 @@ def recipe_from_args(args):
                   bits_per_weight=args.bits_per_weight,
                   target_mb=args.target_mb,
                   candidate_bits=args.candidate_bits, candidate_groups=args.candidate_groups,
-                  sensitivity=args.sensitivity, fisher_windows=args.fisher_windows,
+                  sensitivity=args.sensitivity, fisher_windows=args.fisher_windows, kl_tokens=args.kl_tokens,
                   sparsity=args.sparsity, nm=args.nm, allocation=args.allocation,
                   recover=args.recover, quantize_embeddings=args.quantize_embeddings, embed_bits=args.embed_bits)
 

@@ -57,7 +57,9 @@ class Recipe:
     candidate_bits: tuple[int, ...] = ()  # () = every MLX bit-width >= bits (``mixed_bits``)
     candidate_groups: tuple[int, ...] = ()  # also choose each layer's group size among these (() = group_size only)
     sensitivity: str = "hessian"     # hessian (streamed, per-layer output error) | fisher (end-to-end, incl. embeddings)
+                                     # | kl (measured: the KL each layer alone adds, quant/measured.py)
     fisher_windows: int = 8          # calibration windows differentiated for the Fisher
+    kl_tokens: int = 256             # calibration tokens each kl measurement scores
     # pruning
     sparsity: float = 0.0
     nm: str | None = None            # "2:4", "4:8"
@@ -114,10 +116,11 @@ class Recipe:
                                   "--bits (mixed precision's floor), pass --candidate-bits or larger --candidate-groups")
         if any(g not in GROUP_SIZES + (-1,) for g in self.candidate_groups):
             raise RecipeError(f"candidate_groups must be a subset of {GROUP_SIZES + (-1,)}, got {self.candidate_groups}")
-        if self.sensitivity not in ("hessian", "fisher"):
-            raise RecipeError(f"sensitivity must be hessian or fisher, got {self.sensitivity!r}")
-        if self.fisher_windows < 1:
-            raise RecipeError(f"fisher_windows must be >= 1, got {self.fisher_windows}")
+        if self.sensitivity not in ("hessian", "fisher", "kl"):
+            raise RecipeError(f"sensitivity must be hessian, fisher or kl, got {self.sensitivity!r}")
+        if self.fisher_windows < 1 or self.kl_tokens < 1:
+            raise RecipeError(f"fisher_windows and kl_tokens must be >= 1, got {self.fisher_windows}, "
+                              f"{self.kl_tokens}")
         if not 0.0 <= self.qep_alpha <= 1.0:
             raise RecipeError(f"qep_alpha must be in [0, 1], got {self.qep_alpha}")
         if self.awq_scales and self.method not in ("gptq", "mixed"):

@@ -78,7 +78,7 @@ def test_capture_leaves_no_arrays_in_reference_cycles(tiny_model_dir, text_file)
         gc.enable()
 
 
-@pytest.mark.parametrize("sensitivity", ["hessian", "fisher"])
+@pytest.mark.parametrize("sensitivity", ["hessian", "fisher", "kl"])
 def test_mixed_precision_respects_budget_and_loads(tiny_model_dir, text_file, tmp_path, sensitivity):
     from mlx_lm import load
 

@@ -1,0 +1,116 @@
+"""Measured sensitivity for mixed precision: the KL divergence one layer's quantization alone adds to the output.
+
+ZeroQ (Cai et al. 2020, "ZeroQ: A Novel Zero Shot Quantization Framework", arXiv:2001.00281, sec. 3.2-3.3): the
+sensitivity of layer i at k bits is Omega_i(k) = KL(M(theta; x) || M(theta~_i(k); x)), the model with only layer i
+quantized, and an allocation's loss is estimated by the sum over layers. Unlike a second-order estimate (Hessian,
+diagonal Fisher), it is not a Taylor expansion around the float weights: it sees how fast a layer's damage grows
+below the operating point (2 bits), where second-order estimates go wrong (``Recipe.mixed_bits``).
+
+Cost: one forward per (layer, measured choice). A block's layer is scored from that block on: the blocks before it
+replay their cached float outputs (the model's own forward runs, so embeddings, masks and a tied head are the
+model's). Only the measured choices are run; ``extrapolate`` fills in the others (other group sizes, more bits)
+from a cheap proxy's ratios.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+Progress = Callable[[str, int, int], None]
+
+
+def log_probs(model: nn.Module, tokens: mx.array) -> mx.array:
+    """tokens [N, S] -> log-probabilities [N, S, V] (float32)."""
+    logits = model(tokens).astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def kl_from(base_logp: mx.array, logp: mx.array) -> float:
+    """Mean over positions of KL(p_base || p): both [N, S, V] log-probabilities."""
+    return float((mx.exp(base_logp) * (base_logp - logp)).sum(axis=-1).mean().item())
+
+
+def block_outputs(model: nn.Module, tokens: mx.array) -> list[mx.array]:
+    """tokens [N, S] -> every block's float output [N, S, D], in order (what ``replay`` feeds back)."""
+    from .. import models, pipeline
+
+    x, mask = pipeline.block_inputs(model, tokens)
+    outs = []
+    for block in models.blocks(model):
+        x = block(x, mask)
+        mx.eval(x)
+        outs.append(x)
+    return outs
+
+
+@contextmanager
+def replay(blocks: list[nn.Module], outputs: list[mx.array]):
+    """While open, blocks[j] returns outputs[j] without computing (the forward skips to the first block not given)."""
+    saved = []
+    try:
+        for block, out in zip(blocks, outputs):
+            cls = type(block)
+            saved.append((block, cls))
+            block.__class__ = type("Replay" + cls.__name__, (cls,), {"__call__": lambda self, *a, _o=out, **k: _o})
+        yield
+    finally:
+        for block, cls in saved:
+            block.__class__ = cls
+
+
+def measured_errors(model: nn.Module, tokens: mx.array, paths: list[str], options: Callable[[str], list],
+                    quantize: Callable[[str, mx.array, object], mx.array], *,
+                    on_progress: Progress | None = None) -> dict[str, dict]:
+    """-> {weight path: {choice: KL(base || the model with only that weight replaced by quantize(path, w, choice))}}.
+
+    model: the float model (weights restored on return); tokens [N, S] scored; paths: weight paths, e.g.
+    "model.layers.3.mlp.up_proj.weight" or "model.embed_tokens.weight" (a tied table is scored as both);
+    options(path) -> the choices to measure; quantize(path, w [out, in], choice) -> w_hat [out, in] (dequantized)."""
+    from mlx.utils import tree_flatten
+
+    from .. import models, pipeline
+
+    params = dict(tree_flatten(model.parameters()))
+    missing = [p for p in paths if p not in params]
+    if missing:
+        raise KeyError(f"no such parameters: {missing[:3]}")
+    mods = dict(model.named_modules())
+    blocks = models.blocks(model)
+    prefix = pipeline._block_prefix(model) + "."
+    base = log_probs(model, tokens)
+    outs = block_outputs(model, tokens)
+    mx.eval(base)
+    res, total, done = {}, sum(len(options(p)) for p in paths), 0
+    for p in paths:
+        mod, name = p.rsplit(".", 1)
+        w = params[p]
+        start = int(p[len(prefix):].split(".", 1)[0]) if p.startswith(prefix) else 0  # first block to compute
+        res[p] = {}
+        with replay(blocks[:start], outs[:start]):
+            for c in options(p):
+                setattr(mods[mod], name, quantize(p, w, c).astype(w.dtype))
+                try:
+                    res[p][c] = kl_from(base, log_probs(model, tokens))
+                finally:
+                    setattr(mods[mod], name, w)
+                done += 1
+                if on_progress:
+                    on_progress("sensitivity", done, total)
+    return res
+
+
+def extrapolate(measured: dict, proxy: dict, anchor: Callable[[object], object]) -> dict:
+    """Fill every proxy choice: err(c) = measured[a] * proxy[c] / proxy[a] with a = anchor(c) a measured choice
+    (itself when measured). measured, proxy: {choice: value}; the proxy is any error of the same shape (e.g. the
+    weight-space error of RTN at c), used only through its ratios within one layer."""
+    out = {}
+    for c, v in proxy.items():
+        if c in measured:
+            out[c] = measured[c]
+        else:
+            a = anchor(c)
+            out[c] = measured[a] * v / proxy[a] if proxy[a] > 0 else measured[a]
+    return out
