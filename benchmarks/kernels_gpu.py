@@ -86,15 +86,10 @@ def correctness(quick: bool) -> list[dict]:
 def np_truth(x, wq, s, b, bits: int, gs: int):
     """float64 y [M, out] from a host-side word/shift unpack of the LSB-first bitstream (no MLX in the loop)."""
     import numpy as np
-    p = np.asarray(wq).astype(np.uint64)
-    p = np.concatenate([p, np.zeros((p.shape[0], 1), np.uint64)], axis=1)
-    n_in = x.shape[1]
-    bit = np.arange(n_in) * bits
-    lo, hi, sh = p[:, bit // 32], p[:, bit // 32 + 1], (bit % 32).astype(np.uint64)
-    q = ((((hi << np.uint64(32)) | lo) >> sh) & np.uint64(2**bits - 1)).astype(np.float64)   # q: [out, in]
-    f64 = lambda a: np.asarray(a.astype(mx.float32), np.float64)  # noqa: E731
-    w = np.repeat(f64(s), gs, axis=1) * q + np.repeat(f64(b), gs, axis=1)                      # w: [out, in]
-    return f64(x) @ w.T
+
+    from mlx_holo.kernels.host_truth import np_matvec
+    f32 = lambda a: np.asarray(a.astype(mx.float32))  # noqa: E731
+    return np_matvec(f32(x), np.asarray(wq), f32(s)[None], f32(b)[None], bits, gs)[0]
 
 
 def consistency() -> list[dict]:

@@ -15,30 +15,17 @@ import pytest
 
 from mlx_holo import kernels as K
 from mlx_holo.kernels import source
+from mlx_holo.kernels.host_truth import np_matvec as host_np_matvec, np_unpack
 from mlx_holo.quant.formats import pack
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 
 
-def np_unpack(packed: np.ndarray, bits: int, n_in: int) -> np.ndarray:
-    """Codes [out, n_in] from an LSB-first bitstream of little-endian uint32 words, by word/shift arithmetic
-    (independent of formats.unpack, which goes through np.unpackbits)."""
-    p = packed.astype(np.uint64)
-    p = np.concatenate([p, np.zeros((p.shape[0], 1), np.uint64)], axis=1)  # room for the last straddle
-    bit = np.arange(n_in) * bits
-    lo, hi, s = p[:, bit // 32], p[:, bit // 32 + 1], (bit % 32).astype(np.uint64)
-    return (((hi << np.uint64(32)) | lo) >> s) & np.uint64(2**bits - 1)
-
-
 def np_matvec(x, packed, scales, biases, bits, group_size):
-    """float64 y [K, M, out] with scales/biases [K, out, G]."""
-    n_in = x.shape[1]
-    q = np_unpack(np.asarray(packed), bits, n_in).astype(np.float64)
-    s = np.repeat(np.asarray(scales.astype(mx.float32), np.float64), group_size, axis=2)  # [K, out, in]
-    b = np.repeat(np.asarray(biases.astype(mx.float32), np.float64), group_size, axis=2)
-    w = s * q[None] + b                                                               # w: [K, out, in]
-    return np.einsum("mi,koi->kmo", np.asarray(x.astype(mx.float32), np.float64), w)
+    """float64 y [K, M, out] with scales/biases [K, out, G] (MLX arrays of any float dtype)."""
+    f32 = lambda a: np.asarray(a.astype(mx.float32))  # noqa: E731
+    return host_np_matvec(f32(x), np.asarray(packed), f32(scales), f32(biases), bits, group_size)
 
 
 def make_layer(n_out, n_in, bits, group_size, m, seed, dtype=mx.float32):
