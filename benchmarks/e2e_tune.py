@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="default")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--batch", type=int, default=1, help="calibration windows per step")
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     base = models.open_model(args.base)[0]
     calib = data.calibration_windows(tok, data.load_corpus("c4"), args.calib_tokens, args.seq_len, args.seed)
     wins = data.windows(data.tokenize(tok, data.load_corpus("wiki"), args.eval_tokens), args.seq_len)
-    rep, tensors, m = e2e_tune(args.model, base, calib, steps=args.steps, lr=args.lr, seed=args.seed,
+    rep, tensors, m = e2e_tune(args.model, base, calib, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
                                on_progress=progress_printer())
     print(f"{args.model}: {rep['linears']} quantized linears, {rep['embeddings']} quantized tables, {rep['windows']} "
           "calibration windows")

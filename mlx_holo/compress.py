@@ -186,7 +186,7 @@ def sparsity_report(folder, layers: list, nm: str | None) -> dict:
             "layers_quantized": quantized, "nm": nm, "nm_pattern_holds": (nm_ok if nm and checked else None)}
 
 
-def e2e_tune(folder, base, calib, *, steps: int, lr: float, seed: int = 0, on_progress=None):
+def e2e_tune(folder, base, calib, *, steps: int, lr: float, batch: int = 1, seed: int = 0, on_progress=None):
     """End-to-end KL tuning (quant/e2e_qp.py) of a compressed folder's scales/biases (every affine quantized linear
     and embedding table), codes frozen -> (report, tensors, model).
 
@@ -205,11 +205,11 @@ def e2e_tune(folder, base, calib, *, steps: int, lr: float, seed: int = 0, on_pr
     models.dequantize_model(m)  # anything still quantized (other modes): float, fixed
     models.cast_floats(m, mx.float32)
     t = time.perf_counter()
-    res = tune_kl(m, base, code, calib, steps=steps, lr=lr, seed=seed, on_progress=on_progress)
+    res = tune_kl(m, base, code, calib, steps=steps, lr=lr, batch=batch, seed=seed, on_progress=on_progress)
     tuned = to_float(m, code)
     k = max(1, len(res.losses) // 10)
     n_emb = sum(isinstance(c, _CodeEmbedding) for c in code.values())
-    report = {"steps": steps, "lr": lr, "linears": len(code) - n_emb, "embeddings": n_emb,
+    report = {"steps": steps, "lr": lr, "batch": batch, "linears": len(code) - n_emb, "embeddings": n_emb,
               "windows": int(calib.shape[0]),
               "heldout_kl_before": res.kl_before, "heldout_kl_after": res.kl_after, "kept": bool(res.kept),
               "train_kl_first": float(np.mean(res.losses[:k])) if res.losses else None,
@@ -271,7 +271,7 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
         if recipe.e2e_steps > 0:
             bm = bm if bm is not None else models.open_model(model)[0]
             extra["e2e_tune"], tensors, _ = e2e_tune(tmp, bm, calib, steps=recipe.e2e_steps, lr=recipe.e2e_lr,
-                                                     seed=recipe.seed, on_progress=on_progress)
+                                                     batch=recipe.e2e_batch, seed=recipe.seed, on_progress=on_progress)
             if tensors:
                 models.replace_tensors(tmp, tensors)
             e2e_s = extra["e2e_tune"]["seconds"]
@@ -358,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "step, kept only if the held-out windows' KL falls (0 = off; holds the whole model, not one "
                          "block)")
     ap.add_argument("--e2e-lr", type=float, default=3e-5, help="its learning rate, relative to each tensor's RMS")
+    ap.add_argument("--e2e-batch", type=int, default=1, help="its calibration windows per step")
     ap.add_argument("--bits-per-weight", type=float, default=None, help="mixed: average bits budget")
     ap.add_argument("--target-mb", type=float, default=None, help="mixed: model size budget in MB")
     ap.add_argument("--candidate-bits", default=(), type=_int_tuple,
@@ -402,6 +403,7 @@ def recipe_from_args(args):
                   gptq_head=args.gptq_head, embed_first=args.embed_first,
                   head_damp=args.head_damp, damp=args.damp, qep_alpha=args.qep_alpha, qep_damp=args.qep_damp,
                   tune_steps=args.tune_steps, tune_lr=args.tune_lr, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr,
+                  e2e_batch=args.e2e_batch,
                   bits_per_weight=args.bits_per_weight,
                   target_mb=args.target_mb,
                   candidate_bits=args.candidate_bits, candidate_groups=args.candidate_groups,

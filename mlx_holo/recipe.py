@@ -51,6 +51,7 @@ class Recipe:
     e2e_steps: int = 0               # after compression: Adam on every quantized linear's scales/biases against
                                      # KL(base || model), codes frozen (quant/e2e_qp.py; whole model in memory)
     e2e_lr: float = 3e-5             # its learning rate, relative: lr * RMS(tensor)
+    e2e_batch: int = 1               # its calibration windows per step
     # mixed precision
     bits_per_weight: float | None = None
     target_mb: float | None = None
@@ -137,6 +138,8 @@ class Recipe:
                 raise RecipeError(f"{name}_steps tunes affine quantization parameters: it needs --bits and mode affine")
             if steps and self.method in PRUNE_METHODS:
                 raise RecipeError(f"{name}_steps would move the stored zeros of a pruned weight; not with pruning")
+        if self.e2e_batch < 1:
+            raise RecipeError(f"e2e_batch must be >= 1, got {self.e2e_batch}")
         if self.qep_damp <= 0:
             raise RecipeError(f"qep_damp must be > 0, got {self.qep_damp}")
         if self.calib_tokens < 0 or self.calib_seq_len <= 0:

@@ -142,6 +142,29 @@ def test_end_to_end_kl_tuning_lowers_held_out_kl(tiny_model_dir, text_file, tmp_
     assert not (tmp_path / "t" / "evidence.json").exists()
 
 
+def test_end_to_end_batch_is_the_mean_kl_of_its_windows(tiny_model_dir, text_file, tmp_path):
+    from mlx_holo.quant.e2e_qp import swap_code_linears, tune_kl
+    from mlx_holo.replicate.tune import kl_to_base
+
+    kw = dict(eval_tokens=0, calib_corpus=str(text_file), eval_corpus=str(text_file))
+    compress(str(tiny_model_dir), Recipe(method="rtn", bits=2), str(tmp_path / "q"), **kw)
+    base = models.open_model(str(tiny_model_dir))[0]
+    calib = data.calibration_windows(models.open_model(str(tmp_path / "q"), lazy=True)[1],
+                                     data.load_corpus(str(text_file)), 1024, 128, seed=0)  # [8, 128]: 6 train, 2 held
+    runs = []
+    for seed in (0, 1):
+        m = models.open_model(str(tmp_path / "q"), dequantize=False)[0]
+        code = swap_code_linears(m)
+        models.dequantize_model(m)
+        first = float(kl_to_base(m(calib[:6]).astype(mx.float32), base(calib[:6]).astype(mx.float32)).item())
+        res = tune_kl(m, base, code, calib, steps=5, lr=1e-2, batch=6, seed=seed)  # every training window a step
+        assert res.losses[0] == pytest.approx(first, rel=1e-4)
+        runs.append(res.losses)
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)  # no sampling left: the seed does not matter
+    with pytest.raises(ValueError, match="batch"):
+        tune_kl(m, base, code, calib, steps=1, batch=0)
+
+
 def test_compress_with_e2e_tuning_saves_tuned_parameters(tiny_model_dir, text_file, tmp_path):
     plain, ev, a, b = _plain_and_tuned(tiny_model_dir, text_file, tmp_path, 512,
                                        dict(method="rtn", bits=2, calib_tokens=1024, calib_seq_len=128),
@@ -170,6 +193,8 @@ def test_e2e_recipe_errors():
         Recipe(method="rtn", mode="mxfp4", e2e_steps=10).validate()
     with pytest.raises(RecipeError, match="pruned"):
         Recipe(method="wanda", sparsity=0.5, e2e_steps=10).validate()
+    with pytest.raises(RecipeError, match="e2e_batch"):
+        Recipe(method="gptq", e2e_steps=5, e2e_batch=0).validate()
 
 
 def test_code_embedding_matches_quantized_embedding():

@@ -69,3 +69,13 @@ def test_measured_errors_rejects_unknown_paths(tiny_model_dir):
     model = models.open_model(str(tiny_model_dir))[0]
     with pytest.raises(KeyError):
         measured_errors(model, mx.array([[1, 2, 3]]), ["model.nope.weight"], lambda p: [3], _rtn)
+
+
+def test_recipe_checks_the_kl_sensitivity():
+    from mlx_holo.recipe import Recipe, RecipeError
+
+    Recipe(method="mixed", bits=2, bits_per_weight=3.5, sensitivity="kl", kl_tokens=64).validate()
+    with pytest.raises(RecipeError, match="kl_tokens"):
+        Recipe(method="mixed", bits=2, bits_per_weight=3.5, sensitivity="kl", kl_tokens=0).validate()
+    with pytest.raises(RecipeError, match="sensitivity"):
+        Recipe(method="mixed", bits=2, bits_per_weight=3.5, sensitivity="zeroq").validate()

@@ -90,12 +90,15 @@ def _mean_kl(model, base, windows) -> float:
 
 
 def tune_kl(model: nn.Module, base: nn.Module, code_linears: dict[str, _CodeLinear], windows: mx.array, *,
-            steps: int = 100, lr: float = 1e-3, holdout: float = 0.25, seed: int = 0, on_progress=None
-            ) -> KLTuneResult:
+            steps: int = 100, lr: float = 1e-3, batch: int = 1, holdout: float = 0.25, seed: int = 0,
+            on_progress=None) -> KLTuneResult:
     """Adam on the scales/biases of ``code_linears`` (everything else frozen) to lower KL(base || model).
 
-    windows: [N, S] calibration tokens, one window per step; the last ``holdout`` fraction (at least one when N >= 2)
-    is not trained on and decides whether the tuning is kept (else the parameters are restored)."""
+    windows: [N, S] calibration tokens; each step draws ``batch`` distinct training windows (the gradient of their
+    mean KL); the last ``holdout`` fraction (at least one when N >= 2) is not trained on and decides whether the
+    tuning is kept (else the parameters are restored)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     n = windows.shape[0]
     n_val = holdout_split(n, holdout)
     train, val = windows[:n - n_val], (windows[n - n_val:] if n_val else windows)
@@ -109,10 +112,11 @@ def tune_kl(model: nn.Module, base: nn.Module, code_linears: dict[str, _CodeLine
     rng = np.random.default_rng(seed)
 
     def sample(_):
-        i = int(rng.integers(0, train.shape[0]))
-        blog = base(train[i:i + 1]).astype(mx.float32)
+        idx = mx.array(np.sort(rng.choice(train.shape[0], size=min(batch, train.shape[0]), replace=False)))
+        toks = train[idx]                                  # [B, S]
+        blog = base(toks).astype(mx.float32)               # [B, S, V]
         mx.eval(blog)
-        return train[i:i + 1], blog
+        return toks, blog
 
     losses = adam_steps(model, loss_grad, opt, sample, steps, on_progress, "tune-kl")
     model.unfreeze()
