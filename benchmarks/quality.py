@@ -6,8 +6,8 @@ Run: python benchmarks/quality.py --bits 2,3,4 --eval-tokens 4096 --calib-tokens
 compressing again (its compression seconds are read back from DIR/<variant>/quality_seconds.txt): a long tool run
 (mlx-lm's AWQ takes ~16 CPU-minutes for this 135M model) can be done once, or by ``--methods mlx_lm:awq`` alone.
 
-Ours: rtn, gptq, gptq+e2e (GPTQ, then ``--e2e-steps 20 --e2e-lr 3e-5``), awq, mixed / mixed-fisher (Hessian or
-Fisher sensitivity, at the same average bits as uniform ``b`` + its group overhead, bit-widths from ``b`` up, group
+Ours: rtn, gptq, gptq+e2e (GPTQ, then ``--e2e-steps 20 --e2e-lr 3e-5``), awq, mixed / mixed-fisher / mixed-kl (Hessian,
+Fisher or measured-KL sensitivity, at the same average bits as uniform ``b`` + its group overhead, bit-widths from ``b`` up, group
 sizes 32/64/128), via
 ``mlx_holo.compress.compress`` in-process. mlx-lm: ``mlx_lm.convert -q`` (RTN), ``mlx_lm.quant.gptq`` and
 ``mlx_lm.quant.awq`` as subprocesses, offline: the same calibration text (c4) is placed where mlx-lm looks for its
@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_holo.hardware import ensure_fast_blas  # noqa: E402
 
 ensure_fast_blas()
+
+MIXED = {"mixed": "hessian", "mixed-fisher": "fisher", "mixed-kl": "kl"}  # method -> --sensitivity
 
 
 def _bpw(folder: Path) -> float:
@@ -134,10 +136,10 @@ def main(argv=None) -> int:
                                                 args.calib_tokens, args.seq_len)
                 else:
                     kw = {}
-                    if method in ("mixed", "mixed-fisher"):
+                    if method in MIXED:
                         kw = dict(method="mixed", bits=bits, bits_per_weight=bits + 32 / args.group_size,
                                   candidate_groups=(32, 64, 128),  # room to move: --bits is mixed's floor
-                                  sensitivity="fisher" if method == "mixed-fisher" else "hessian")
+                                  sensitivity=MIXED[method])
                     elif method == "gptq+e2e":  # GPTQ, then 20 steps of end-to-end KL tuning (--e2e-steps 20)
                         kw = dict(method="gptq", bits=bits, e2e_steps=20, e2e_lr=3e-5)
                     else:
