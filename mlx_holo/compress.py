@@ -91,8 +91,11 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     mx.clear_cache()
     emb_bits = {k.rsplit(".", 1)[0]: (recipe.embed_bits or recipe.bits) if pinned else bits[k.rsplit(".", 1)[0]]
                 for k, _ in emb}
+    # the allocation's own loss estimate: for kl, the sum of the layers' measured KLs, comparable with the model's
+    # scored KL (how additive the layers' damage really is); for fisher/hessian in their own units
+    estimate = float(sum(c.err[bits[c.name]] for c in costs))
     return bits, {"sensitivity": recipe.sensitivity, "budget_bytes": budget, "allocated_bytes": used,
-                  "bits_histogram": hist, "embedding_bits": emb_bits}
+                  "bits_histogram": hist, "embedding_bits": emb_bits, "estimated_loss": estimate}
 
 
 MEASURED_MAX_BITS = 4  # kl sensitivity: choices with more bits are extrapolated (their KL is tiny and noisy)

@@ -88,6 +88,7 @@ def test_mixed_precision_respects_budget_and_loads(tiny_model_dir, text_file, tm
                   str(out), eval_tokens=256, eval_seq_len=128, calib_corpus=str(text_file),
                   eval_corpus=str(text_file))
     assert ev["bits_per_weight"] <= 3.25 + 1e-6
+    assert 0 < ev["allocation"]["estimated_loss"] < float("inf")
     bits = {layer["bits"] for layer in ev["layers"]}
     assert len(bits) > 1  # really mixed
     cfg = json.loads((out / "config.json").read_text())
