@@ -80,12 +80,12 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
         other = sum(v.size * 2 for k, v in _float_params(model))
         budget = int(recipe.target_mb * 1e6) - emb_bytes - other
     bits = allocate_bits(costs, target_bytes=budget, candidate_bits=recipe.mixed_bits(),
-                         candidate_groups=recipe.candidate_groups)
+                         candidate_groups=recipe.candidate_groups, allow_float=recipe.allow_float)
     used = allocation_bytes(costs, bits)
     hist = {}
     for c in bits.values():
         b, g = bits_group(c, recipe.group_size)
-        key = str(b) if not recipe.candidate_groups else f"{b}/g{g}"
+        key = "float" if b is None else str(b) if not recipe.candidate_groups else f"{b}/g{g}"
         hist[key] = hist.get(key, 0) + 1
     del model
     mx.clear_cache()
@@ -93,7 +93,7 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
                 for k, _ in emb}
     # the allocation's own loss estimate: for kl, the sum of the layers' measured KLs, comparable with the model's
     # scored KL (how additive the layers' damage really is); for fisher/hessian in their own units
-    estimate = float(sum(c.err[bits[c.name]] for c in costs))
+    estimate = float(sum(c.err.get(bits[c.name], 0.0) for c in costs))  # a float layer: no error
     return bits, {"sensitivity": recipe.sensitivity, "budget_bytes": budget, "allocated_bytes": used,
                   "bits_histogram": hist, "embedding_bits": emb_bits, "estimated_loss": estimate}
 
@@ -263,7 +263,9 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
     with models.atomic_dir(out, overwrite=overwrite) as tmp:
         nbytes = models.save_compressed(res.floats, res.quantized, config, info.path, tmp,
                                         default_bits=recipe.bits, default_group_size=max(recipe.group_size, 32)
-                                        if recipe.group_size != -1 else 128, mode=recipe.mode)
+                                        if recipe.group_size != -1 else 128, mode=recipe.mode,
+                                        keep_float={r.name for r in res.layers if r.bits is None}
+                                        if recipe.bits is not None else None)
         nbytes["original"] = 2 * info.n_params
         layers = res.layer_dicts()
         extra = dict(details, **res.extra)
@@ -374,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "embeddings included in the budget)")
     ap.add_argument("--fisher-windows", type=int, default=8, help="mixed, fisher: calibration windows differentiated")
     ap.add_argument("--kl-tokens", type=int, default=256, help="mixed, kl: calibration tokens each measurement scores")
+    ap.add_argument("--allow-float", action="store_true",
+                    help="mixed: a layer may also stay float16 (written as a False override mlx_lm.load reads)")
     ap.add_argument("--sparsity", type=float, default=0.0)
     ap.add_argument("--nm", default=None, help="N:M structured sparsity, e.g. 2:4")
     ap.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "zero-order"])
@@ -411,6 +415,7 @@ def recipe_from_args(args):
                   target_mb=args.target_mb,
                   candidate_bits=args.candidate_bits, candidate_groups=args.candidate_groups,
                   sensitivity=args.sensitivity, fisher_windows=args.fisher_windows, kl_tokens=args.kl_tokens,
+                  allow_float=args.allow_float,
                   sparsity=args.sparsity, nm=args.nm, allocation=args.allocation,
                   recover=args.recover, quantize_embeddings=args.quantize_embeddings, embed_bits=args.embed_bits)
 

@@ -466,6 +466,10 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
             continue
         mod = k.rsplit(".", 1)[0]
         bits, g = bits_group((layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits), recipe.group_size)
+        if bits is None:  # mixed precision kept it float
+            res.floats[k] = v
+            res.layers.append(LayerRecord(mod, None, None, 0.0, None, 0.0))
+            continue
         H = hessian(head_x) if head_x is not None and _head_module(model, mod) else None
         if mod in res.quantized:  # a tied table quantized before the blocks (``head_x_first``)
             err = rel_error(v.astype(mx.float32), res.quantized[mod].dequantize(), H) if H is not None else None

@@ -61,6 +61,7 @@ class Recipe:
                                      # | kl (measured: the KL each layer alone adds, quant/measured.py)
     fisher_windows: int = 8          # calibration windows differentiated for the Fisher
     kl_tokens: int = 256             # calibration tokens each kl measurement scores
+    allow_float: bool = False        # mixed: a layer may also stay float16 (16 bits/weight, no error)
     # pruning
     sparsity: float = 0.0
     nm: str | None = None            # "2:4", "4:8"
@@ -115,6 +116,8 @@ class Recipe:
                 raise RecipeError(f"bits_per_weight={self.bits_per_weight} is below the cheapest choice, "
                                   f"{min(self.mixed_bits())} bits at group size {g} = {floor:g} bits/weight; lower "
                                   "--bits (mixed precision's floor), pass --candidate-bits or larger --candidate-groups")
+        if self.allow_float and self.method != "mixed":
+            raise RecipeError("allow_float is a choice of mixed precision's allocation: use it with --method mixed")
         if any(g not in GROUP_SIZES + (-1,) for g in self.candidate_groups):
             raise RecipeError(f"candidate_groups must be a subset of {GROUP_SIZES + (-1,)}, got {self.candidate_groups}")
         if self.sensitivity not in ("hessian", "fisher", "kl"):

@@ -8,7 +8,7 @@ import pytest
 from conftest import make_tiny_model
 from mlx_holo import data, models, pipeline
 from mlx_holo.compress import compress
-from mlx_holo.recipe import Recipe
+from mlx_holo.recipe import Recipe, RecipeError
 
 
 def _calib(folder, text_file, n=1024, seq=128):
@@ -100,6 +100,35 @@ def test_mixed_precision_respects_budget_and_loads(tiny_model_dir, text_file, tm
         for p in path.split("."):
             mod = mod[int(p)] if p.isdigit() else getattr(mod, p)
         assert mod.bits == q["bits"]
+
+
+@pytest.mark.parametrize("sensitivity", ["fisher", "kl"])
+def test_mixed_precision_may_keep_layers_float(tiny_model_dir, text_file, tmp_path, sensitivity):
+    """--allow-float: with only 2/3 bits on offer and a 6-bit budget, the spare bytes can only buy float layers;
+    they are saved as float16 with False overrides and load as plain nn.Linear / nn.Embedding in stock mlx_lm."""
+    import mlx.nn as nn
+    from mlx_lm import load
+
+    out = tmp_path / "mixed-float"
+    ev = compress(str(tiny_model_dir), Recipe(method="mixed", bits=2, bits_per_weight=6.0, calib_tokens=1024,
+                                              calib_seq_len=128, candidate_bits=(2, 3), sensitivity=sensitivity,
+                                              fisher_windows=4, kl_tokens=128, allow_float=True),
+                  str(out), eval_tokens=256, eval_seq_len=128, calib_corpus=str(text_file),
+                  eval_corpus=str(text_file))
+    kept = [layer["name"] for layer in ev["layers"] if layer["bits"] is None]
+    assert kept and len(kept) < len(ev["layers"])
+    assert ev["allocation"]["bits_histogram"]["float"] == len(kept)
+    assert ev["bits_per_weight"] <= 6.0 + 1e-6
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert all(q[name] is False for name in kept)
+    model, _ = load(str(out))
+    for name in kept:
+        mod = model
+        for p in name.split("."):
+            mod = mod[int(p)] if p.isdigit() else getattr(mod, p)
+        assert type(mod) in (nn.Linear, nn.Embedding)
+    with pytest.raises(RecipeError, match="allow_float"):
+        Recipe(method="gptq", allow_float=True).validate()
 
 
 def test_mixed_precision_with_group_size_choices_loads(tiny_model_dir, text_file, tmp_path):
