@@ -13,8 +13,8 @@ from a cheap proxy's ratios.
 
 Measured (SmolLM2-135M, 3.5 bits/weight, 2-8 bits and groups 32/64/128 allowed, GPTQ under the allocation, 2048 wiki
 tokens): **31.82, KL 0.682**, worse than the Fisher's 29.13 and than uniform GPTQ 3-bit's 25.53 (35 linears got 2
-bits; ``evidence/quality/mixed-kl-groups-3.5bpw.json``; 633 measurements of 256 tokens, ~20 min of the 27-minute
-compress on 2 CPU cores). Measuring each layer's 2-bit damage exactly did not rescue 2-bit layers: what the sum over
+bits; ``evidence/quality/mixed-kl-groups-3.5bpw.json``; 633 measurements of 256 tokens, most of the compress's 1636 s
+on 2 CPU cores beside another job). Measuring each layer's 2-bit damage exactly did not rescue 2-bit layers: what the sum over
 layers misses is how the damage of many of them compounds, not how one of them grows.
 """
 from __future__ import annotations
