@@ -155,7 +155,7 @@ class Recipe:
         and below the operating point they miss how much a layer's error grows -- measured on SmolLM2 at 3.5
         bits/weight (Fisher, groups 32/64/128, 2048 wiki tokens): 29.13 with 2-bit layers allowed (44 linears got
         2 bits) vs 25.48 without, uniform GPTQ 3-bit 25.53; with each layer's 2-bit KL measured instead
-        (``sensitivity="kl"``) 31.82: the layers' damage compounds beyond their sum."""
+        (``sensitivity="kl"``) 31.82."""
         if self.candidate_bits:
             return tuple(self.candidate_bits)
         return tuple(b for b in AFFINE_BITS if b >= (self.bits or min(AFFINE_BITS)))
