@@ -117,7 +117,7 @@ class Recipe:
                                   f"{min(self.mixed_bits())} bits at group size {g} = {floor:g} bits/weight; lower "
                                   "--bits (mixed precision's floor), pass --candidate-bits or larger --candidate-groups")
         if self.allow_float and self.method != "mixed":
-            raise RecipeError("allow_float is a choice of mixed precision's allocation: use it with --method mixed")
+            raise RecipeError("allow_float is a choice of mixed precision's allocation: use --method mixed")
         if any(g not in GROUP_SIZES + (-1,) for g in self.candidate_groups):
             raise RecipeError(f"candidate_groups must be a subset of {GROUP_SIZES + (-1,)}, got {self.candidate_groups}")
         if self.sensitivity not in ("hessian", "fisher", "kl"):
