@@ -28,7 +28,7 @@ def main(argv=None) -> int:
 
     from mlx_holo import data, models
     from mlx_holo.compress import progress_printer
-    from mlx_holo.quant.measured import kl_from, log_probs, measured_errors
+    from mlx_holo.quant.measured import kl_after, measured_errors, scored_tokens
     from mlx_holo.quant.rtn import quantize_rtn
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     qcfg = models.read_config(Path(args.model))["quantization"]
     base, tok = models.open_model(args.base)[:2]
     calib = data.calibration_windows(tok, data.load_corpus("c4"), args.calib_tokens, args.seq_len, args.seed)
-    toks = calib[: -(-args.kl_tokens // args.seq_len), : min(args.seq_len, args.kl_tokens)]
+    toks = scored_tokens(calib, args.kl_tokens)
     params = dict(tree_flatten(base.parameters()))
     mods = dict(base.named_modules())
     choice = {}  # weight path -> (bits, group) as the folder stores it
@@ -61,13 +61,12 @@ def main(argv=None) -> int:
 
     single = measured_errors(base, toks, list(choice), lambda p: [choice[p]], rtn, on_progress=progress_printer())
     total_single = sum(single[p][choice[p]] for p in choice)
-    ref = log_probs(base, toks)
+    ref = base(toks).astype(mx.float32)  # the float model's logits, before its weights are replaced below
     for p, c in choice.items():
         m, n = p.rsplit(".", 1)
         setattr(mods[m], n, rtn(p, params[p], c))
-    kl_rtn_all = kl_from(ref, log_probs(base, toks))
-    folder = models.open_model(args.model)[0]
-    kl_folder = kl_from(ref, log_probs(folder, toks))
+    kl_rtn_all = kl_after(base, toks, ref)
+    kl_folder = kl_after(models.open_model(args.model)[0], toks, ref)
     res = {"model": args.model, "layers": len(choice), "tokens": list(toks.shape),
            "sum_single_layer_kl": total_single, "kl_all_rtn": kl_rtn_all, "kl_folder": kl_folder}
     print(json.dumps(res, indent=1))

@@ -44,8 +44,8 @@ def main(argv=None) -> int:
     base = models.open_model(args.base)[0]
     calib = data.calibration_windows(tok, data.load_corpus("c4"), args.calib_tokens, args.seq_len, args.seed)
     wins = data.windows(data.tokenize(tok, data.load_corpus("wiki"), args.eval_tokens), args.seq_len)
-    rep, tensors, m = e2e_tune(args.model, base, calib, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
-                               on_progress=progress_printer())
+    rep, tensors, m = e2e_tune(args.model, base, calib, steps=args.steps, lr=args.lr, batch=args.batch,
+                               seed=args.seed, on_progress=progress_printer())
     print(f"{args.model}: {rep['linears']} quantized linears, {rep['embeddings']} quantized tables, {rep['windows']} "
           "calibration windows")
     print(f"training KL, first/last tenth of the steps: {rep['train_kl_first']:.4f} -> {rep['train_kl_last']:.4f}")

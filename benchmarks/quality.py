@@ -6,9 +6,9 @@ Run: python benchmarks/quality.py --bits 2,3,4 --eval-tokens 4096 --calib-tokens
 compressing again (its compression seconds are read back from DIR/<variant>/quality_seconds.txt): a long tool run
 (mlx-lm's AWQ takes ~16 CPU-minutes for this 135M model) can be done once, or by ``--methods mlx_lm:awq`` alone.
 
-Ours: rtn, gptq, gptq+e2e (GPTQ, then ``--e2e-steps 20 --e2e-lr 3e-5``), awq, mixed / mixed-fisher / mixed-kl (Hessian,
-Fisher or measured-KL sensitivity, at the same average bits as uniform ``b`` + its group overhead, bit-widths from ``b`` up, group
-sizes 32/64/128), via
+Ours: rtn, gptq, gptq+e2e (GPTQ, then ``--e2e-steps 20 --e2e-lr 3e-5``), awq, mixed / mixed-fisher / mixed-kl
+(Hessian, Fisher or measured-KL sensitivity, at the same average bits as uniform ``b`` + its group overhead,
+bit-widths from ``b`` up, group sizes 32/64/128), via
 ``mlx_holo.compress.compress`` in-process. mlx-lm: ``mlx_lm.convert -q`` (RTN), ``mlx_lm.quant.gptq`` and
 ``mlx_lm.quant.awq`` as subprocesses, offline: the same calibration text (c4) is placed where mlx-lm looks for its
 calibration file, under a temporary HOME. mlx-lm's GPTQ supports only 2/4/8 bits and quantizes the embedding at its

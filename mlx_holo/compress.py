@@ -105,13 +105,12 @@ def _measured_costs(model, calib, recipe, paths: list[str], params: dict, on_pro
     """LayerCosts of the kl sensitivity: measured KL at few bits, the rest extrapolated (quant/measured.py)."""
     import mlx.core as mx
 
-    from .quant.measured import extrapolate, measured_errors
+    from .quant.measured import extrapolate, measured_errors, scored_tokens
     from .quant.mixed import LayerCost, bits_group, choices, feasible, rtn_errors
     from .quant.rtn import quantize_rtn
 
     g0 = recipe.group_size
-    S = calib.shape[1]
-    tokens = calib[: -(-recipe.kl_tokens // S), : min(S, recipe.kl_tokens)]  # [N, S'] the scored tokens
+    tokens = scored_tokens(calib, recipe.kl_tokens)
     opts = {p: feasible(choices(recipe.mixed_bits(), recipe.candidate_groups), params[p].shape[-1], g0)
             for p in paths}
 

@@ -5,7 +5,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_holo import models
-from mlx_holo.quant.measured import extrapolate, kl_from, log_probs, measured_errors, replay
+from mlx_holo.quant.measured import extrapolate, kl_after, measured_errors, replay, scored_tokens
 from mlx_holo.quant.rtn import quantize_rtn
 
 
@@ -25,14 +25,14 @@ def test_measured_kl_equals_the_full_forward_and_restores_weights(tiny_model_dir
     assert all(type(b).__name__.startswith("Replay") is False for b in models.blocks(model))
 
     # independent: the whole model run with the one weight replaced (no replay)
-    base = log_probs(model, toks)
+    base = model(toks).astype(mx.float32)
     mods = dict(model.named_modules())
     for p in paths:
         mod, name = p.rsplit(".", 1)
         w = after[p]
         for b in (2, 3, 4):
             setattr(mods[mod], name, _rtn(p, w, b))
-            ref = kl_from(base, log_probs(model, toks))
+            ref = kl_after(model, toks, base)
             setattr(mods[mod], name, w)
             assert kl[p][b] == pytest.approx(ref, rel=1e-3, abs=1e-7)
         assert kl[p][2] > kl[p][3] > kl[p][4] > 0  # fewer bits, more damage
@@ -42,17 +42,24 @@ def test_replay_skips_the_blocks_and_restores_them_on_error(tiny_model_dir):
     model = models.open_model(str(tiny_model_dir))[0]
     blocks = models.blocks(model)
     toks = mx.array([[1, 2, 3, 4, 5, 6]])
-    full = log_probs(model, toks)
+    full = model(toks)
     junk = [mx.zeros((1, 6, blocks[0].self_attn.q_proj.weight.shape[1]))] * len(blocks)
     with replay(blocks, junk):  # every block returns zeros: the output no longer depends on the tokens
-        a = log_probs(model, toks)
-        b = log_probs(model, mx.array([[9, 8, 7, 6, 5, 4]]))
+        a = model(toks)
+        b = model(mx.array([[9, 8, 7, 6, 5, 4]]))
     assert np.allclose(np.asarray(a), np.asarray(b))
     assert not np.allclose(np.asarray(a), np.asarray(full))
     with pytest.raises(RuntimeError):
         with replay(blocks, junk):
             raise RuntimeError("boom")
-    assert np.allclose(np.asarray(log_probs(model, toks)), np.asarray(full))
+    assert np.allclose(np.asarray(model(toks)), np.asarray(full))
+
+
+def test_scored_tokens_are_the_first_of_the_windows():
+    calib = mx.arange(4 * 8).reshape(4, 8)
+    assert scored_tokens(calib, 5).tolist() == [[0, 1, 2, 3, 4]]
+    assert scored_tokens(calib, 16).tolist() == calib[:2].tolist()
+    assert scored_tokens(calib, 20).shape == (3, 8)  # whole windows: 20 tokens round up to 3 of them
 
 
 def test_extrapolate_scales_by_the_proxy_ratio():

@@ -30,15 +30,17 @@ import mlx.nn as nn
 Progress = Callable[[str, int, int], None]
 
 
-def log_probs(model: nn.Module, tokens: mx.array) -> mx.array:
-    """tokens [N, S] -> log-probabilities [N, S, V] (float32)."""
-    logits = model(tokens).astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+def scored_tokens(calib: mx.array, n_tokens: int) -> mx.array:
+    """calib [N, S] windows -> the first n_tokens of them [ceil(n_tokens / S), min(S, n_tokens)] (what is scored)."""
+    S = calib.shape[1]
+    return calib[: -(-n_tokens // S), : min(S, n_tokens)]
 
 
-def kl_from(base_logp: mx.array, logp: mx.array) -> float:
-    """Mean over positions of KL(p_base || p): both [N, S, V] log-probabilities."""
-    return float((mx.exp(base_logp) * (base_logp - logp)).sum(axis=-1).mean().item())
+def kl_after(model: nn.Module, tokens: mx.array, base_logits: mx.array) -> float:
+    """Mean KL(p_base || p_model) over the positions of tokens [N, S]; base_logits [N, S, V] float32."""
+    from ..replicate.tune import kl_to_base
+
+    return float(kl_to_base(model(tokens).astype(mx.float32), base_logits).item())
 
 
 def block_outputs(model: nn.Module, tokens: mx.array) -> list[mx.array]:
@@ -88,7 +90,7 @@ def measured_errors(model: nn.Module, tokens: mx.array, paths: list[str], option
     mods = dict(model.named_modules())
     blocks = models.blocks(model)
     prefix = pipeline._block_prefix(model) + "."
-    base = log_probs(model, tokens)
+    base = model(tokens).astype(mx.float32)  # [N, S, V]
     outs = block_outputs(model, tokens)
     mx.eval(base)
     res, total, done = {}, sum(len(options(p)) for p in paths), 0
@@ -101,7 +103,7 @@ def measured_errors(model: nn.Module, tokens: mx.array, paths: list[str], option
             for c in options(p):
                 setattr(mods[mod], name, quantize(p, w, c).astype(w.dtype))
                 try:
-                    res[p][c] = kl_from(base, log_probs(model, tokens))
+                    res[p][c] = kl_after(model, tokens, base)
                 finally:
                     setattr(mods[mod], name, w)
                 done += 1
