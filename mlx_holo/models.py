@@ -326,9 +326,21 @@ def cast_floats(model: nn.Module, dtype) -> None:
 
 
 def dequantize_model(model: nn.Module, dtype=mx.float32) -> None:
-    """Replace QuantizedLinear/QuantizedEmbedding modules by float ones holding the dequantized weights."""
+    """Replace QuantizedLinear/QuantizedEmbedding (and MoE QuantizedSwitchLinear) modules by float ones holding the
+    dequantized weights."""
     swaps = []
     for path, m in model.named_modules():
+        if type(m).__name__ == "QuantizedSwitchLinear":
+            from mlx_lm.models.switch_layers import SwitchLinear
+
+            w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
+                              mode=getattr(m, "mode", "affine")).astype(dtype)
+            new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
+            new.weight = w
+            if "bias" in m:
+                new.bias = m.bias.astype(dtype)
+            swaps.append((path, new))
+            continue
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
                               mode=getattr(m, "mode", "affine")).astype(dtype)
@@ -398,6 +410,8 @@ def save_compressed(floats: dict[str, mx.array], quantized: dict, config: dict, 
                 scales, biases = mx.repeat(scales, reps, axis=1), mx.repeat(biases, reps, axis=1)
             wq, bits = q.packed(), q.bits
             scales, biases = scales.astype(float_dtype), biases.astype(float_dtype)
+            if q.experts:  # mlx-lm's QuantizedSwitchLinear: [E, out, ...]
+                wq, scales, biases = (a.reshape(q.experts, -1, a.shape[-1]) for a in (wq, scales, biases))
             tensors.update({f"{mod}.weight": wq, f"{mod}.scales": scales, f"{mod}.biases": biases})
             entry = {"group_size": g, "bits": bits}
         else:

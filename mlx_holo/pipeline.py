@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import models
+from .experts import expert_modules, routed_rows, router_paths, split_by_expert, stack
 from .quant.formats import QuantizedWeight
 from .quant.mixed import bits_group
 from .recipe import PRUNE_METHODS, Recipe
@@ -72,12 +74,15 @@ def block_inputs(model: nn.Module, tokens: mx.array) -> tuple[mx.array, object]:
 
 
 def linear_modules(block: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(p, m) for p, m in block.named_modules() if isinstance(m, nn.Linear)][::-1]
+    """The block's nn.Linear layers to compress, in call order; a MoE router stays float (``experts.py``)."""
+    routers = router_paths(block)
+    return [(p, m) for p, m in block.named_modules() if isinstance(m, nn.Linear) and p not in routers][::-1]
 
 
 def capture_linear_inputs(block: nn.Module, x: mx.array, mask, stages: list | None = None
                           ) -> tuple[mx.array, dict[str, mx.array]]:
     """Run block on x [N, S, D]; -> (output, {linear path: its input [N*S, in]}), the dict in call order.
+    A MoE expert layer's entry is (rows [n, in], expert index [n]), one row per (token, expert it was routed to).
 
     stages: if a list is given, it is filled with the linears grouped by the input they read, in call order
     (a llama block: [q, k, v], [o], [gate, up], [down]) -- the order of GPTQ's "true sequential" quantization.
@@ -103,6 +108,15 @@ def capture_linear_inputs(block: nn.Module, x: mx.array, mask, stages: list | No
 
         saved.append((m, cls))
         m.__class__ = type("Cap" + cls.__name__, (cls,), {"__call__": call})
+    for path, m in expert_modules(block):
+        cls = type(m)
+
+        def call_experts(self, inp, indices, sorted_indices=False, _cls=cls, _path=path):
+            box[0][_path] = routed_rows(inp, indices)
+            return _cls.__call__(self, inp, indices, sorted_indices=sorted_indices)
+
+        saved.append((m, cls))
+        m.__class__ = type("Cap" + cls.__name__, (cls,), {"__call__": call_experts})
     try:
         y = block(x, mask)
         mx.eval(y, seen)
@@ -197,6 +211,63 @@ def prune_weight(w: mx.array, X: mx.array | None, H: mx.array | None, method: st
     return weight, r.mask
 
 
+def _compress_weight(w: mx.array, X: mx.array | None, H: mx.array | None, X_fp: mx.array | None, recipe: Recipe,
+                     quant_method: str, bits: int | None, g: int, sparsity: float):
+    """One weight w [out, in] (float32) with its calibration input X [n, in] / Hessian H (None: data-free) ->
+    (QuantizedWeight (compact) or float-mode tuple, or None when kept float; w_hat [out, in]; measured sparsity).
+    X_fp: the float model's input (QEP)."""
+    pruned = 0.0
+    w_new, keep = w, None
+    if recipe.method in PRUNE_METHODS:
+        method = recipe.method if X is not None else "magnitude"  # an expert no calibration token reached
+        w_new, keep = prune_weight(w, X, H, method, sparsity, recipe.nm, recipe.recover if H is not None else None,
+                                   recipe.damp)
+        pruned = 1.0 - float(keep.astype(mx.float32).mean().item())
+    if bits is None:
+        return None, w_new, pruned
+    if recipe.mode != "affine":
+        q, w_hat = float_quantize(w_new, recipe.mode)
+        return q, w_hat, pruned
+    if X_fp is not None:
+        w_new = _qep_target(w_new, X_fp, X, recipe)
+    method = quant_method if X is not None else "rtn"
+    qw = quantize_weight(w_new, X, H, recipe, bits, method, keep, g)
+    w_hat = qw.dequantize()
+    mx.eval(w_hat)
+    return qw.compact(), w_hat, pruned  # hold packed codes only: bits/8 bytes per weight
+
+
+def _compress_experts(sw: nn.Module, full: str, routed: tuple, recipe: Recipe, quant_method: str,
+                      bits: int | None, g: int, sparsity: float, res: PipelineResult) -> LayerRecord:
+    """A MoE SwitchLinear (weight [E, out, in]): each expert compressed on the rows routed to it (experts.py);
+    updates sw.weight (for the later blocks) and res in place. The record's error is the experts' mean relative
+    Hessian-weighted error over those that saw calibration tokens."""
+    ts = time.perf_counter()
+    w = sw.weight.astype(mx.float32)
+    xs = split_by_expert(*routed, w.shape[0])
+    qs, w_hats, errs, pruned = [], [], [], []
+    for e, x in enumerate(xs):
+        H = hessian(x) if x is not None else None
+        q, w_hat, p = _compress_weight(w[e], x, H, None, recipe, quant_method, bits, g, sparsity)
+        qs.append(q)
+        w_hats.append(w_hat)
+        pruned.append(p)
+        if H is not None:
+            errs.append(rel_error(w[e], w_hat, H))
+    w_hat = mx.stack(w_hats)
+    if bits is None:
+        res.floats[f"{full}.weight"] = w_hat
+    elif recipe.mode == "affine":
+        res.quantized[full] = stack(qs)
+    else:  # float modes: (wq, scales, biases|None, bits, group) per expert -> [E, out, ...] tensors
+        wq, sc, bi = (None if qs[0][j] is None else mx.stack([q[j] for q in qs]) for j in range(3))
+        res.quantized[full] = (wq, sc, bi, *qs[0][3:])
+    sw.weight = w_hat
+    mx.eval(sw.weight)
+    return LayerRecord(full, bits, g if bits is not None else None, float(np.mean(pruned)),
+                       float(np.mean(errs)) if errs else None, time.perf_counter() - ts)
+
+
 # ------------------------------------------------------------------------------------------------ the pipeline
 
 def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits: dict[str, int | None] | None = None,
@@ -271,31 +342,26 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             w = lin.weight.astype(mx.float32)
             Xl = X.get(path)
             H = hessian(Xl) if Xl is not None else None
-            sparsity = 0.0
-            w_new, keep = w, None
-            if pruning:
-                s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
-                w_new, keep = prune_weight(w, Xl, H, recipe.method, s, recipe.nm, recipe.recover, recipe.damp)
-                sparsity = 1.0 - float(keep.astype(mx.float32).mean().item())
             bits, g = bits_group(recipe.bits if layer_bits is None else layer_bits.get(full, recipe.bits),
                                  recipe.group_size)
-            if bits is not None and recipe.mode == "affine":
-                if path in X_fp:
-                    w_new = _qep_target(w_new, X_fp[path], Xl, recipe)
-                qw = quantize_weight(w_new, Xl, H, recipe, bits, quant_method, keep, g)
-                w_hat = qw.dequantize()
-                mx.eval(w_hat)
-                res.quantized[full] = qw.compact()  # hold packed codes only: bits/8 bytes per weight
-            elif bits is not None:
-                res.quantized[full], w_hat = float_quantize(w_new, recipe.mode)
+            s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
+            q, w_hat, sparsity = _compress_weight(w, Xl, H, X_fp.get(path), recipe, quant_method, bits, g, s)
+            if q is not None:
+                res.quantized[full] = q
             else:
-                w_hat = w_new
-                res.floats[f"{full}.weight"] = w_new
+                res.floats[f"{full}.weight"] = w_hat
             lin.weight = w_hat  # later blocks see the compressed block (sequential calibration)
             mx.eval(lin.weight)
             err = rel_error(w, w_hat, H) if H is not None else None
             res.layers.append(LayerRecord(full, bits, g if bits is not None else None, sparsity, err,
                                           time.perf_counter() - ts))
+        for path, sw in expert_modules(block):
+            full = f"{prefix}.{i}.{path}"
+            bits, g = bits_group(recipe.bits if layer_bits is None else layer_bits.get(full, recipe.bits),
+                                 recipe.group_size)
+            s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
+            res.layers.append(_compress_experts(sw, full, X.get(path, (None, None)), recipe, quant_method, bits, g,
+                                                s, res))
         X = X_fp = {}
         if target is not None:
             _tune_block(block, i, prefix, x, mask, target, recipe, res, on_progress)
@@ -305,7 +371,8 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             mx.eval(x)
         for k, v in tree_flatten(block.parameters()):
             full = f"{prefix}.{i}.{k}"
-            if full.rsplit(".", 1)[0] not in res.quantized and full not in res.floats:
+            # a quantized layer's weight is in res.quantized; everything else (its bias too) is saved as is
+            if not (k.endswith(".weight") and full[: -len(".weight")] in res.quantized) and full not in res.floats:
                 res.floats[full] = v
         block.update(tree_map(lambda a: mx.zeros((0,), a.dtype), block.parameters()))  # release the block
         res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())

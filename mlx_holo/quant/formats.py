@@ -77,6 +77,7 @@ class QuantizedWeight:
     bits: int
     group_size: int
     wq: mx.array | None = None  # packed codes once compacted
+    experts: int = 0  # > 0: a MoE SwitchLinear's E experts stacked as [E * out, in] rows (mlx_holo/experts.py)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -96,7 +97,9 @@ class QuantizedWeight:
         return self.codes if self.codes is not None else unpack(self.wq, self.bits, self.shape[1])
 
     def dequantize(self) -> mx.array:
-        return dequantize(self.unpacked(), self.scales, self.biases, self.group_size)
+        """-> w_hat [out, in] float32 ([E, out / E, in] for stacked experts)."""
+        w = dequantize(self.unpacked(), self.scales, self.biases, self.group_size)
+        return w.reshape(self.experts, -1, w.shape[1]) if self.experts else w
 
     def packed(self) -> mx.array:
         return self.wq if self.wq is not None else pack(self.codes, self.bits)

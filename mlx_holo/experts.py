@@ -1,0 +1,76 @@
+"""Mixture-of-experts layers in the block-by-block pipeline: which modules are experts and routers, the tokens each
+expert is routed, and per-expert compression.
+
+mlx-lm holds a block's experts as ``SwitchLinear`` modules (``switch_mlp.{gate,up,down}_proj``, weight
+[E, out, in]) beside a router ``nn.Linear`` (``gate``; qwen2-moe also has a one-row ``shared_expert_gate``).
+Quantization and pruning work per expert: expert e's calibration input is what the router sends it (GPTQ's
+Hessian H_e = X_e^T X_e / n_e, the convention of GPTQ/AutoGPTQ on Mixtral), an expert no calibration token reached
+falls back to the data-free rule (RTN, magnitude). Routers stay float: they are tiny, and a rounding error there
+changes *which* experts run, not just how well (mlx-lm keeps them at 8 bits for the same reason).
+
+The E experts' affine codes are held as one ``QuantizedWeight`` of [E * out, in] rows (groups run along ``in``, so
+stacking rows changes nothing) with ``experts = E``; ``models.save_compressed`` writes it as the
+[E, out, in * bits / 32] / [E, out, in / g] tensors of mlx-lm's ``QuantizedSwitchLinear``.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .quant.formats import QuantizedWeight
+
+
+def is_switch(m: nn.Module) -> bool:
+    """An mlx-lm ``SwitchLinear`` (by duck type: a [E, out, in] weight called with expert indices)."""
+    return type(m).__name__ == "SwitchLinear" and "weight" in m and m.weight.ndim == 3
+
+
+def expert_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """[(path, SwitchLinear)] of a block, in call order of a SwitchGLU (up, gate, down) where named so."""
+    found = [(p, m) for p, m in block.named_modules() if is_switch(m)]
+    order = {"up_proj": 0, "gate_proj": 1, "fc1": 0, "down_proj": 2, "fc2": 2}
+    return sorted(found, key=lambda pm: (pm[0].rsplit(".", 1)[0], order.get(pm[0].rsplit(".", 1)[-1], 1)))
+
+
+def router_paths(block: nn.Module) -> set[str]:
+    """Paths of the ``nn.Linear`` modules that sit directly beside a block's experts (the router ``gate``, a
+    ``shared_expert_gate``): kept float. The shared expert's own MLP (one level deeper) is an ordinary MLP."""
+    switch_parents = {p.rsplit(".", 1)[0] for p, _ in expert_modules(block) if "." in p}
+    moe = {p.rsplit(".", 1)[0] if "." in p else "" for p in switch_parents}  # the module holding the switch MLP
+    out = set()
+    for p, m in block.named_modules():
+        if isinstance(m, nn.Linear) and (p.rsplit(".", 1)[0] if "." in p else "") in moe:
+            out.add(p)
+    return out
+
+
+def routed_rows(inp: mx.array, indices: mx.array) -> tuple[mx.array, mx.array]:
+    """A SwitchLinear call's input and indices -> (x [n, in], expert [n]): one row per (token, chosen expert).
+
+    inp is [..., 1, in] broadcast against indices [...] (unsorted: [B, L, 1, 1, in] with [B, L, k]; sorted:
+    [T * k, 1, in] with [T * k])."""
+    x = mx.broadcast_to(inp, tuple(indices.shape) + tuple(inp.shape[-2:]))
+    return x.reshape(-1, inp.shape[-1]), indices.reshape(-1)
+
+
+def split_by_expert(x: mx.array | None, idx: mx.array | None, n_experts: int) -> list[mx.array | None]:
+    """x [n, in], idx [n] -> per expert its rows [n_e, in] (None where no row was routed to it, or no x)."""
+    if x is None:
+        return [None] * n_experts
+    idx_np = np.array(idx)
+    out = []
+    for e in range(n_experts):
+        rows = np.nonzero(idx_np == e)[0]
+        out.append(x[mx.array(rows)] if rows.size else None)
+    return out
+
+
+def stack(qws: list[QuantizedWeight]) -> QuantizedWeight:
+    """E experts' QuantizedWeight [out, in] -> one [E * out, in] with ``experts = E`` (packed codes)."""
+    bits, g = qws[0].bits, qws[0].group_size
+    if any(q.bits != bits or q.group_size != g for q in qws):
+        raise ValueError("experts of one SwitchLinear must share bits and group size")
+    q = QuantizedWeight(None, mx.concatenate([q.scales for q in qws]), mx.concatenate([q.biases for q in qws]),
+                        bits, g, wq=mx.concatenate([q.packed() for q in qws]), experts=len(qws))
+    return q.compact()
