@@ -21,10 +21,16 @@ from .hardware import ensure_fast_blas
 
 
 def bytes_per_token(model) -> int:
-    """Bytes a single decode step reads: every parameter except the embedding table (one row of it)."""
+    """Bytes a single decode step reads: every parameter except the embedding table (one row of it); of a MoE
+    layer's E experts only the k a token is routed to (``num_experts_per_tok``)."""
     from mlx.utils import tree_flatten
 
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    k = getattr(getattr(model, "args", None), "num_experts_per_tok", None)
+    for _, m in model.named_modules():
+        if "Switch" in type(m).__name__ and "weight" in m and m.weight.ndim == 3 and k:
+            n = sum(v.nbytes for _, v in tree_flatten(m.parameters()))
+            total -= n - n * min(k, m.weight.shape[0]) // m.weight.shape[0]
     emb = getattr(getattr(model, "model", model), "embed_tokens", None)
     tied = not hasattr(model, "lm_head")
     if emb is not None and not tied:  # the lm_head reads its own matrix; the table is only indexed
@@ -32,6 +38,21 @@ def bytes_per_token(model) -> int:
         rows = emb.weight.shape[0]
         total -= table - table // rows
     return int(total)
+
+
+def _cpu_float_experts(model) -> bool:
+    """On the CPU backend MLX's gather_mm (float MoE experts) takes float32 only: cast float experts up there.
+    -> whether any were cast."""
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return False
+    cast = False
+    for _, m in model.named_modules():
+        if type(m).__name__ == "SwitchLinear":
+            m.update({k: v.astype(mx.float32) for k, v in m.parameters().items()})
+            cast = True
+    return cast
 
 
 def time_model(model, prompt_tokens: int, gen_tokens: int, seed: int = 0) -> dict:
@@ -83,9 +104,12 @@ def run_bench(model: str | None, bits_list: list[int], *, prompt_tokens: int = 1
             nn.quantize(m, group_size=group_size, bits=bits,
                         class_predicate=lambda p, mod: hasattr(mod, "to_quantized")
                         and mod.weight.shape[-1] % group_size == 0)
+        experts_f32 = _cpu_float_experts(m)
         mx.eval(m.parameters())
         r = time_model(m, prompt_tokens, gen_tokens)
         r["bits"] = bits
+        if experts_f32:
+            r["note"] = "MoE experts float32 (MLX's CPU gather_mm runs float32 only)"
         r["model_bytes"] = int(sum(v.nbytes for _, v in tree_flatten(m.parameters())))
         r["bytes_per_token"] = bytes_per_token(m)
         r["bw_gbps"] = r["bytes_per_token"] * r["decode_tps"] / 1e9

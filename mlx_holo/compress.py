@@ -32,6 +32,7 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     import mlx.core as mx
 
     from . import models, pipeline
+    from .experts import expert_cost, expert_modules
     from .quant.mixed import (LayerCost, allocate_bits, allocation_bytes, bits_group, fisher_error, layer_bytes,
                               rtn_errors, rtn_layer_cost)
     from mlx.utils import tree_flatten
@@ -45,8 +46,12 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     prefix = pipeline._block_prefix(model)
     lin = [f"{prefix}.{i}.{p}.weight" for i, b in enumerate(models.blocks(model))
            for p, _ in pipeline.linear_modules(b)]
-    paths = lin + ([] if pinned else [k for k, _ in emb])
+    # MoE experts join the knapsack as one layer per SwitchLinear (all E experts at one choice); the hessian scan
+    # finds them itself
+    experts = [f"{prefix}.{i}.{p}.weight" for i, b in enumerate(models.blocks(model))
+               for p, _ in expert_modules(b)]
     params = dict(tree_flatten(model.parameters()))
+    paths = lin + experts + ([] if pinned else [k for k, _ in emb])
     if recipe.sensitivity == "kl":
         costs = _measured_costs(model, calib, recipe, paths, params, on_progress)
     elif recipe.sensitivity == "fisher":
@@ -56,8 +61,9 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
         costs = []
         for k in paths:
             w = params[k].astype(mx.float32)
+            w, f = w.reshape(-1, w.shape[-1]), F[k].reshape(-1, w.shape[-1])  # experts [E, out, in]: rows
             costs.append(LayerCost(k[: -len(".weight")], int(w.size), recipe.group_size,
-                                   rtn_errors(w, lambda q: fisher_error(w, F[k], q), recipe.group_size,
+                                   rtn_errors(w, lambda q: fisher_error(w, f, q), recipe.group_size,
                                               recipe.mixed_bits(), recipe.candidate_groups)))
             del F[k]
             if on_progress:
@@ -67,12 +73,14 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
             # An error a linear adds to the residual stream matters relative to that stream's size (the next
             # RMSNorm divides it out): without this, early blocks (small activations) look cheap and get 2 bits,
             # and their errors are amplified by every later block (measured: PPL 141 vs 92 for uniform 3-bit).
-            c = rtn_layer_cost(path, w, pipeline.hessian(X), recipe.group_size, candidate_bits=recipe.mixed_bits(),
-                               candidate_groups=recipe.candidate_groups)
-            c.err = {b: e / h_ms for b, e in c.err.items()}
-            return c
+            def err(w, H):
+                return rtn_layer_cost(path, w, H, recipe.group_size, candidate_bits=recipe.mixed_bits(),
+                                      candidate_groups=recipe.candidate_groups).err
 
-        costs = pipeline.scan(model, calib, cost, residual=True, on_progress=on_progress)
+            e = expert_cost(w, X, calib.size, err) if w.ndim == 3 else err(w, pipeline.hessian(X))
+            return LayerCost(path, int(w.size), recipe.group_size, {b: v / h_ms for b, v in e.items()})
+
+        costs = pipeline.scan(model, calib, cost, residual=True, experts=True, on_progress=on_progress)
     n_all = sum(c.n_params for c in costs) + (n_emb if pinned else 0)
     if recipe.bits_per_weight is not None:
         budget = int(recipe.bits_per_weight * n_all / 8) - emb_bytes
@@ -119,12 +127,15 @@ def _measured_costs(model, calib, recipe, paths: list[str], params: dict, on_pro
         few = [c for c in at_g0 if bits_group(c, g0)[0] <= MEASURED_MAX_BITS]
         return few or sorted(at_g0 or opts[p], key=lambda c: bits_group(c, g0))[:1]
 
-    kl = measured_errors(model, tokens, paths, measured,
-                         lambda p, w, c: quantize_rtn(w.astype(mx.float32), *bits_group(c, g0)).dequantize(),
-                         on_progress=on_progress)
+    def rtn(p, w, c):  # MoE experts [E, out, in] are rounded as rows, i.e. each expert on its own groups
+        return quantize_rtn(w.astype(mx.float32).reshape(-1, w.shape[-1]), *bits_group(c, g0)).dequantize() \
+            .reshape(w.shape)
+
+    kl = measured_errors(model, tokens, paths, measured, rtn, on_progress=on_progress)
     costs = []
     for p in paths:
         w = params[p].astype(mx.float32)
+        w = w.reshape(-1, w.shape[-1])
         proxy = rtn_errors(w, lambda q: float(((w - q.dequantize()) ** 2).sum().item()), g0, recipe.mixed_bits(),
                            recipe.candidate_groups)
         m = kl[p]

@@ -74,3 +74,22 @@ def stack(qws: list[QuantizedWeight]) -> QuantizedWeight:
     q = QuantizedWeight(None, mx.concatenate([q.scales for q in qws]), mx.concatenate([q.biases for q in qws]),
                         bits, g, wq=mx.concatenate([q.packed() for q in qws]), experts=len(qws))
     return q.compact()
+
+
+def expert_cost(w: mx.array, routed: tuple, n_tokens: int, layer_err) -> dict:
+    """A SwitchLinear's sensitivity, w [E, out, in] with its routed rows (``routed_rows``): the experts' errors
+    weighted by their share of the tokens, err[c] = sum_e n_e / n_tokens * layer_err(w_e, H_e)[c] with
+    H_e = X_e^T X_e / n_e, i.e. the mean over tokens of the summed squared output error of the experts each token
+    uses (the router's mixing weights left out). layer_err(w [out, in], H [in, in]) -> {choice: err}.
+    An expert no token reached adds nothing."""
+    xs = split_by_expert(*routed, w.shape[0])
+    total: dict = {}
+    for e, x in enumerate(xs):
+        if x is None:
+            continue
+        x = x.astype(mx.float32)
+        for c, v in layer_err(w[e], (x.T @ x) / x.shape[0]).items():
+            total[c] = total.get(c, 0.0) + v * x.shape[0] / n_tokens
+    if not total:  # nothing routed at all: no evidence of any error
+        total = {c: 0.0 for c in layer_err(w[0], mx.zeros((w.shape[2], w.shape[2]), mx.float32))}
+    return total

@@ -562,10 +562,11 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
 
 
 def scan(model: nn.Module, calib: mx.array, fn, *, release: bool = True, residual: bool = False,
-         on_progress=None) -> list:
+         experts: bool = False, on_progress=None) -> list:
     """Run the *unmodified* model block by block over calib [N, S]; call fn(block_index, path, w, X) for every
     linear (w [out, in] float32, X [n, in] its calibration input) and collect the results. Used for sensitivities
     (mixed precision) and outlier ratios (OWL). Blocks are released as they finish when ``release``.
+    experts: also call fn for MoE expert layers, with w [E, out, in] and X = (rows [n, in], expert index [n]).
     residual: also pass ``h_ms``, the typical (median over tokens) mean square of the residual stream entering the
     block, as a 5th argument."""
     out = []
@@ -577,7 +578,7 @@ def scan(model: nn.Module, calib: mx.array, fn, *, release: bool = True, residua
         y, X = capture_linear_inputs(block, x, mask)
         # median over tokens of the per-token mean square: robust to the few "massive activation" tokens
         extra = (float(mx.median((x.astype(mx.float32) ** 2).mean(axis=-1)).item()),) if residual else ()
-        for path, lin in linear_modules(block):
+        for path, lin in linear_modules(block) + (expert_modules(block) if experts else []):
             out.append(fn(i, f"{prefix}.{i}.{path}", lin.weight.astype(mx.float32), X[path], *extra))
         x = y
         if release:

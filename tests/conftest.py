@@ -59,6 +59,44 @@ def make_tiny_model(out: Path, config: dict | None = None, seed: int = 0) -> Pat
     return out
 
 
+ARCH_CONFIGS = {  # tiny members of other families (untied heads): attention biases, and two kinds of MoE
+    "qwen2": {},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "shared_expert_intermediate_size": 128, "decoder_sparse_step": 1, "mlp_only_layers": []},
+}
+
+
+def make_tiny_arch(out: Path, model_type: str, seed: int = 0) -> Path:
+    """A seeded tiny ``model_type`` folder in mlx-lm's own parameter layout (which its sanitize leaves as is)."""
+    import importlib
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    M = importlib.import_module(f"mlx_lm.models.{model_type}")
+    cfg = dict(TINY_CONFIG, model_type=model_type, architectures=[], tie_word_embeddings=False,
+               **ARCH_CONFIGS[model_type])
+    mx.random.seed(seed)
+    model = M.Model(M.ModelArgs.from_dict(cfg))
+    if model_type == "qwen2":  # biases of zero would hide a dropped bias
+        model.update(tree_map_biases(model))
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (out / "config.json").write_text(json.dumps(cfg))
+    byte_tokenizer(out)
+    return out
+
+
+def tree_map_biases(model):
+    """Random (seeded) values for every ``bias`` parameter."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    return tree_unflatten([(k, 0.5 * mx.random.normal(v.shape)) for k, v in tree_flatten(model.parameters())
+                           if k.endswith(".bias")])
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

@@ -1,0 +1,166 @@
+"""Other families than llama: attention biases (qwen2) and mixtures of experts (mixtral, qwen2-moe) through the
+compress pipeline, saved folders opened by stock mlx_lm.load."""
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import make_tiny_arch
+
+from mlx_holo import data, models, pipeline
+from mlx_holo.compress import compress
+from mlx_holo.experts import expert_cost, expert_modules, router_paths, routed_rows, split_by_expert
+from mlx_holo.recipe import Recipe
+
+
+@pytest.fixture(scope="module")
+def arch_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arch")
+    return {mt: make_tiny_arch(root / mt, mt) for mt in ("qwen2", "mixtral", "qwen2_moe")}
+
+
+def _compress(src, out, text_file, **kw):
+    r = Recipe(calib_tokens=512, calib_seq_len=128, **kw)
+    return compress(str(src), r, str(out), eval_tokens=256, eval_seq_len=128, calib_corpus=str(text_file),
+                    eval_corpus=str(text_file), gates=[])
+
+
+def _logits(model, tokens):
+    return model(tokens).astype(mx.float32)
+
+
+def _kl(p_logits, q_logits) -> float:
+    lp, lq = (a - mx.logsumexp(a, axis=-1, keepdims=True) for a in (p_logits, q_logits))
+    return float((mx.exp(lp) * (lp - lq)).sum(-1).mean().item())
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_qwen2_attention_biases_survive(arch_dirs, text_file, tmp_path, method):
+    from mlx_lm import load
+
+    src = arch_dirs["qwen2"]
+    _compress(src, tmp_path / "q", text_file, method=method, bits=8)
+    saved = mx.load(str(tmp_path / "q" / "model.safetensors"))
+    orig = mx.load(str(src / "model.safetensors"))
+    biases = [k for k in orig if k.endswith(".bias")]
+    assert len(biases) == 6  # q/k/v of two blocks
+    for k in biases:  # AWQ folds no scale into q/k/v's outputs: the biases are kept as they were
+        np.testing.assert_allclose(np.array(saved[k].astype(mx.float32)), np.array(orig[k]), atol=1e-3)
+    q, _ = load(str(tmp_path / "q"))
+    base, _ = load(str(src))
+    tokens = mx.array([[5, 17, 99, 3, 250, 41, 7, 64]])
+    # 8 bits: the quantized model is the float one up to rounding; without its biases it would not be
+    assert _kl(_logits(base, tokens), _logits(q, tokens)) < 1e-3
+    for k in biases:
+        base.load_weights([(k, mx.zeros_like(orig[k]))], strict=False)
+    assert _kl(_logits(base, tokens), _logits(q, tokens)) > 1e-2
+
+
+def test_routed_rows_and_split():
+    inp = mx.arange(2 * 3 * 4, dtype=mx.float32).reshape(2, 3, 1, 1, 4)  # unsorted: [B, L, 1, 1, in]
+    idx = mx.array([[[0, 2], [1, 2], [2, 0]]] * 2)  # [B, L, k]
+    x, e = routed_rows(inp, idx)
+    assert x.shape == (12, 4) and e.shape == (12,)
+    np.testing.assert_array_equal(np.array(x[1]), np.array(inp[0, 0, 0, 0]))  # token 0's second expert
+    parts = split_by_expert(x, e, 4)
+    assert [None if p is None else p.shape[0] for p in parts] == [4, 2, 6, None]
+    np.testing.assert_array_equal(np.array(parts[1]), np.array(inp[:, 1, 0, 0]))
+
+
+@pytest.mark.parametrize("mt", ["mixtral", "qwen2_moe"])
+def test_moe_structure(arch_dirs, mt):
+    model = models.open_model(str(arch_dirs[mt]))[0]
+    block = models.blocks(model)[0]
+    ex = [p for p, _ in expert_modules(block)]
+    assert len(ex) == 3 and all(".switch_mlp." in p for p in ex)
+    routers = router_paths(block)
+    moe = "block_sparse_moe" if mt == "mixtral" else "mlp"
+    assert f"{moe}.gate" in routers
+    assert (f"{moe}.shared_expert_gate" in routers) == (mt == "qwen2_moe")
+    lin = [p for p, _ in pipeline.linear_modules(block)]
+    assert not routers & set(lin)
+    if mt == "qwen2_moe":  # the shared expert is an ordinary MLP: quantized
+        assert {"mlp.shared_expert.gate_proj", "mlp.shared_expert.down_proj"} <= set(lin)
+
+
+@pytest.mark.parametrize("mt", ["mixtral", "qwen2_moe"])
+def test_moe_gptq_saves_quantized_experts_float_router(arch_dirs, text_file, tmp_path, mt):
+    from mlx_lm import load
+
+    src = arch_dirs[mt]
+    ev_g = _compress(src, tmp_path / "gptq", text_file, method="gptq", bits=3)
+    q, _ = load(str(tmp_path / "gptq"))
+    kinds = {p: type(m).__name__ for p, m in q.model.layers[0].named_modules()}
+    sw = [p for p, k in kinds.items() if k == "QuantizedSwitchLinear"]
+    assert len(sw) == 3
+    assert all(kinds[r] == "Linear" for r in router_paths(models.blocks(models.open_model(str(src))[0])[0]))
+    m = dict(q.model.layers[0].named_modules())[sw[0]]
+    assert m.bits == 3 and m.weight.shape[0] == 4  # [E, out, in * 3 / 32]
+    # every quantized byte counted: the experts are most of the weights, so 3.5 bits/weight overall
+    assert ev_g["bits_per_weight"] == pytest.approx(3.5, abs=0.01)
+    # stock mlx_lm (gather_qmm on the packed experts) computes what our dequantized copy computes
+    ours = models.open_model(str(tmp_path / "gptq"))[0]
+    tokens = mx.array([[5, 17, 99, 3, 250, 41, 7, 64, 12, 200]])
+    np.testing.assert_allclose(np.array(_logits(q, tokens)), np.array(_logits(ours, tokens)), atol=2e-2)
+    # GPTQ on each expert's routed tokens beats (clip-searched) rounding on that calibration error
+    err = {e["name"]: e["error"] for e in ev_g["layers"] if ".switch_mlp." in e["name"]}
+    model, tok = models.open_model(str(src))[:2]
+    calib = data.calibration_windows(tok, data.load_corpus(str(text_file)), 512, 128, seed=0)
+    rtn = pipeline.run(model, calib, Recipe(method="rtn", bits=3, clip_search=True))
+    err_r = {r.name: r.error for r in rtn.layers if ".switch_mlp." in r.name}
+    assert len(err) == 6 and None not in err.values() and None not in err_r.values()
+    assert all(err[k] < err_r[k] for k in err), (err, err_r)
+
+
+def test_awq_on_moe_scales_attention_only(arch_dirs, text_file, tmp_path):
+    from mlx_holo.quant import awq_block
+
+    model = models.open_model(str(arch_dirs["qwen2_moe"]))[0]
+    block = models.blocks(model)[0]
+    paths = [ps for _, _, ps in awq_block.groups(block)]
+    assert paths[0] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    assert not any(p.startswith("mlp.") for ps in paths for p in ps)  # router + experts read that norm too
+    ev = _compress(arch_dirs["mixtral"], tmp_path / "awq", text_file, method="awq", bits=4)
+    ev_rtn = _compress(arch_dirs["mixtral"], tmp_path / "rtn", text_file, method="rtn", bits=4)
+    assert ev["metrics"]["kl"] < ev_rtn["metrics"]["kl"]
+
+
+@pytest.mark.parametrize("sensitivity", ["hessian", "fisher", "kl"])
+def test_mixed_allocates_moe_experts_within_budget(arch_dirs, text_file, tmp_path, sensitivity):
+    ev = _compress(arch_dirs["qwen2_moe"], tmp_path / "m", text_file, method="mixed", bits=2, bits_per_weight=4.0,
+                   sensitivity=sensitivity, kl_tokens=128)
+    alloc = ev["allocation"]
+    assert alloc["allocated_bytes"] <= alloc["budget_bytes"]
+    assert ev["bits_per_weight"] <= 4.0 + 1e-6
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())["quantization"]
+    sw = {e["name"]: e["bits"] for e in ev["layers"] if ".switch_mlp." in e["name"]}
+    assert len(sw) == 6
+    for name, b in sw.items():  # what the allocation chose is what is written
+        assert (cfg[name]["bits"] if name in cfg else cfg["bits"]) == b
+
+
+def test_expert_cost_weights_experts_by_their_tokens():
+    w = mx.random.normal((3, 4, 8), key=mx.random.key(0))
+    x = mx.random.normal((10, 8), key=mx.random.key(1))
+    idx = mx.array([0] * 6 + [1] * 4)  # expert 2 never routed
+
+    def err(we, H):
+        return {3: float((we @ H * we).sum().item()), 4: 1.0}
+
+    out = expert_cost(w, (x, idx), 5, err)
+    h0, h1 = (x[:6].T @ x[:6]) / 6, (x[6:].T @ x[6:]) / 4
+    want = 6 / 5 * err(w[0], h0)[3] + 4 / 5 * err(w[1], h1)[3]
+    assert out[3] == pytest.approx(want, rel=1e-5) and out[4] == pytest.approx(2.0)
+
+
+def test_bench_counts_only_routed_experts(arch_dirs):
+    from mlx.utils import tree_flatten
+
+    from mlx_holo.bench import bytes_per_token
+
+    model = models.open_model(str(arch_dirs["mixtral"]), dtype=mx.float16)[0]
+    experts = sum(m.weight.nbytes for b in models.blocks(model) for _, m in expert_modules(b))
+    table = model.model.embed_tokens.weight.nbytes
+    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    # 2 of 4 experts a token: half the expert bytes are not read; of the (untied) table one row
+    assert bytes_per_token(model) == total - experts // 2 - (table - table // 320)
