@@ -64,6 +64,9 @@ ARCH_CONFIGS = {  # tiny members of other families (untied heads): attention bia
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                   "shared_expert_intermediate_size": 128, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "gemma": {},                                    # RMSNorm scaling by (1 + w)
+    "gemma2": {"query_pre_attn_scalar": 32},        # norms after attention and after the MLP too
+    "starcoder2": {"norm_epsilon": 1e-5},           # LayerNorm with a bias, c_fc/c_proj MLP
 }
 
 
@@ -79,8 +82,7 @@ def make_tiny_arch(out: Path, model_type: str, seed: int = 0) -> Path:
                **ARCH_CONFIGS[model_type])
     mx.random.seed(seed)
     model = M.Model(M.ModelArgs.from_dict(cfg))
-    if model_type == "qwen2":  # biases of zero would hide a dropped bias
-        model.update(tree_map_biases(model))
+    model.update(random_norms_and_biases(model))  # ones and zeros would hide a dropped bias or a wrong scale fold
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (out / "config.json").write_text(json.dumps(cfg))
@@ -88,13 +90,19 @@ def make_tiny_arch(out: Path, model_type: str, seed: int = 0) -> Path:
     return out
 
 
-def tree_map_biases(model):
-    """Random (seeded) values for every ``bias`` parameter."""
+def random_norms_and_biases(model):
+    """Random (seeded) values for every ``bias`` and every norm's weight (around 1, or around 0 for Gemma's 1 + w)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
-    return tree_unflatten([(k, 0.5 * mx.random.normal(v.shape)) for k, v in tree_flatten(model.parameters())
-                           if k.endswith(".bias")])
+    gemma = type(model).__module__.split(".")[-1].startswith("gemma")
+    out = []
+    for k, v in tree_flatten(model.parameters()):
+        if k.endswith(".bias"):
+            out.append((k, 0.5 * mx.random.normal(v.shape)))
+        elif "norm" in k and v.ndim == 1:
+            out.append((k, (0.0 if gemma else 1.0) + 0.3 * mx.random.normal(v.shape)))
+    return tree_unflatten(out)
 
 
 @pytest.fixture(scope="session")

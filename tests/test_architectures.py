@@ -3,9 +3,10 @@ compress pipeline, saved folders opened by stock mlx_lm.load."""
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import make_tiny_arch
+from conftest import ARCH_CONFIGS, make_tiny_arch, make_tiny_model
 
 from mlx_holo import data, models, pipeline
 from mlx_holo.compress import compress
@@ -16,7 +17,7 @@ from mlx_holo.recipe import Recipe
 @pytest.fixture(scope="module")
 def arch_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch")
-    return {mt: make_tiny_arch(root / mt, mt) for mt in ("qwen2", "mixtral", "qwen2_moe")}
+    return {mt: make_tiny_arch(root / mt, mt) for mt in ARCH_CONFIGS}
 
 
 def _compress(src, out, text_file, **kw):
@@ -164,3 +165,66 @@ def test_bench_counts_only_routed_experts(arch_dirs):
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     # 2 of 4 experts a token: half the expert bytes are not read; of the (untied) table one row
     assert bytes_per_token(model) == total - experts // 2 - (table - table // 320)
+
+
+def _block0(folder):
+    model, tok = models.open_model(str(folder))[:2]
+    tokens = mx.array(np.random.default_rng(0).integers(0, 320, (2, 64)))
+    x, mask = pipeline.block_inputs(model, tokens)
+    block = models.blocks(model)[0]
+    y0, X = pipeline.capture_linear_inputs(block, x, mask)
+    return block, x, mask, y0, X
+
+
+def _rel(a, b):
+    return float(mx.linalg.norm((a - b).reshape(-1)).item() / mx.linalg.norm(b.reshape(-1)).item())
+
+
+@pytest.mark.parametrize("mt", ["qwen2", "gemma", "gemma2", "starcoder2", "qwen2_moe"])
+def test_awq_folds_keep_the_float_function(arch_dirs, mt):
+    """Every group folds (Gemma's 1 + w norm, a LayerNorm's bias, Gemma-2's pre-feedforward norm) and the float
+    block computes what it did."""
+    from mlx_holo.quant import awq_block
+
+    block, x, mask, y0, X = _block0(arch_dirs[mt])
+    alphas = awq_block.apply(block, X, Recipe(method="awq", bits=3), x, mask)
+    assert None not in alphas and len(alphas) == {"qwen2_moe": 1, "starcoder2": 2}.get(mt, 3)  # GQA: no v -> o
+    assert _rel(block(x, mask), y0) < 1e-4
+    if mt == "gemma2":
+        assert ["mlp.gate_proj", "mlp.up_proj"] in [p for _, _, p in awq_block.groups(block)]
+
+
+def test_awq_undoes_a_fold_that_changes_the_block(tmp_path, monkeypatch):
+    """A norm that does not feed the linears it is paired with (here: attention's norm with the MLP) must not keep
+    the fold: the block's output would change."""
+    from mlx_holo.quant import awq_block
+
+    folder = make_tiny_model(tmp_path / "m")
+    model = models.open_model(str(folder))[0]
+    model.update(__import__("conftest").random_norms_and_biases(model))
+    block = models.blocks(model)[0]
+    tokens = mx.array(np.random.default_rng(0).integers(0, 320, (2, 64)))
+    x, mask = pipeline.block_inputs(model, tokens)
+    y0, X = pipeline.capture_linear_inputs(block, x, mask)
+    wrong = [(block.input_layernorm, "norm", ["mlp.gate_proj", "mlp.up_proj"])]
+    monkeypatch.setattr(awq_block, "groups", lambda b: wrong)
+    w_before = np.array(block.mlp.up_proj.weight)
+    assert awq_block.apply(block, X, Recipe(method="awq", bits=3), x, mask) == [None]
+    assert _rel(block(x, mask), y0) < 1e-6
+    np.testing.assert_array_equal(np.array(block.mlp.up_proj.weight), w_before)
+
+
+def test_fold_norm_rules():
+    from mlx_lm.models.gemma import RMSNorm as GemmaRMSNorm
+
+    from mlx_holo.quant.awq_block import fold_norm
+
+    probe = mx.random.normal((8, 16), key=mx.random.key(0))
+    s = mx.random.uniform(0.5, 2.0, (16,), key=mx.random.key(1))
+    for norm in (nn.RMSNorm(16), nn.LayerNorm(16), GemmaRMSNorm(16)):
+        norm.update({k: v + 0.3 * mx.random.normal(v.shape, key=mx.random.key(2)) for k, v in norm.parameters().items()})
+        want = norm(probe) / s
+        norm.update(fold_norm(norm, s, probe))
+        np.testing.assert_allclose(np.array(norm(probe)), np.array(want), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no weight"):
+        fold_norm(nn.LayerNorm(16, affine=False), s, probe)

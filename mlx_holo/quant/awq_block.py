@@ -25,7 +25,10 @@ def _find(block: nn.Module, *names: str):
 def groups(block: nn.Module) -> list[tuple[object, str, list[str]]]:
     """-> [(prev module (norm or linear), its kind 'norm'|'linear', [linear paths reading its output])]."""
     attn = _find(block, "self_attn")
-    ln1, ln2 = _find(block, "input_layernorm"), _find(block, "post_attention_layernorm")
+    # the MLP's input norm: Gemma-2/3 name it pre_feedforward_layernorm (their post_attention_layernorm normalises
+    # the attention's output before the residual add)
+    ln1 = _find(block, "input_layernorm")
+    ln2 = _find(block, "pre_feedforward_layernorm") or _find(block, "post_attention_layernorm")
     if attn is None or ln1 is None or not all(_find(attn, n) is not None for n in ("q_proj", "k_proj", "v_proj")):
         raise ValueError(f"AWQ needs a llama/qwen-style block (input_layernorm, self_attn.q/k/v_proj); "
                          f"{type(block).__name__} has another layout")
@@ -39,6 +42,8 @@ def groups(block: nn.Module) -> list[tuple[object, str, list[str]]]:
         out.append((ln2, "norm", ["mlp.gate_proj", "mlp.up_proj"]))
         if down is not None:
             out.append((up, "linear", ["mlp.down_proj"]))
+    elif ln2 is not None and _find(block, "mlp", "c_fc") is not None and _dense(mlp):  # GELU MLP (starcoder2):
+        out.append((ln2, "norm", ["mlp.c_fc"]))  # no fold into c_proj across the GELU
     return out
 
 
@@ -49,21 +54,68 @@ def _dense(mlp: nn.Module) -> bool:
     return all(isinstance(m, nn.Linear) for _, m in mlp.named_modules() if m is not mlp and "weight" in m)
 
 
-def apply(block: nn.Module, X: dict[str, mx.array], recipe) -> list[float]:
-    """Search and fold AWQ scales into ``block`` in place (float function unchanged). -> chosen alpha per group."""
-    alphas = []
+def fold_norm(norm: nn.Module, s: mx.array, probe: mx.array) -> dict[str, mx.array]:
+    """The parameters that make ``norm`` output norm(x) / s: gamma / s (and a LayerNorm's beta / s), or, for a
+    Gemma-style RMSNorm that multiplies by (1 + w), w' = (1 + w) / s - 1. Which rule holds is checked on probe
+    [n, in] (any vectors of the norm's width); ValueError when neither reproduces norm(probe) / s."""
+    params = {k: v for k, v in norm.parameters().items() if isinstance(v, mx.array)}
+    if "weight" not in params:
+        raise ValueError(f"{type(norm).__name__} has no weight to fold a scale into")
+    want = norm(probe).astype(mx.float32) / s
+    w = params["weight"].astype(mx.float32)
+    rules = {"gamma": w / s, "one_plus": (1.0 + w) / s - 1.0}
+    for new_w in rules.values():
+        new = {"weight": new_w.astype(params["weight"].dtype)}
+        if "bias" in params:
+            new["bias"] = (params["bias"].astype(mx.float32) / s).astype(params["bias"].dtype)
+        old = dict(params)
+        norm.update(new)
+        got = norm(probe).astype(mx.float32)
+        norm.update(old)
+        if _rel(got, want) < 1e-4:
+            return new
+    raise ValueError(f"cannot fold a scale into {type(norm).__name__}")
+
+
+def _rel(a: mx.array, b: mx.array) -> float:
+    return float((mx.linalg.norm((a - b).reshape(-1)) / mx.maximum(mx.linalg.norm(b.reshape(-1)), 1e-30)).item())
+
+
+def apply(block: nn.Module, X: dict[str, mx.array], recipe, x: mx.array | None = None, mask=None
+          ) -> list[float | None]:
+    """Search and fold AWQ scales into ``block`` in place (float function unchanged). -> chosen alpha per group,
+    None for a group left unscaled.
+
+    x [N, S, D] (the block's input) and mask given, every fold is checked: a group whose fold changes the block's
+    output (relative error > 1e-4, float32) is undone -- e.g. a Gemma-2/OLMo-2 block whose norm of that name
+    normalises the attention *output*, not the MLP's input. The norms themselves are folded by ``fold_norm``."""
+    alphas: list[float | None] = []
+    y0 = block(x, mask).astype(mx.float32) if x is not None else None
     for prev, kind, paths in groups(block):
         lins = [_find(block, *p.split(".")) for p in paths]
-        x = X[paths[0]]
-        res = awq_search([m.weight.astype(mx.float32) for m in lins], x, recipe.bits, recipe.group_size,
+        xin = X[paths[0]]
+        res = awq_search([m.weight.astype(mx.float32) for m in lins], xin, recipe.bits, recipe.group_size,
                          fit="mlx" if recipe.fit == "mlx" else "minmax")
+        before = [dict(m.parameters()) for m in (prev, *lins)]
         new_prev, new_ws = apply_awq_scale(prev.weight.astype(mx.float32), [m.weight.astype(mx.float32) for m in lins],
                                            res.scales)
-        if kind == "linear" and "bias" in prev:
-            prev.bias = prev.bias / res.scales
-        prev.weight = new_prev
+        if kind == "norm":
+            try:
+                prev.update(fold_norm(prev, res.scales, xin[:64]))
+            except ValueError:
+                alphas.append(None)
+                continue
+        else:
+            prev.weight = new_prev
+            if "bias" in prev:
+                prev.bias = prev.bias / res.scales
         for m, w in zip(lins, new_ws):
             m.weight = w
         mx.eval(block.parameters())
+        if y0 is not None and _rel(block(x, mask).astype(mx.float32), y0) > 1e-4:
+            for m, p in zip((prev, *lins), before):
+                m.update(p)
+            alphas.append(None)
+            continue
         alphas.append(res.ratio)
     return alphas
