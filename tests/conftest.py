@@ -67,6 +67,8 @@ ARCH_CONFIGS = {  # tiny members of other families (untied heads): attention bia
     "gemma": {},                                    # RMSNorm scaling by (1 + w)
     "gemma2": {"query_pre_attn_scalar": 32},        # norms after attention and after the MLP too
     "starcoder2": {"norm_epsilon": 1e-5},           # LayerNorm with a bias, c_fc/c_proj MLP
+    "phi3": {},                                     # fused qkv_proj and gate_up_proj
+    "olmo2": {},                                    # norms after attention and MLP only (no input norms)
 }
 
 

@@ -180,15 +180,19 @@ def _rel(a, b):
     return float(mx.linalg.norm((a - b).reshape(-1)).item() / mx.linalg.norm(b.reshape(-1)).item())
 
 
-@pytest.mark.parametrize("mt", ["qwen2", "gemma", "gemma2", "starcoder2", "qwen2_moe"])
+@pytest.mark.parametrize("mt", ["qwen2", "gemma", "gemma2", "starcoder2", "phi3", "qwen2_moe", "olmo2"])
 def test_awq_folds_keep_the_float_function(arch_dirs, mt):
-    """Every group folds (Gemma's 1 + w norm, a LayerNorm's bias, Gemma-2's pre-feedforward norm) and the float
-    block computes what it did."""
+    """Every group folds (Gemma's 1 + w norm, a LayerNorm's bias, Gemma-2's pre-feedforward norm, phi3's fused
+    projections) and the float block computes what it did; OLMo-2's post_attention_layernorm (on the attention's
+    output, not the MLP's input) is tried by name and undone."""
     from mlx_holo.quant import awq_block
 
     block, x, mask, y0, X = _block0(arch_dirs[mt])
     alphas = awq_block.apply(block, X, Recipe(method="awq", bits=3), x, mask)
-    assert None not in alphas and len(alphas) == {"qwen2_moe": 1, "starcoder2": 2}.get(mt, 3)  # GQA: no v -> o
+    if mt == "olmo2":
+        assert alphas[0] is None and alphas[1] is not None and len(alphas) == 2  # norm -> gate/up undone; up -> down
+    else:  # GQA everywhere here: no v -> o
+        assert None not in alphas and len(alphas) == {"qwen2_moe": 1, "starcoder2": 2, "phi3": 2}.get(mt, 3)
     assert _rel(block(x, mask), y0) < 1e-4
     if mt == "gemma2":
         assert ["mlp.gate_proj", "mlp.up_proj"] in [p for _, _, p in awq_block.groups(block)]

@@ -1,9 +1,10 @@
-"""AWQ on a whole llama/qwen-style transformer block: which linears share an input, and where the scale folds.
+"""AWQ on a whole transformer block: which linears share an input, and where the scale folds.
 
-Groups (as in the AWQ reference code, Lin et al. 2023): input_layernorm -> q/k/v; v_proj -> o_proj (only when
-v_proj's output rows map one-to-one onto o_proj's inputs, i.e. no grouped-query attention); post_attention_layernorm
--> gate/up; up_proj -> down_proj. Any block with these attribute names works, whatever the model_type. In a mixture-of-experts block only the
-attention groups are scaled (see ``_dense``).
+Groups (as in the AWQ reference code, Lin et al. 2023): input_layernorm -> q/k/v (or phi3's fused qkv_proj);
+v_proj -> o_proj (only when v_proj's output rows map one-to-one onto o_proj's inputs, i.e. no grouped-query
+attention); the MLP's input norm -> gate/up (gate_up_proj, c_fc); up_proj -> down_proj. Any block with these
+attribute names works, whatever the model_type; every fold is checked on the block's output (``apply``). In a
+mixture-of-experts block only the attention groups are scaled (see ``_dense``).
 """
 from __future__ import annotations
 
@@ -22,28 +23,39 @@ def _find(block: nn.Module, *names: str):
     return m
 
 
+ATTN_INPUTS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))         # llama/qwen/gemma/starcoder2, phi3
+MLP_INPUTS = (("gate_proj", "up_proj"), ("gate_up_proj",), ("c_fc",))   # gated, phi3 fused, GELU (starcoder2)
+
+
 def groups(block: nn.Module) -> list[tuple[object, str, list[str]]]:
-    """-> [(prev module (norm or linear), its kind 'norm'|'linear', [linear paths reading its output])]."""
-    attn = _find(block, "self_attn")
+    """-> [(prev module (norm or linear), its kind 'norm'|'linear', [linear paths reading its output])].
+
+    Found by name; a guess that is wrong for some architecture (e.g. OLMo-2's post_attention_layernorm, which
+    normalises the attention's output) is caught by ``apply``'s check and undone. ValueError when the block has
+    no group at all."""
+    attn, mlp = _find(block, "self_attn"), _find(block, "mlp")
     # the MLP's input norm: Gemma-2/3 name it pre_feedforward_layernorm (their post_attention_layernorm normalises
     # the attention's output before the residual add)
     ln1 = _find(block, "input_layernorm")
     ln2 = _find(block, "pre_feedforward_layernorm") or _find(block, "post_attention_layernorm")
-    if attn is None or ln1 is None or not all(_find(attn, n) is not None for n in ("q_proj", "k_proj", "v_proj")):
-        raise ValueError(f"AWQ needs a llama/qwen-style block (input_layernorm, self_attn.q/k/v_proj); "
-                         f"{type(block).__name__} has another layout")
-    out = [(ln1, "norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])]
-    v, o = _find(attn, "v_proj"), _find(attn, "o_proj")
-    if v is not None and o is not None and v.weight.shape[0] == o.weight.shape[1]:
-        out.append((v, "linear", ["self_attn.o_proj"]))
-    mlp = _find(block, "mlp")
-    gate, up, down = (_find(block, "mlp", n) for n in ("gate_proj", "up_proj", "down_proj"))
-    if ln2 is not None and gate is not None and up is not None and _dense(mlp):
-        out.append((ln2, "norm", ["mlp.gate_proj", "mlp.up_proj"]))
-        if down is not None:
+    out = []
+    if attn is not None:
+        names = next((ns for ns in ATTN_INPUTS if all(_find(attn, n) is not None for n in ns)), None)
+        if ln1 is not None and names:
+            out.append((ln1, "norm", [f"self_attn.{n}" for n in names]))
+        v, o = _find(attn, "v_proj"), _find(attn, "o_proj")
+        if v is not None and o is not None and v.weight.shape[0] == o.weight.shape[1]:
+            out.append((v, "linear", ["self_attn.o_proj"]))
+    if mlp is not None and _dense(mlp):
+        names = next((ns for ns in MLP_INPUTS if all(_find(mlp, n) is not None for n in ns)), None)
+        if ln2 is not None and names:
+            out.append((ln2, "norm", [f"mlp.{n}" for n in names]))
+        up, down = _find(mlp, "up_proj"), _find(mlp, "down_proj")
+        if up is not None and down is not None:  # SwiGLU is linear in up's output (no fold across c_fc's GELU)
             out.append((up, "linear", ["mlp.down_proj"]))
-    elif ln2 is not None and _find(block, "mlp", "c_fc") is not None and _dense(mlp):  # GELU MLP (starcoder2):
-        out.append((ln2, "norm", ["mlp.c_fc"]))  # no fold into c_proj across the GELU
+    if not out:
+        raise ValueError(f"AWQ found no scalable group (a norm or linear feeding q/k/v, gate/up...) in "
+                         f"{type(block).__name__}")
     return out
 
 
