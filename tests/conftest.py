@@ -72,7 +72,7 @@ ARCH_CONFIGS = {  # tiny members of other families (untied heads): attention bia
 }
 
 
-def make_tiny_arch(out: Path, model_type: str, seed: int = 0) -> Path:
+def make_tiny_arch(out: Path, model_type: str, seed: int = 0, config: dict | None = None) -> Path:
     """A seeded tiny ``model_type`` folder in mlx-lm's own parameter layout (which its sanitize leaves as is)."""
     import importlib
 
@@ -82,6 +82,7 @@ def make_tiny_arch(out: Path, model_type: str, seed: int = 0) -> Path:
     M = importlib.import_module(f"mlx_lm.models.{model_type}")
     cfg = dict(TINY_CONFIG, model_type=model_type, architectures=[], tie_word_embeddings=False,
                **ARCH_CONFIGS[model_type])
+    cfg.update(config or {})
     mx.random.seed(seed)
     model = M.Model(M.ModelArgs.from_dict(cfg))
     model.update(random_norms_and_biases(model))  # ones and zeros would hide a dropped bias or a wrong scale fold

@@ -232,3 +232,17 @@ def test_fold_norm_rules():
         np.testing.assert_allclose(np.array(norm(probe)), np.array(want), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="no weight"):
         fold_norm(nn.LayerNorm(16, affine=False), s, probe)
+
+
+def test_moe_peak_memory_does_not_grow_with_depth(tmp_path, text_file):
+    """The per-expert path holds one block's routed rows and experts at a time, like the dense path."""
+    peaks = {}
+    for layers in (2, 6):
+        d = make_tiny_arch(tmp_path / f"m{layers}", "mixtral", config={"num_hidden_layers": layers, "hidden_size": 256,
+                                                                        "intermediate_size": 512, "head_dim": 64})
+        model, tok = models.open_model(str(d), lazy=True)[:2]
+        calib = data.calibration_windows(tok, data.load_corpus(str(text_file)), 512, 128, seed=0)
+        mx.clear_cache()
+        peaks[layers] = pipeline.run(model, calib, Recipe(method="gptq", bits=4)).peak_memory_bytes
+    block_bytes = 4 * (2 * 256 * 256 + 2 * 256 * 128 + 4 * 3 * 256 * 512)
+    assert peaks[6] - peaks[2] < 2 * block_bytes  # 4 more blocks would add 4 x block_bytes if all were held
