@@ -223,13 +223,15 @@ def e2e_tune(folder, base, calib, *, steps: int, lr: float, batch: int = 1, seed
     k = max(1, len(res.losses) // 10)
     n_emb = sum(isinstance(c, _CodeEmbedding) for c in code.values())
     report = {"steps": steps, "lr": lr, "batch": batch, "linears": len(code) - n_emb, "embeddings": n_emb,
+              "expert_layers": sum(q.experts > 0 for q in tuned.values()),
               "windows": int(calib.shape[0]),
               "heldout_kl_before": res.kl_before, "heldout_kl_after": res.kl_after, "kept": bool(res.kept),
               "train_kl_first": float(np.mean(res.losses[:k])) if res.losses else None,
               "train_kl_last": float(np.mean(res.losses[-k:])) if res.losses else None,
               "seconds": time.perf_counter() - t}
-    tensors = {f"{p}.{key}": getattr(q, key) for p, q in tuned.items() for key in ("scales", "biases")} \
-        if res.kept else {}
+    tensors = {f"{p}.{key}": (getattr(q, key).reshape(q.experts, -1, getattr(q, key).shape[-1]) if q.experts
+                              else getattr(q, key))  # MoE experts are stored [E, out, G]
+               for p, q in tuned.items() for key in ("scales", "biases")} if res.kept else {}
     return report, tensors, m
 
 

@@ -21,7 +21,7 @@ def arch_dirs(tmp_path_factory):
 
 
 def _compress(src, out, text_file, **kw):
-    r = Recipe(calib_tokens=512, calib_seq_len=128, **kw)
+    r = Recipe(**{"calib_tokens": 512, "calib_seq_len": 128, **kw})
     return compress(str(src), r, str(out), eval_tokens=256, eval_seq_len=128, calib_corpus=str(text_file),
                     eval_corpus=str(text_file), gates=[])
 
@@ -246,3 +246,22 @@ def test_moe_peak_memory_does_not_grow_with_depth(tmp_path, text_file):
         peaks[layers] = pipeline.run(model, calib, Recipe(method="gptq", bits=4)).peak_memory_bytes
     block_bytes = 4 * (2 * 256 * 256 + 2 * 256 * 128 + 4 * 3 * 256 * 512)
     assert peaks[6] - peaks[2] < 2 * block_bytes  # 4 more blocks would add 4 x block_bytes if all were held
+
+
+def test_e2e_tunes_moe_expert_scales(arch_dirs, text_file, tmp_path):
+    """E2E (codes frozen) trains the experts' scales too; they are written back as [E, out, G] and load."""
+    from mlx_lm import load
+
+    kw = dict(method="gptq", bits=3, calib_tokens=2048)
+    plain = _compress(arch_dirs["mixtral"], tmp_path / "plain", text_file, **kw)
+    ev = _compress(arch_dirs["mixtral"], tmp_path / "e2e", text_file, e2e_steps=30, e2e_lr=1e-3, **kw)
+    rep = ev["e2e_tune"]
+    assert rep["expert_layers"] == 6 and rep["kept"] and rep["heldout_kl_after"] < rep["heldout_kl_before"]
+    assert ev["metrics"]["kl"] < plain["metrics"]["kl"]
+    key = "model.layers.0.block_sparse_moe.switch_mlp.down_proj"
+    a = mx.load(str(tmp_path / "plain" / "model.safetensors"))
+    b = mx.load(str(tmp_path / "e2e" / "model.safetensors"))
+    np.testing.assert_array_equal(np.array(a[f"{key}.weight"]), np.array(b[f"{key}.weight"]))  # codes frozen
+    assert b[f"{key}.scales"].shape == a[f"{key}.scales"].shape == (4, 128, 4)
+    assert not np.array_equal(np.array(a[f"{key}.scales"]), np.array(b[f"{key}.scales"]))
+    load(str(tmp_path / "e2e"))

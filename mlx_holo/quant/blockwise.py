@@ -65,7 +65,7 @@ class _CodeLinear(nn.Module):
         """The given QuantizedWeight (same codes) with the current scales/biases, in its own dtypes."""
         qw = self._qw
         return QuantizedWeight(qw.codes, self.scales.astype(qw.scales.dtype), self.biases.astype(qw.biases.dtype),
-                               qw.bits, qw.group_size, qw.wq)
+                               qw.bits, qw.group_size, qw.wq, experts=qw.experts)
 
     def weight(self) -> mx.array:
         out, G, g = self._codes.shape

@@ -47,10 +47,23 @@ class KLTuneResult:
     losses: list = field(default_factory=list)
 
 
+class _CodeSwitchLinear(_CodeLinear):
+    """A MoE ``QuantizedSwitchLinear`` (E experts) as frozen codes with trainable scales/biases, held as the stacked
+    [E * out, in] rows of ``experts.py``; called like mlx-lm's SwitchLinear."""
+
+    def expert_weight(self) -> mx.array:
+        w = self.weight()
+        return w.reshape(self._qw.experts, -1, w.shape[1])  # [E, out, in]
+
+    def __call__(self, x, indices, sorted_indices=False):
+        y = mx.gather_mm(x, self.expert_weight().swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        return y if self._bias is None else y + mx.expand_dims(self._bias[indices], -2)
+
+
 def swap_code_linears(model: nn.Module, *, embeddings: bool = True) -> dict[str, _CodeLinear]:
-    """Replace every affine ``nn.QuantizedLinear`` of model by a ``_CodeLinear`` (codes frozen), and with
-    ``embeddings`` every affine ``nn.QuantizedEmbedding`` (a tied table serves the head too) by a ``_CodeEmbedding``
-    -> path -> module."""
+    """Replace every affine ``nn.QuantizedLinear`` of model by a ``_CodeLinear`` (codes frozen), every affine MoE
+    ``QuantizedSwitchLinear`` by a ``_CodeSwitchLinear``, and with ``embeddings`` every affine
+    ``nn.QuantizedEmbedding`` (a tied table serves the head too) by a ``_CodeEmbedding`` -> path -> module."""
     def qw(m):
         return QuantizedWeight(None, m.scales, m.biases, m.bits, m.group_size, wq=m.weight)
 
@@ -60,6 +73,12 @@ def swap_code_linears(model: nn.Module, *, embeddings: bool = True) -> dict[str,
             continue
         if isinstance(m, nn.QuantizedLinear):
             out[path] = _CodeLinear(qw(m), m.get("bias"))
+        elif type(m).__name__ == "QuantizedSwitchLinear" and m.get("biases") is not None:
+            e = m.weight.shape[0]
+            rows = QuantizedWeight(None, m.scales.reshape(-1, m.scales.shape[-1]),
+                                   m.biases.reshape(-1, m.biases.shape[-1]), m.bits, m.group_size,
+                                   wq=m.weight.reshape(-1, m.weight.shape[-1]), experts=e)
+            out[path] = _CodeSwitchLinear(rows, m.get("bias"))
         elif embeddings and isinstance(m, nn.QuantizedEmbedding):
             out[path] = _CodeEmbedding(qw(m))
     swap_modules(model, out)
@@ -69,10 +88,17 @@ def swap_code_linears(model: nn.Module, *, embeddings: bool = True) -> dict[str,
 def to_float(model: nn.Module, code_linears: dict[str, _CodeLinear]) -> dict[str, QuantizedWeight]:
     """Put float layers (nn.Linear, nn.Embedding) holding the dequantized (tuned) weights back -> path -> tuned
     QuantizedWeight."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
     layers = {}
     for path, cl in code_linears.items():
         w = cl.weight()
-        if isinstance(cl, _CodeEmbedding):
+        if isinstance(cl, _CodeSwitchLinear):
+            w = cl.expert_weight()
+            layer = layers[path] = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias=cl._bias is not None)
+            if cl._bias is not None:
+                layer.bias = cl._bias
+        elif isinstance(cl, _CodeEmbedding):
             layer = layers[path] = nn.Embedding(*w.shape)
         else:
             layer = layers[path] = nn.Linear(w.shape[1], w.shape[0], bias=cl._bias is not None)
