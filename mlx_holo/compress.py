@@ -33,16 +33,18 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
 
     from . import models, pipeline
     from .experts import expert_cost, expert_modules
+    from .quant.formats import fit_group
     from .quant.mixed import (LayerCost, allocate_bits, allocation_bytes, bits_group, fisher_error, layer_bytes,
                               rtn_errors, rtn_layer_cost)
     from mlx.utils import tree_flatten
 
     model = models.open_model(model_spec, lazy=True)[0]
-    emb = [(k, v.size) for k, v in pipeline.outside_quantizable(model, recipe)]
+    outside = pipeline.outside_quantizable(model, recipe)
+    emb = [(k, v.size) for k, v in outside]
     n_emb = sum(n for _, n in emb)
     pinned = recipe.sensitivity == "hessian" or recipe.embed_bits is not None
-    emb_bytes = sum(layer_bytes(n, recipe.embed_bits or recipe.bits, recipe.group_size) for _, n in emb) \
-        if pinned else 0
+    emb_bytes = sum(layer_bytes(v.size, recipe.embed_bits or recipe.bits, fit_group(v.shape[-1], recipe.group_size))
+                    for _, v in outside) if pinned else 0
     prefix = pipeline._block_prefix(model)
     lin = [f"{prefix}.{i}.{p}.weight" for i, b in enumerate(models.blocks(model))
            for p, _ in pipeline.linear_modules(b)]
@@ -62,9 +64,10 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
         for k in paths:
             w = params[k].astype(mx.float32)
             w, f = w.reshape(-1, w.shape[-1]), F[k].reshape(-1, w.shape[-1])  # experts [E, out, in]: rows
-            costs.append(LayerCost(k[: -len(".weight")], int(w.size), recipe.group_size,
-                                   rtn_errors(w, lambda q: fisher_error(w, f, q), recipe.group_size,
-                                              recipe.mixed_bits(), recipe.candidate_groups)))
+            g = fit_group(w.shape[-1], recipe.group_size) or recipe.group_size
+            costs.append(LayerCost(k[: -len(".weight")], int(w.size), g,
+                                   rtn_errors(w, lambda q: fisher_error(w, f, q), g, recipe.mixed_bits(),
+                                              recipe.candidate_groups)))
             del F[k]
             if on_progress:
                 on_progress("sensitivity", len(costs), len(paths))
@@ -73,12 +76,14 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
             # An error a linear adds to the residual stream matters relative to that stream's size (the next
             # RMSNorm divides it out): without this, early blocks (small activations) look cheap and get 2 bits,
             # and their errors are amplified by every later block (measured: PPL 141 vs 92 for uniform 3-bit).
+            g = fit_group(w.shape[-1], recipe.group_size) or recipe.group_size
+
             def err(w, H):
-                return rtn_layer_cost(path, w, H, recipe.group_size, candidate_bits=recipe.mixed_bits(),
+                return rtn_layer_cost(path, w, H, g, candidate_bits=recipe.mixed_bits(),
                                       candidate_groups=recipe.candidate_groups).err
 
             e = expert_cost(w, X, calib.size, err) if w.ndim == 3 else err(w, pipeline.hessian(X))
-            return LayerCost(path, int(w.size), recipe.group_size, {b: v / h_ms for b, v in e.items()})
+            return LayerCost(path, int(w.size), g, {b: v / h_ms for b, v in e.items()})
 
         costs = pipeline.scan(model, calib, cost, residual=True, experts=True, on_progress=on_progress)
     n_all = sum(c.n_params for c in costs) + (n_emb if pinned else 0)
@@ -114,26 +119,31 @@ def _measured_costs(model, calib, recipe, paths: list[str], params: dict, on_pro
     import mlx.core as mx
 
     from .quant.measured import extrapolate, measured_errors, scored_tokens
+    from .quant.formats import fit_group
     from .quant.mixed import LayerCost, bits_group, choices, feasible, rtn_errors
     from .quant.rtn import quantize_rtn
 
-    g0 = recipe.group_size
+    def g_of(p):  # the group size the layer gets (formats.fit_group: e.g. 64 for a 576-wide layer asked 128)
+        return fit_group(params[p].shape[-1], recipe.group_size) or recipe.group_size
+
     tokens = scored_tokens(calib, recipe.kl_tokens)
-    opts = {p: feasible(choices(recipe.mixed_bits(), recipe.candidate_groups), params[p].shape[-1], g0)
+    opts = {p: feasible(choices(recipe.mixed_bits(), recipe.candidate_groups), params[p].shape[-1], g_of(p))
             for p in paths}
 
     def measured(p):
+        g0 = g_of(p)
         at_g0 = [c for c in opts[p] if bits_group(c, g0)[1] == g0]
         few = [c for c in at_g0 if bits_group(c, g0)[0] <= MEASURED_MAX_BITS]
         return few or sorted(at_g0 or opts[p], key=lambda c: bits_group(c, g0))[:1]
 
     def rtn(p, w, c):  # MoE experts [E, out, in] are rounded as rows, i.e. each expert on its own groups
-        return quantize_rtn(w.astype(mx.float32).reshape(-1, w.shape[-1]), *bits_group(c, g0)).dequantize() \
+        return quantize_rtn(w.astype(mx.float32).reshape(-1, w.shape[-1]), *bits_group(c, g_of(p))).dequantize() \
             .reshape(w.shape)
 
     kl = measured_errors(model, tokens, paths, measured, rtn, on_progress=on_progress)
     costs = []
     for p in paths:
+        g0 = g_of(p)
         w = params[p].astype(mx.float32)
         w = w.reshape(-1, w.shape[-1])
         proxy = rtn_errors(w, lambda q: float(((w - q.dequantize()) ** 2).sum().item()), g0, recipe.mixed_bits(),
@@ -269,6 +279,12 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
     res = pipeline.run(base, calib, recipe, layer_bits=layer_bits, layer_sparsity=layer_sparsity,
                        head_x_first=head_x_first, on_progress=on_progress)
     del head_x_first
+    if res.extra.get("group_fallback"):
+        fb = res.extra["group_fallback"]
+        kept = sorted(k for k, g in fb.items() if g is None)
+        print(f"note: group size {recipe.group_size} does not divide the input width of {len(fb)} layer(s): "
+              f"{len(fb) - len(kept)} take a smaller group size, {len(kept)} stay float "
+              f"(evidence: group_fallback)", file=sys.stderr)
     compress_s = time.perf_counter() - t0
     del base
     mx.clear_cache()

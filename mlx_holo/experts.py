@@ -34,14 +34,20 @@ def expert_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def router_paths(block: nn.Module) -> set[str]:
-    """Paths of the ``nn.Linear`` modules that sit directly beside a block's experts (the router ``gate``, a
-    ``shared_expert_gate``): kept float. The shared expert's own MLP (one level deeper) is an ordinary MLP."""
-    switch_parents = {p.rsplit(".", 1)[0] for p, _ in expert_modules(block) if "." in p}
-    moe = {p.rsplit(".", 1)[0] if "." in p else "" for p in switch_parents}  # the module holding the switch MLP
+    """Paths of the routers of a block's experts: the ``nn.Linear`` modules inside the module that holds the switch
+    MLP, outside the switch MLP itself, with at most E outputs (the router ``gate``, granite-moe's ``router.layer``,
+    qwen2-moe's one-row ``shared_expert_gate``): kept float. A shared expert's MLP (wide outputs) is ordinary."""
     out = set()
-    for p, m in block.named_modules():
-        if isinstance(m, nn.Linear) and (p.rsplit(".", 1)[0] if "." in p else "") in moe:
-            out.add(p)
+    for p, m in expert_modules(block):
+        parts = p.split(".")
+        if len(parts) < 3:
+            continue
+        moe, switch = ".".join(parts[:-2]), ".".join(parts[:-1])  # e.g. "mlp", "mlp.switch_mlp"
+        n_experts = m.weight.shape[0]
+        for q, lin in block.named_modules():
+            if isinstance(lin, nn.Linear) and q.startswith(moe + ".") and not q.startswith(switch + ".") \
+                    and lin.weight.shape[0] <= n_experts:
+                out.add(q)
     return out
 
 

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import models
 from .experts import expert_modules, routed_rows, router_paths, split_by_expert, stack
-from .quant.formats import QuantizedWeight
+from .quant.formats import QuantizedWeight, fit_group
 from .quant.mixed import bits_group
 from .recipe import PRUNE_METHODS, Recipe
 
@@ -211,6 +211,24 @@ def prune_weight(w: mx.array, X: mx.array | None, H: mx.array | None, method: st
     return weight, r.mask
 
 
+def _layer_format(full: str, width: int, layer_bits: dict | None, recipe: Recipe, res: PipelineResult
+                  ) -> tuple[int | None, int]:
+    """A layer's (bits or None = float, group size): its ``layer_bits`` entry or the recipe's, with the group size
+    fitted to its input width (``formats.fit_group``); a change is recorded in ``res.extra["group_fallback"]``
+    (layer -> group size, or None where the layer stays float)."""
+    from .quant.formats import FLOAT_MODES, fit_group
+
+    bits, g = bits_group(recipe.bits if layer_bits is None else layer_bits.get(full, recipe.bits),
+                         recipe.group_size)
+    if bits is None:
+        return None, g
+    fit = fit_group(width, g) if recipe.mode == "affine" else (g if width % FLOAT_MODES[recipe.mode][1] == 0
+                                                               else None)
+    if fit != g:
+        res.extra.setdefault("group_fallback", {})[full] = fit
+    return (bits, fit) if fit is not None else (None, g)
+
+
 def _compress_weight(w: mx.array, X: mx.array | None, H: mx.array | None, X_fp: mx.array | None, recipe: Recipe,
                      quant_method: str, bits: int | None, g: int, sparsity: float):
     """One weight w [out, in] (float32) with its calibration input X [n, in] / Hessian H (None: data-free) ->
@@ -344,8 +362,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             w = lin.weight.astype(mx.float32)
             Xl = X.get(path)
             H = hessian(Xl) if Xl is not None else None
-            bits, g = bits_group(recipe.bits if layer_bits is None else layer_bits.get(full, recipe.bits),
-                                 recipe.group_size)
+            bits, g = _layer_format(full, w.shape[-1], layer_bits, recipe, res)
             s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
             q, w_hat, sparsity = _compress_weight(w, Xl, H, X_fp.get(path), recipe, quant_method, bits, g, s)
             if q is not None:
@@ -359,8 +376,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
                                           time.perf_counter() - ts))
         for path, sw in expert_modules(block):
             full = f"{prefix}.{i}.{path}"
-            bits, g = bits_group(recipe.bits if layer_bits is None else layer_bits.get(full, recipe.bits),
-                                 recipe.group_size)
+            bits, g = _layer_format(full, sw.weight.shape[-1], layer_bits, recipe, res)
             s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
             res.layers.append(_compress_experts(sw, full, X.get(path, (None, None)), recipe, quant_method, bits, g,
                                                 s, res))
@@ -437,6 +453,9 @@ def _tied_table_first(model: nn.Module, recipe: Recipe, layer_bits: dict | None,
         mod = k.rsplit(".", 1)[0]
         if isinstance(_get(model, mod), nn.Embedding) and _head_module(model, mod):
             bits, g = bits_group((layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits), recipe.group_size)
+            if bits is None:  # mixed precision keeps the table float
+                return None
+            g = fit_group(v.shape[-1], g)
             return mod, gptq_head(v.astype(mx.float32), hessian(head_x), bits, g, recipe).compact()
     return None
 
@@ -484,7 +503,7 @@ def outside_quantizable(model: nn.Module, recipe: Recipe) -> list[tuple[str, mx.
             continue
         m = _get(model, k.rsplit(".", 1)[0])
         if (isinstance(m, nn.Linear) or (recipe.quantize_embeddings and isinstance(m, nn.Embedding))) \
-                and v.shape[-1] % max(recipe.group_size, 32) == 0:
+                and fit_group(v.shape[-1], recipe.group_size) is not None:
             out.append((k, v))
     return out
 
@@ -535,6 +554,8 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
             continue
         mod = k.rsplit(".", 1)[0]
         bits, g = bits_group((layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits), recipe.group_size)
+        if bits is not None and recipe.mode == "affine":
+            g = fit_group(v.shape[-1], g)
         if bits is None:  # mixed precision kept it float
             res.floats[k] = v
             res.layers.append(LayerRecord(mod, None, None, 0.0, None, 0.0))

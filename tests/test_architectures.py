@@ -265,3 +265,26 @@ def test_e2e_tunes_moe_expert_scales(arch_dirs, text_file, tmp_path):
     assert b[f"{key}.scales"].shape == a[f"{key}.scales"].shape == (4, 128, 4)
     assert not np.array_equal(np.array(a[f"{key}.scales"]), np.array(b[f"{key}.scales"]))
     load(str(tmp_path / "e2e"))
+
+
+def test_group_size_falls_back_per_layer(arch_dirs, text_file, tmp_path):
+    """Asked for 128-groups, a 192-wide layer takes the largest MLX group size dividing its width (64); a width no
+    group divides stays float (as mlx_lm.convert leaves it); both recorded, and stock mlx_lm loads the folder."""
+    from mlx_lm import load
+
+    from mlx_holo.quant.formats import fit_group
+
+    assert [fit_group(w, 128) for w in (576, 1536, 96, 100)] == [64, 128, 32, None]
+    assert fit_group(576, 64) == 64 and fit_group(576, -1) == -1 and fit_group(100, -1) is None
+    src = make_tiny_arch(tmp_path / "m", "qwen2", config={"hidden_size": 192, "intermediate_size": 256,
+                                                          "head_dim": 48})
+    for method in ("gptq", "mixed"):
+        kw = {"bits_per_weight": 4.0, "bits": 3} if method == "mixed" else {"bits": 4}
+        ev = _compress(src, tmp_path / method, text_file, method=method, group_size=128, **kw)
+        fb = ev["group_fallback"]
+        assert fb["model.layers.0.self_attn.q_proj"] == 64 and "model.layers.0.mlp.down_proj" not in fb
+        cfg = json.loads((tmp_path / method / "config.json").read_text())["quantization"]
+        assert cfg["model.layers.0.self_attn.q_proj"]["group_size"] == 64
+        q, _ = load(str(tmp_path / method))
+        assert q.model.layers[0].self_attn.q_proj.group_size == 64
+        assert q.model.layers[0].mlp.down_proj.group_size == 128

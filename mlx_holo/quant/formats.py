@@ -31,6 +31,16 @@ def check_affine(bits: int, group_size: int, in_features: int | None = None) -> 
         raise FormatError(f"input width {in_features} is not a multiple of group_size={group_size}")
 
 
+def fit_group(width: int, group_size: int) -> int | None:
+    """The group size a layer with ``width`` inputs gets when ``group_size`` is asked for: itself when it divides
+    the width, else the largest smaller MLX group size that does (MLX stores a group size per layer, so e.g.
+    SmolLM2's 576-wide layers take 64 when 128 is asked). Per-channel (-1) is stored as 128/64/32-wide groups and
+    needs width % 32 == 0. None: no group fits (the layer stays float, as ``mlx_lm.convert`` leaves it)."""
+    if group_size == -1:
+        return -1 if width % 32 == 0 else None
+    return next((g for g in sorted(GROUP_SIZES, reverse=True) if g <= group_size and width % g == 0), None)
+
+
 def pack(codes: mx.array, bits: int) -> mx.array:
     """codes: [out, in] integers in [0, 2**bits) -> packed uint32 [out, in * bits // 32]."""
     q = np.asarray(codes, dtype=np.uint32)
