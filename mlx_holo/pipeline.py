@@ -341,8 +341,9 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         if recipe.method == "awq" or recipe.awq_scales:  # AWQ alone, or AWQ's scales then GPTQ (AWQ sec. 5)
             from .quant import awq_block
             alphas = awq_block.apply(block, X, recipe, x, mask)
-            res.extra.setdefault("awq_unscaled_groups", 0)
-            res.extra["awq_unscaled_groups"] += sum(a is None for a in alphas)
+            for key, n in (("awq_unscaled_groups", sum(a is None for a in alphas)),
+                           ("awq_blocks_without_groups", int(not alphas))):
+                res.extra[key] = res.extra.get(key, 0) + n
             X = {}
             y_float, X = capture_linear_inputs(block, x, mask)  # inputs after the scale fold
         if x_fp is not None:  # the block is still float here (a scale fold leaves its function unchanged)

@@ -69,6 +69,13 @@ ARCH_CONFIGS = {  # tiny members of other families (untied heads): attention bia
     "starcoder2": {"norm_epsilon": 1e-5},           # LayerNorm with a bias, c_fc/c_proj MLP
     "phi3": {},                                     # fused qkv_proj and gate_up_proj
     "olmo2": {},                                    # norms after attention and MLP only (no input norms)
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "logits_scaling": 1.0, "attention_bias": False,
+                   "embedding_multiplier": 1.0, "attention_multiplier": 1.0, "residual_multiplier": 1.0},
+    "deepseek_v2": {"moe_intermediate_size": 64, "n_routed_experts": 4, "n_shared_experts": 1,  # MLA attention;
+                    "num_experts_per_tok": 2, "kv_lora_rank": 32, "q_lora_rank": None,        # block 0 dense
+                    "qk_rope_head_dim": 16, "v_head_dim": 32, "qk_nope_head_dim": 16, "first_k_dense_replace": 1,
+                    "moe_layer_freq": 1, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+                    "routed_scaling_factor": 1.0, "rope_scaling": {"type": "default", "factor": 1.0}},
 }
 
 

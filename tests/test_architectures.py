@@ -68,23 +68,24 @@ def test_routed_rows_and_split():
     np.testing.assert_array_equal(np.array(parts[1]), np.array(inp[:, 1, 0, 0]))
 
 
-@pytest.mark.parametrize("mt", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("mt", ["mixtral", "qwen2_moe", "granitemoe", "deepseek_v2"])
 def test_moe_structure(arch_dirs, mt):
     model = models.open_model(str(arch_dirs[mt]))[0]
-    block = models.blocks(model)[0]
+    block = models.blocks(model)[-1]
     ex = [p for p, _ in expert_modules(block)]
     assert len(ex) == 3 and all(".switch_mlp." in p for p in ex)
     routers = router_paths(block)
-    moe = "block_sparse_moe" if mt == "mixtral" else "mlp"
-    assert f"{moe}.gate" in routers
-    assert (f"{moe}.shared_expert_gate" in routers) == (mt == "qwen2_moe")
+    want = {"mixtral": {"block_sparse_moe.gate"}, "qwen2_moe": {"mlp.gate", "mlp.shared_expert_gate"},
+            "granitemoe": {"block_sparse_moe.router.layer"},
+            "deepseek_v2": set()}[mt]  # DeepSeek's MoEGate is no nn.Linear: float anyway
+    assert routers == want
     lin = [p for p, _ in pipeline.linear_modules(block)]
     assert not routers & set(lin)
     if mt == "qwen2_moe":  # the shared expert is an ordinary MLP: quantized
         assert {"mlp.shared_expert.gate_proj", "mlp.shared_expert.down_proj"} <= set(lin)
 
 
-@pytest.mark.parametrize("mt", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("mt", ["mixtral", "qwen2_moe", "granitemoe"])
 def test_moe_gptq_saves_quantized_experts_float_router(arch_dirs, text_file, tmp_path, mt):
     from mlx_lm import load
 
@@ -180,7 +181,8 @@ def _rel(a, b):
     return float(mx.linalg.norm((a - b).reshape(-1)).item() / mx.linalg.norm(b.reshape(-1)).item())
 
 
-@pytest.mark.parametrize("mt", ["qwen2", "gemma", "gemma2", "starcoder2", "phi3", "qwen2_moe", "olmo2"])
+@pytest.mark.parametrize("mt", ["qwen2", "gemma", "gemma2", "starcoder2", "phi3", "qwen2_moe", "olmo2",
+                                "deepseek_v2"])
 def test_awq_folds_keep_the_float_function(arch_dirs, mt):
     """Every group folds (Gemma's 1 + w norm, a LayerNorm's bias, Gemma-2's pre-feedforward norm, phi3's fused
     projections) and the float block computes what it did; OLMo-2's post_attention_layernorm (on the attention's
@@ -191,7 +193,7 @@ def test_awq_folds_keep_the_float_function(arch_dirs, mt):
     alphas = awq_block.apply(block, X, Recipe(method="awq", bits=3), x, mask)
     if mt == "olmo2":
         assert alphas[0] is None and alphas[1] is not None and len(alphas) == 2  # norm -> gate/up undone; up -> down
-    else:  # GQA everywhere here: no v -> o
+    else:  # GQA (or DeepSeek's MLA) everywhere here: no v -> o
         assert None not in alphas and len(alphas) == {"qwen2_moe": 1, "starcoder2": 2, "phi3": 2}.get(mt, 3)
     assert _rel(block(x, mask), y0) < 1e-4
     if mt == "gemma2":

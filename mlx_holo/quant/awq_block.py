@@ -23,7 +23,8 @@ def _find(block: nn.Module, *names: str):
     return m
 
 
-ATTN_INPUTS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))         # llama/qwen/gemma/starcoder2, phi3
+ATTN_INPUTS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",),        # llama/qwen/gemma/starcoder2, phi3
+               ("q_proj", "kv_a_proj_with_mqa"), ("q_a_proj", "kv_a_proj_with_mqa"))  # DeepSeek-V2/V3 (MLA)
 MLP_INPUTS = (("gate_proj", "up_proj"), ("gate_up_proj",), ("c_fc",))   # gated, phi3 fused, GELU (starcoder2)
 
 
@@ -31,8 +32,8 @@ def groups(block: nn.Module) -> list[tuple[object, str, list[str]]]:
     """-> [(prev module (norm or linear), its kind 'norm'|'linear', [linear paths reading its output])].
 
     Found by name; a guess that is wrong for some architecture (e.g. OLMo-2's post_attention_layernorm, which
-    normalises the attention's output) is caught by ``apply``'s check and undone. ValueError when the block has
-    no group at all."""
+    normalises the attention's output) is caught by ``apply``'s check and undone. A block with no group found
+    gets none (its linears still get AWQ's clip search)."""
     attn, mlp = _find(block, "self_attn"), _find(block, "mlp")
     # the MLP's input norm: Gemma-2/3 name it pre_feedforward_layernorm (their post_attention_layernorm normalises
     # the attention's output before the residual add)
@@ -53,9 +54,6 @@ def groups(block: nn.Module) -> list[tuple[object, str, list[str]]]:
         up, down = _find(mlp, "up_proj"), _find(mlp, "down_proj")
         if up is not None and down is not None:  # SwiGLU is linear in up's output (no fold across c_fc's GELU)
             out.append((up, "linear", ["mlp.down_proj"]))
-    if not out:
-        raise ValueError(f"AWQ found no scalable group (a norm or linear feeding q/k/v, gate/up...) in "
-                         f"{type(block).__name__}")
     return out
 
 
