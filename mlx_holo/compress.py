@@ -171,7 +171,7 @@ def sparsity_report(folder, layers: list, nm: str | None) -> dict:
     as mlx-lm will), its exact zeros counted (``sparsity_saved`` per layer) and, with ``nm``, its N:M pattern
     checked. ``claims_hold`` is True when every layer keeps at least the zeros its mask claimed (``sparsity``);
     a quantizer that moves pruned weights off zero makes it False. Embeddings / lm_head (paths without a layer
-    index) are never pruned and are left out.
+    index) are never pruned and are left out; MoE experts are checked expert by expert.
     """
     import mlx.core as mx
 
@@ -187,13 +187,14 @@ def sparsity_report(folder, layers: list, nm: str | None) -> dict:
     for r in layers:
         name = r["name"]
         w = weights.get(f"{name}.weight")
-        if w is None or w.ndim != 2 or not any(p.isdigit() for p in name.split(".")):
+        if w is None or w.ndim not in (2, 3) or not any(p.isdigit() for p in name.split(".")):
             continue
         if f"{name}.scales" in weights:
             q = qcfg.get(name) or qcfg
             w = mx.dequantize(w, weights[f"{name}.scales"], weights.get(f"{name}.biases"),
                               group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"))
             quantized += 1
+        w = w.reshape(-1, w.shape[-1])  # MoE experts [E, out, in]: each expert's rows
         z = int((w == 0).sum().item())
         r["sparsity_saved"] = z / w.size
         claims_ok &= z >= round(r["sparsity"] * w.size)

@@ -290,3 +290,18 @@ def test_group_size_falls_back_per_layer(arch_dirs, text_file, tmp_path):
         q, _ = load(str(tmp_path / method))
         assert q.model.layers[0].self_attn.q_proj.group_size == 64
         assert q.model.layers[0].mlp.down_proj.group_size == 128
+
+
+def test_moe_experts_pruned_nm_and_checked(arch_dirs, text_file, tmp_path):
+    """SparseGPT 2:4 reaches the experts (each on its routed tokens); the saved experts hold the pattern and the
+    evidence's read-back check covers them."""
+    ev = _compress(arch_dirs["mixtral"], tmp_path / "p", text_file, method="sparsegpt", nm="2:4", bits=4)
+    sp = ev["sparsity"]
+    assert sp["layers_checked"] == 2 * (4 + 3)  # attention + the three expert layers, two blocks
+    assert sp["claims_hold"] and sp["nm_pattern_holds"]
+    w = mx.load(str(tmp_path / "p" / "model.safetensors"))
+    key = "model.layers.1.block_sparse_moe.switch_mlp.up_proj"
+    deq = mx.dequantize(w[f"{key}.weight"], w[f"{key}.scales"], w[f"{key}.biases"], group_size=64, bits=4)
+    assert deq.shape == (4, 256, 128)
+    groups = (deq.reshape(-1, 4) == 0).sum(axis=-1)
+    assert bool((groups >= 2).all())
