@@ -38,6 +38,8 @@ def test_good_evidence_is_go():
     lambda e: e["bytes"].__setitem__("total", -5),
     lambda e: e["gates"][0].__setitem__("op", "~"),
     lambda e: e["metrics"].__setitem__("ppl", float("nan")),
+    lambda e: e.__setitem__("group_fallback", {"model.layers.0.mlp.up_proj": 48}),  # no MLX group size
+    lambda e: e.__setitem__("awq_unscaled_groups", -1),
 ])
 def test_broken_evidence_is_no_go(breakage):
     ev = copy.deepcopy(good())
