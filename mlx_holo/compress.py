@@ -262,7 +262,7 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
     t0 = time.perf_counter()
     base, tok, config, info = models.open_model(model, lazy=True)
     needs_calib = (recipe.method not in ("rtn", "magnitude") or recipe.allocation != "uniform" or recipe.tune_steps > 0
-                   or recipe.e2e_steps > 0)
+                   or recipe.e2e_steps > 0 or recipe.recover is not None)  # ADMM recovery fits the inputs' H
     calib = corpus_c = None
     if needs_calib:
         corpus_c = data.load_corpus(calib_corpus)

@@ -216,7 +216,7 @@ def _layer_format(full: str, width: int, layer_bits: dict | None, recipe: Recipe
     """A layer's (bits or None = float, group size): its ``layer_bits`` entry or the recipe's, with the group size
     fitted to its input width (``formats.fit_group``); a change is recorded in ``res.extra["group_fallback"]``
     (layer -> group size, or None where the layer stays float)."""
-    from .quant.formats import FLOAT_MODES, fit_group
+    from .quant.formats import FLOAT_MODES
 
     bits, g = bits_group(recipe.bits if layer_bits is None else layer_bits.get(full, recipe.bits),
                          recipe.group_size)
@@ -310,7 +310,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     quant_method = {"mixed": "gptq", "sparsegpt": "gptq", "magnitude": "rtn", "wanda": "rtn"}.get(recipe.method,
                                                                                                  recipe.method)
     pruning = recipe.method in PRUNE_METHODS
-    needs_data = (recipe.method not in ("rtn", "magnitude") or recipe.tune_steps > 0
+    needs_data = (recipe.method not in ("rtn", "magnitude") or recipe.tune_steps > 0 or recipe.recover is not None
                   or (recipe.clip_search and calib is not None))
     x = mask = x_fp = None
     qep = recipe.qep_alpha > 0 and quant_method == "gptq" and not pruning

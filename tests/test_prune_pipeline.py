@@ -126,6 +126,16 @@ def test_admm_recovery_lowers_error_and_keeps_mask(tiny, tmp_path):
     assert evs["admm"]["sparsity"]["claims_hold"] and evs["admm"]["sparsity"]["overall"] == pytest.approx(0.7, abs=1e-3)
 
 
+def test_magnitude_with_admm_recovery_calibrates(tiny, tmp_path):
+    """Magnitude pruning is data-free, its ADMM recovery is not: asked for, the calibration inputs are taken (it
+    used to crash on the missing Hessian) and the recovered model is closer to the base."""
+    evs = {rec: compress(tiny, Recipe(method="magnitude", bits=None, nm="2:4", recover=rec, **CALIB),
+                         str(tmp_path / str(rec)), **EVAL) for rec in (None, "admm")}
+    assert evs["admm"]["metrics"]["kl"] < evs[None]["metrics"]["kl"]
+    assert evs["admm"]["sparsity"]["nm_pattern_holds"] and evs["admm"]["sparsity"]["claims_hold"]
+    assert all(r["error"] is not None for r in evs["admm"]["layers"] if ".layers." in r["name"])
+
+
 @pytest.mark.parametrize("method,bits", [("wanda", 4), ("sparsegpt", 3), ("magnitude", 8)])
 def test_prune_then_quantize_keeps_exact_zeros(tiny, tmp_path, method, bits):
     """Pruned weights survive quantization as exact zeros (grids that hold 0 exactly; GPTQ commits them at 0)."""
