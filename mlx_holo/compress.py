@@ -473,6 +473,7 @@ def main(argv=None) -> int:
     from . import evidence
     from .data import DataError
     from .models import ModelError
+    from .quant.mixed import BudgetError
     from .recipe import RecipeError
 
     try:
@@ -482,7 +483,7 @@ def main(argv=None) -> int:
         ev = compress(args.model, recipe, args.out, eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len,
                       calib_corpus=args.calib_corpus, eval_corpus=args.eval_corpus, gates=args.gate,
                       overwrite=args.overwrite, on_progress=progress_printer())
-    except (RecipeError, ModelError, DataError, evidence.EvidenceError, FileExistsError) as e:
+    except (RecipeError, ModelError, DataError, evidence.EvidenceError, FileExistsError, BudgetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = ev["metrics"]

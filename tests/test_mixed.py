@@ -135,3 +135,15 @@ def test_group_size_choices_are_priced_and_filtered_by_width():
                    for combo in itertools.product(*[list(c.err) for c in layers])
                    if sum(layer_bytes(c.n_params, *k) for c, k in zip(layers, combo)) <= target)
         assert sum(c.err[got[c.name]] for c in layers) <= best * (1 + 1e-9)
+
+
+def test_cli_infeasible_budget_is_a_clear_error(tiny_model_dir, text_file, tmp_path, capsys):
+    from mlx_holo.compress import main
+
+    out = tmp_path / "never"
+    rc = main(["--model", str(tiny_model_dir), "--method", "mixed", "--bits", "2", "--target-mb", "0.01",
+               "--calib-tokens", "256", "--calib-seq-len", "128", "--calib-corpus", str(text_file),
+               "--eval-corpus", str(text_file), "--out", str(out)])
+    assert rc == 2
+    assert "infeasible" in capsys.readouterr().err
+    assert not out.exists()

@@ -27,6 +27,10 @@ from .rtn import quantize_rtn
 FLOAT_BITS = 16
 
 
+class BudgetError(ValueError):
+    """The storage budget cannot be met with the bit-widths on offer."""
+
+
 @dataclass
 class LayerCost:
     name: str
@@ -149,7 +153,7 @@ def allocate_bits(layers: list[LayerCost], *, bits_per_weight: float | None = No
     choice = [min(o, key=lambda t: (t[0], t[1])) for o in opts]  # cheapest option per layer
     used = sum(ch[0] for ch in choice)
     if used > budget:
-        raise ValueError(f"budget of {budget} bytes ({8 * budget / total_params:.3f} bits/weight) is infeasible: "
+        raise BudgetError(f"budget of {budget} bytes ({8 * budget / total_params:.3f} bits/weight) is infeasible: "
                          f"the cheapest choice ({min(candidate_bits)} bits, largest groups) needs {used} bytes "
                          f"({8 * used / total_params:.3f} bits/weight); allow fewer bits or raise the budget")
 
