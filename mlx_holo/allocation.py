@@ -160,7 +160,7 @@ def allocate_sparsity(model_spec, calib: mx.array, recipe, *, on_progress=None, 
         raise RecipeError(f"allocation {recipe.allocation} needs --sparsity in (0, 1)")
     t0 = time.perf_counter()
     zo = recipe.allocation == "zero-order"
-    model = models.open_model(model_spec, lazy=True)[0]
+    model = models.open_model(model_spec, lazy=True, dequantize=True)[0]
     stats = scan_blocks(model, calib, M, release=not zo, on_progress=on_progress)
     owl = owl_allocation(stats.ratios, recipe.sparsity, lam)
     details: dict = {"method": recipe.allocation, "lam": lam, "M": M, "ratios": stats.ratios,

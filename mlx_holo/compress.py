@@ -38,7 +38,7 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
                               rtn_errors, rtn_layer_cost)
     from mlx.utils import tree_flatten
 
-    model = models.open_model(model_spec, lazy=True)[0]
+    model = models.open_model(model_spec, lazy=True, dequantize=True)[0]
     outside = pipeline.outside_quantizable(model, recipe)
     emb = [(k, v.size) for k, v in outside]
     n_emb = sum(n for _, n in emb)
@@ -260,7 +260,7 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
 
     recipe.validate()
     t0 = time.perf_counter()
-    base, tok, config, info = models.open_model(model, lazy=True)
+    base, tok, config, info = models.open_model(model, lazy=True, dequantize=True)
     needs_calib = (recipe.method not in ("rtn", "magnitude") or recipe.allocation != "uniform" or recipe.tune_steps > 0
                    or recipe.e2e_steps > 0 or recipe.recover is not None)  # ADMM recovery fits the inputs' H
     calib = corpus_c = None
@@ -276,7 +276,7 @@ def compress(model: str | None, recipe, out: str, *, eval_tokens: int = 8192, ev
         layer_sparsity, details["allocation"] = allocate_sparsity(model, calib, recipe, on_progress=on_progress)
     head_x_first = None
     if recipe.embed_first and calib is not None:
-        head_x_first = pipeline.forward_head_inputs(models.open_model(model, lazy=True)[0], calib)
+        head_x_first = pipeline.forward_head_inputs(models.open_model(model, lazy=True, dequantize=True)[0], calib)
     res = pipeline.run(base, calib, recipe, layer_bits=layer_bits, layer_sparsity=layer_sparsity,
                        head_x_first=head_x_first, on_progress=on_progress)
     del head_x_first

@@ -305,6 +305,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     t0 = time.perf_counter()
     mx.reset_peak_memory()
     res = PipelineResult()
+    models.dequantize_model(model)  # an already quantized input (e.g. re-compressing a 4-bit model) works on floats
     blocks = models.blocks(model)
     # the quantizer that follows: mixed and SparseGPT use GPTQ (Hessians at hand), the other pruners RTN
     quant_method = {"mixed": "gptq", "sparsegpt": "gptq", "magnitude": "rtn", "wanda": "rtn"}.get(recipe.method,

@@ -305,3 +305,17 @@ def test_moe_experts_pruned_nm_and_checked(arch_dirs, text_file, tmp_path):
     assert deq.shape == (4, 256, 128)
     groups = (deq.reshape(-1, 4) == 0).sum(axis=-1)
     assert bool((groups >= 2).all())
+
+
+def test_pipeline_recompresses_a_quantized_model(arch_dirs, text_file, tmp_path):
+    """A quantized folder opened as it is stored (what a GPU backend does: no dequantization on load) is compressed
+    again on its dequantized weights: every linear and expert layer gets new codes, nothing packed is passed on as
+    a 'float'."""
+    _compress(arch_dirs["mixtral"], tmp_path / "q8", text_file, method="rtn", bits=8)
+    model, tok = models.open_model(str(tmp_path / "q8"), dequantize=False, lazy=True)[:2]
+    assert any(type(m).__name__ == "QuantizedSwitchLinear" for _, m in model.named_modules())
+    calib = data.calibration_windows(tok, data.load_corpus(str(text_file)), 512, 128, seed=0)
+    res = pipeline.run(model, calib, Recipe(method="gptq", bits=4))
+    assert sum(".layers." in k for k in res.quantized) == 2 * (4 + 3)
+    assert all(v.dtype != mx.uint32 for v in res.floats.values())
+    assert all(q.bits == 4 for q in res.quantized.values())
