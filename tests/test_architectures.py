@@ -280,7 +280,7 @@ def test_group_size_falls_back_per_layer(arch_dirs, text_file, tmp_path):
     assert fit_group(576, 64) == 64 and fit_group(576, -1) == -1 and fit_group(100, -1) is None
     src = make_tiny_arch(tmp_path / "m", "qwen2", config={"hidden_size": 192, "intermediate_size": 256,
                                                           "head_dim": 48})
-    for method in ("gptq", "mixed"):
+    for method in ("gptq", "mixed", "awq"):
         kw = {"bits_per_weight": 4.0, "bits": 3} if method == "mixed" else {"bits": 4}
         ev = _compress(src, tmp_path / method, text_file, method=method, group_size=128, **kw)
         fb = ev["group_fallback"]

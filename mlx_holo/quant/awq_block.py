@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .awq import apply_awq_scale, awq_search
+from .formats import fit_group
 
 
 def _find(block: nn.Module, *names: str):
@@ -104,7 +105,8 @@ def apply(block: nn.Module, X: dict[str, mx.array], recipe, x: mx.array | None =
     for prev, kind, paths in groups(block):
         lins = [_find(block, *p.split(".")) for p in paths]
         xin = X[paths[0]]
-        res = awq_search([m.weight.astype(mx.float32) for m in lins], xin, recipe.bits, recipe.group_size,
+        g = fit_group(xin.shape[-1], recipe.group_size) or recipe.group_size  # as the pipeline will quantize
+        res = awq_search([m.weight.astype(mx.float32) for m in lins], xin, recipe.bits, g,
                          fit="mlx" if recipe.fit == "mlx" else "minmax")
         before = [dict(m.parameters()) for m in (prev, *lins)]
         new_prev, new_ws = apply_awq_scale(prev.weight.astype(mx.float32), [m.weight.astype(mx.float32) for m in lins],
