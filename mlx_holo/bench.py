@@ -45,11 +45,13 @@ def _cpu_float_experts(model) -> bool:
     -> whether any were cast."""
     import mlx.core as mx
 
+    from .experts import is_switch
+
     if mx.default_device() != mx.cpu:
         return False
     cast = False
     for _, m in model.named_modules():
-        if type(m).__name__ == "SwitchLinear":
+        if is_switch(m):
             m.update({k: v.astype(mx.float32) for k, v in m.parameters().items()})
             cast = True
     return cast

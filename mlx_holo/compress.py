@@ -19,6 +19,14 @@ def _peak_rss() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def _layer_group(width: int, recipe) -> int:
+    """The group size a layer of ``width`` inputs is quantized at (``formats.fit_group``: e.g. 64 for a 576-wide
+    layer asked 128); the recipe's where none fits (such a layer stays float in the pipeline)."""
+    from .quant.formats import fit_group
+
+    return fit_group(width, recipe.group_size) or recipe.group_size
+
+
 def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[dict, dict]:
     """Sensitivity pass + knapsack -> ({layer path: bits}, details).
 
@@ -33,7 +41,6 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
 
     from . import models, pipeline
     from .experts import expert_cost, expert_modules
-    from .quant.formats import fit_group
     from .quant.mixed import (LayerCost, allocate_bits, allocation_bytes, bits_group, fisher_error, layer_bytes,
                               rtn_errors, rtn_layer_cost)
     from mlx.utils import tree_flatten
@@ -43,7 +50,7 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
     emb = [(k, v.size) for k, v in outside]
     n_emb = sum(n for _, n in emb)
     pinned = recipe.sensitivity == "hessian" or recipe.embed_bits is not None
-    emb_bytes = sum(layer_bytes(v.size, recipe.embed_bits or recipe.bits, fit_group(v.shape[-1], recipe.group_size))
+    emb_bytes = sum(layer_bytes(v.size, recipe.embed_bits or recipe.bits, _layer_group(v.shape[-1], recipe))
                     for _, v in outside) if pinned else 0
     prefix = pipeline._block_prefix(model)
     lin = [f"{prefix}.{i}.{p}.weight" for i, b in enumerate(models.blocks(model))
@@ -64,7 +71,7 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
         for k in paths:
             w = params[k].astype(mx.float32)
             w, f = w.reshape(-1, w.shape[-1]), F[k].reshape(-1, w.shape[-1])  # experts [E, out, in]: rows
-            g = fit_group(w.shape[-1], recipe.group_size) or recipe.group_size
+            g = _layer_group(w.shape[-1], recipe)
             costs.append(LayerCost(k[: -len(".weight")], int(w.size), g,
                                    rtn_errors(w, lambda q: fisher_error(w, f, q), g, recipe.mixed_bits(),
                                               recipe.candidate_groups)))
@@ -76,7 +83,7 @@ def mixed_allocation(model_spec, calib, recipe, *, on_progress=None) -> tuple[di
             # An error a linear adds to the residual stream matters relative to that stream's size (the next
             # RMSNorm divides it out): without this, early blocks (small activations) look cheap and get 2 bits,
             # and their errors are amplified by every later block (measured: PPL 141 vs 92 for uniform 3-bit).
-            g = fit_group(w.shape[-1], recipe.group_size) or recipe.group_size
+            g = _layer_group(w.shape[-1], recipe)
 
             def err(w, H):
                 return rtn_layer_cost(path, w, H, g, candidate_bits=recipe.mixed_bits(),
@@ -119,12 +126,11 @@ def _measured_costs(model, calib, recipe, paths: list[str], params: dict, on_pro
     import mlx.core as mx
 
     from .quant.measured import extrapolate, measured_errors, scored_tokens
-    from .quant.formats import fit_group
     from .quant.mixed import LayerCost, bits_group, choices, feasible, rtn_errors
     from .quant.rtn import quantize_rtn
 
-    def g_of(p):  # the group size the layer gets (formats.fit_group: e.g. 64 for a 576-wide layer asked 128)
-        return fit_group(params[p].shape[-1], recipe.group_size) or recipe.group_size
+    def g_of(p):
+        return _layer_group(params[p].shape[-1], recipe)
 
     tokens = scored_tokens(calib, recipe.kl_tokens)
     opts = {p: feasible(choices(recipe.mixed_bits(), recipe.candidate_groups), params[p].shape[-1], g_of(p))
@@ -240,8 +246,7 @@ def e2e_tune(folder, base, calib, *, steps: int, lr: float, batch: int = 1, seed
               "train_kl_first": float(np.mean(res.losses[:k])) if res.losses else None,
               "train_kl_last": float(np.mean(res.losses[-k:])) if res.losses else None,
               "seconds": time.perf_counter() - t}
-    tensors = {f"{p}.{key}": (getattr(q, key).reshape(q.experts, -1, getattr(q, key).shape[-1]) if q.experts
-                              else getattr(q, key))  # MoE experts are stored [E, out, G]
+    tensors = {f"{p}.{key}": q.stored_shape(getattr(q, key))  # MoE experts as stored: [E, out, G]
                for p, q in tuned.items() for key in ("scales", "biases")} if res.kept else {}
     return report, tensors, m
 

@@ -328,31 +328,25 @@ def cast_floats(model: nn.Module, dtype) -> None:
 def dequantize_model(model: nn.Module, dtype=mx.float32) -> None:
     """Replace QuantizedLinear/QuantizedEmbedding (and MoE QuantizedSwitchLinear) modules by float ones holding the
     dequantized weights."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
     swaps = []
     for path, m in model.named_modules():
-        if type(m).__name__ == "QuantizedSwitchLinear":
-            from mlx_lm.models.switch_layers import SwitchLinear
-
-            w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
-                              mode=getattr(m, "mode", "affine")).astype(dtype)
-            new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
-            new.weight = w
-            if "bias" in m:
-                new.bias = m.bias.astype(dtype)
-            swaps.append((path, new))
+        switch = type(m).__name__ == "QuantizedSwitchLinear"
+        if not (switch or isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))):
             continue
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
-                              mode=getattr(m, "mode", "affine")).astype(dtype)
-            if isinstance(m, nn.QuantizedLinear):
-                new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
-                new.weight = w
-                if "bias" in m:
-                    new.bias = m.bias.astype(dtype)
-            else:
-                new = nn.Embedding(w.shape[0], w.shape[1])
-                new.weight = w
-            swaps.append((path, new))
+        w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
+                          mode=getattr(m, "mode", "affine")).astype(dtype)
+        if isinstance(m, nn.QuantizedEmbedding):
+            new = nn.Embedding(w.shape[0], w.shape[1])
+        elif switch:  # [E, out, in]
+            new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
+        else:
+            new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+        new.weight = w
+        if "bias" in m:
+            new.bias = m.bias.astype(dtype)
+        swaps.append((path, new))
     if swaps:
         model.update_modules(tree_unflatten(swaps))
 
@@ -410,8 +404,7 @@ def save_compressed(floats: dict[str, mx.array], quantized: dict, config: dict, 
                 scales, biases = mx.repeat(scales, reps, axis=1), mx.repeat(biases, reps, axis=1)
             wq, bits = q.packed(), q.bits
             scales, biases = scales.astype(float_dtype), biases.astype(float_dtype)
-            if q.experts:  # mlx-lm's QuantizedSwitchLinear: [E, out, ...]
-                wq, scales, biases = (a.reshape(q.experts, -1, a.shape[-1]) for a in (wq, scales, biases))
+            wq, scales, biases = (q.stored_shape(a) for a in (wq, scales, biases))
             tensors.update({f"{mod}.weight": wq, f"{mod}.scales": scales, f"{mod}.biases": biases})
             entry = {"group_size": g, "bits": bits}
         else:

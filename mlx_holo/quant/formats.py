@@ -106,10 +106,14 @@ class QuantizedWeight:
     def unpacked(self) -> mx.array:
         return self.codes if self.codes is not None else unpack(self.wq, self.bits, self.shape[1])
 
+    def stored_shape(self, a: mx.array) -> mx.array:
+        """A per-row tensor [rows, k] (codes, packed words, scales, biases, w_hat) in the layout it is stored in:
+        as is, or [E, rows / E, k] for stacked MoE experts (mlx-lm's QuantizedSwitchLinear)."""
+        return a.reshape(self.experts, -1, a.shape[-1]) if self.experts else a
+
     def dequantize(self) -> mx.array:
         """-> w_hat [out, in] float32 ([E, out / E, in] for stacked experts)."""
-        w = dequantize(self.unpacked(), self.scales, self.biases, self.group_size)
-        return w.reshape(self.experts, -1, w.shape[1]) if self.experts else w
+        return self.stored_shape(dequantize(self.unpacked(), self.scales, self.biases, self.group_size))
 
     def packed(self) -> mx.array:
         return self.wq if self.wq is not None else pack(self.codes, self.bits)
