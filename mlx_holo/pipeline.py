@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import models
 from .experts import expert_modules, routed_rows, router_paths, split_by_expert, stack
-from .quant.formats import QuantizedWeight, fit_group
+from .quant.formats import FLOAT_MODES, QuantizedWeight, fit_group
 from .quant.mixed import bits_group
 from .recipe import PRUNE_METHODS, Recipe
 
@@ -211,14 +211,12 @@ def prune_weight(w: mx.array, X: mx.array | None, H: mx.array | None, method: st
     return weight, r.mask
 
 
-def _layer_format(full: str, width: int, layer_bits: dict | None, recipe: Recipe, res: PipelineResult
-                  ) -> tuple[int | None, int]:
-    """A layer's (bits or None = float, group size): its ``layer_bits`` entry or the recipe's, with the group size
-    fitted to its input width (``formats.fit_group``); a change is recorded in ``res.extra["group_fallback"]``
-    (layer -> group size, or None where the layer stays float)."""
-    from .quant.formats import FLOAT_MODES
-
-    bits, g = bits_group(recipe.bits if layer_bits is None else layer_bits.get(full, recipe.bits),
+def _layer_format(full: str, width: int, layer_bits: dict | None, recipe: Recipe, res: PipelineResult,
+                  default: int | None = None) -> tuple[int | None, int]:
+    """A layer's (bits or None = float, group size): its ``layer_bits`` entry or ``default`` (the recipe's bits),
+    with the group size fitted to its input width (``formats.fit_group``); a change is recorded in
+    ``res.extra["group_fallback"]`` (layer -> group size, or None where the layer stays float)."""
+    bits, g = bits_group((layer_bits or {}).get(full, recipe.bits if default is None else default),
                          recipe.group_size)
     if bits is None:
         return None, g
@@ -322,7 +320,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         mx.eval(x)
         x_fp = x if qep else None  # QEP: the float model's own activations flow beside the compressed ones
         if head_x_first is not None:
-            first = _tied_table_first(model, recipe, layer_bits, head_x_first)
+            first = _tied_table_first(model, recipe, layer_bits, head_x_first, res)
             if first is not None:
                 path, qw = first
                 res.quantized[path] = qw
@@ -447,17 +445,16 @@ def gptq_head(w: mx.array, H: mx.array, bits: int, group_size: int, recipe: Reci
                          fit=grid_fit(recipe, bits, compensated=True), iters=recipe.gptq_iters)
 
 
-def _tied_table_first(model: nn.Module, recipe: Recipe, layer_bits: dict | None, head_x: mx.array
-                      ) -> tuple[str, QuantizedWeight] | None:
+def _tied_table_first(model: nn.Module, recipe: Recipe, layer_bits: dict | None, head_x: mx.array,
+                      res: PipelineResult) -> tuple[str, QuantizedWeight] | None:
     """GPTQ of a tied embedding table on the float model's head inputs -> (module path, compact weight), or None
     when the model has no quantized tied table (an untied lm_head is GPTQ'd after the blocks as usual)."""
     for k, v in outside_quantizable(model, recipe):
         mod = k.rsplit(".", 1)[0]
         if isinstance(_get(model, mod), nn.Embedding) and _head_module(model, mod):
-            bits, g = bits_group((layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits), recipe.group_size)
+            bits, g = _layer_format(mod, v.shape[-1], layer_bits, recipe, res, recipe.embed_bits or recipe.bits)
             if bits is None:  # mixed precision keeps the table float
                 return None
-            g = fit_group(v.shape[-1], g)
             return mod, gptq_head(v.astype(mx.float32), hessian(head_x), bits, g, recipe).compact()
     return None
 
@@ -555,9 +552,7 @@ def _finish_outside_blocks(model: nn.Module, recipe: Recipe, res: PipelineResult
             res.floats[k] = v
             continue
         mod = k.rsplit(".", 1)[0]
-        bits, g = bits_group((layer_bits or {}).get(mod, recipe.embed_bits or recipe.bits), recipe.group_size)
-        if bits is not None and recipe.mode == "affine":
-            g = fit_group(v.shape[-1], g)
+        bits, g = _layer_format(mod, v.shape[-1], layer_bits, recipe, res, recipe.embed_bits or recipe.bits)
         if bits is None:  # mixed precision kept it float
             res.floats[k] = v
             res.layers.append(LayerRecord(mod, None, None, 0.0, None, 0.0))

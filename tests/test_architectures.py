@@ -285,6 +285,7 @@ def test_group_size_falls_back_per_layer(arch_dirs, text_file, tmp_path):
         ev = _compress(src, tmp_path / method, text_file, method=method, group_size=128, **kw)
         fb = ev["group_fallback"]
         assert fb["model.layers.0.self_attn.q_proj"] == 64 and "model.layers.0.mlp.down_proj" not in fb
+        assert fb["model.embed_tokens"] == 64 and fb["lm_head"] == 64  # outside the blocks, recorded too
         cfg = json.loads((tmp_path / method / "config.json").read_text())["quantization"]
         assert cfg["model.layers.0.self_attn.q_proj"]["group_size"] == 64
         q, _ = load(str(tmp_path / method))
