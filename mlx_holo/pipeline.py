@@ -341,6 +341,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             from .quant import awq_block
             alphas = awq_block.apply(block, X, recipe, x, mask)
             for key, n in (("awq_unscaled_groups", sum(a is None for a in alphas)),
+                           ("awq_alpha_zero_groups", sum(a == 0.0 for a in alphas)),
                            ("awq_blocks_without_groups", int(not alphas))):
                 res.extra[key] = res.extra.get(key, 0) + n
             X = {}

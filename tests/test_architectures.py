@@ -114,17 +114,43 @@ def test_moe_gptq_saves_quantized_experts_float_router(arch_dirs, text_file, tmp
     assert all(err[k] < err_r[k] for k in err), (err, err_r)
 
 
-def test_awq_on_moe_scales_attention_only(arch_dirs, text_file, tmp_path):
+def test_awq_on_moe_scales_every_reader_of_the_mlp_norm(arch_dirs, text_file, tmp_path):
+    """A MoE block's MLP norm scales the router(s) (float, folded exactly), the experts' gate/up and a shared
+    expert's gate/up together; each expert's up -> down pair is its own group. A shared expert's down_proj whose
+    hidden width equals the model width (here 128 = 128) is not taken for a reader."""
     from mlx_holo.quant import awq_block
 
     model = models.open_model(str(arch_dirs["qwen2_moe"]))[0]
     block = models.blocks(model)[0]
-    paths = [ps for _, _, ps in awq_block.groups(block)]
-    assert paths[0] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-    assert not any(p.startswith("mlp.") for ps in paths for p in ps)  # router + experts read that norm too
+    got = [(k, ps) for _, k, ps in awq_block.groups(block)]
+    assert got[0] == ("norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
+    assert ("norm", ["mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert_gate",
+                     "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj"]) in got
+    assert ("linear", ["mlp.shared_expert.down_proj"]) in got and ("experts", ["mlp.switch_mlp.down_proj"]) in got
     ev = _compress(arch_dirs["mixtral"], tmp_path / "awq", text_file, method="awq", bits=4)
     ev_rtn = _compress(arch_dirs["mixtral"], tmp_path / "rtn", text_file, method="rtn", bits=4)
     assert ev["metrics"]["kl"] < ev_rtn["metrics"]["kl"]
+    assert ev["awq_unscaled_groups"] == 0 and 0 <= ev["awq_alpha_zero_groups"] <= 6  # 2 blocks x 3 groups
+
+
+def test_awq_moe_fold_scales_router_and_experts(arch_dirs):
+    """On a mixtral block with salient MLP-input channels the fold really moves the router's and every expert's
+    columns and each expert's up rows (per-expert scales), and the block computes what it did (routing included)."""
+    from mlx_holo.quant import awq_block
+
+    block, x, mask, y0, X = _block0(arch_dirs["mixtral"], salient=True)
+    moe = block.block_sparse_moe
+    router0, gate0 = np.array(moe.gate.weight), np.array(moe.switch_mlp.gate_proj.weight)
+    up0, down0 = np.array(moe.switch_mlp.up_proj.weight), np.array(moe.switch_mlp.down_proj.weight)
+    alphas = awq_block.apply(block, X, Recipe(method="awq", bits=3), x, mask)
+    assert len(alphas) == 3 and None not in alphas and alphas[1] > 0 and alphas[2] > 0
+    s = router0[0] / np.array(moe.gate.weight)[0]  # 1 / the norm's scale, read off the router's columns
+    assert np.ptp(s) > 0.1
+    np.testing.assert_allclose(np.array(moe.switch_mlp.gate_proj.weight), gate0 / s, rtol=1e-4)
+    s_up = up0[:, :, 0] / np.array(moe.switch_mlp.up_proj.weight)[:, :, 0] / s[0]  # [E, inter], one per expert
+    assert np.ptp(s_up, axis=1).min() > 0 and np.abs(s_up[0] - s_up[1]).max() > 1e-3
+    np.testing.assert_allclose(np.array(moe.switch_mlp.down_proj.weight), down0 * s_up[:, None, :], rtol=1e-4)
+    assert _rel(block(x, mask), y0) < 1e-4
 
 
 @pytest.mark.parametrize("sensitivity", ["hessian", "fisher", "kl"])
@@ -168,11 +194,16 @@ def test_bench_counts_only_routed_experts(arch_dirs):
     assert bytes_per_token(model) == total - experts // 2 - (table - table // 320)
 
 
-def _block0(folder):
+def _block0(folder, salient=False, index=0):
     model, tok = models.open_model(str(folder))[:2]
+    if salient:  # a few MLP-input channels 8x larger, as in trained LLMs
+        ln = models.blocks(model)[index].post_attention_layernorm
+        ln.weight = ln.weight * mx.where(mx.arange(ln.weight.shape[0]) % 29 == 3, 8.0, 1.0)
     tokens = mx.array(np.random.default_rng(0).integers(0, 320, (2, 64)))
     x, mask = pipeline.block_inputs(model, tokens)
-    block = models.blocks(model)[0]
+    for b in models.blocks(model)[:index]:
+        x = b(x, mask)
+    block = models.blocks(model)[index]
     y0, X = pipeline.capture_linear_inputs(block, x, mask)
     return block, x, mask, y0, X
 
@@ -182,7 +213,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("mt", ["qwen2", "gemma", "gemma2", "starcoder2", "phi3", "qwen2_moe", "olmo2",
-                                "deepseek_v2"])
+                                "deepseek_v2", "mixtral", "granitemoe"])
 def test_awq_folds_keep_the_float_function(arch_dirs, mt):
     """Every group folds (Gemma's 1 + w norm, a LayerNorm's bias, Gemma-2's pre-feedforward norm, phi3's fused
     projections) and the float block computes what it did; OLMo-2's post_attention_layernorm (on the attention's
@@ -194,10 +225,29 @@ def test_awq_folds_keep_the_float_function(arch_dirs, mt):
     if mt == "olmo2":
         assert alphas[0] is None and alphas[1] is not None and len(alphas) == 2  # norm -> gate/up undone; up -> down
     else:  # GQA (or DeepSeek's MLA) everywhere here: no v -> o
-        assert None not in alphas and len(alphas) == {"qwen2_moe": 1, "starcoder2": 2, "phi3": 2}.get(mt, 3)
+        assert None not in alphas and len(alphas) == {"qwen2_moe": 4, "starcoder2": 2, "phi3": 2}.get(mt, 3)
     assert _rel(block(x, mask), y0) < 1e-4
     if mt == "gemma2":
         assert ["mlp.gate_proj", "mlp.up_proj"] in [p for _, _, p in awq_block.groups(block)]
+
+
+def test_awq_folds_deepseek_moe_block_with_its_custom_router(arch_dirs):
+    """DeepSeek-V2's MoE block (block 1): the router is a MoEGate module (no nn.Linear) with a [E, D] weight; it is
+    folded with the experts and the shared experts, and routing is unchanged."""
+    from mlx_holo.quant import awq_block
+
+    block, x, mask, y0, X = _block0(arch_dirs["deepseek_v2"], salient=True, index=1)
+    if not np.abs(np.array(block.mlp.gate.weight)).max():  # mlx-lm creates the MoEGate weight as zeros
+        block.mlp.gate.weight = 0.1 * mx.random.normal(block.mlp.gate.weight.shape, key=mx.random.key(0))
+        y0, X = pipeline.capture_linear_inputs(block, x, mask)
+    got = [(k, ps) for _, k, ps in awq_block.groups(block)]
+    assert ("norm", ["mlp.gate", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
+                     "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj"]) in got
+    w0 = np.array(block.mlp.gate.weight)
+    alphas = awq_block.apply(block, X, Recipe(method="awq", bits=3), x, mask)
+    assert len(alphas) == 4 and None not in alphas
+    assert not np.allclose(np.array(block.mlp.gate.weight), w0)
+    assert _rel(block(x, mask), y0) < 1e-4
 
 
 def test_awq_undoes_a_fold_that_changes_the_block(tmp_path, monkeypatch):

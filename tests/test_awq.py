@@ -96,3 +96,32 @@ def test_awq_clip_no_group_worse_than_rtn_and_format_valid():
         e_rtn = group_err(quantize_rtn(mx.array(w), 3, 64, fit=fit).dequantize()).mean(0)
         assert np.all(e_clip <= e_rtn * (1 + 1e-4) + 1e-9)
         assert e_clip.sum() < 0.95 * e_rtn.sum()
+
+
+def test_awq_search_confirms_its_choice_with_the_final_quantizer():
+    """With ``final`` the winner is chosen on the quantizer really used (clip search + least-squares grid), among
+    the proxy's best alphas and alpha = 0; its reported losses are that quantizer's, recomputed here."""
+    x, ws = _outlier_problem()
+    final = lambda w, xi: awq_clip(w, xi, 3, 64, fit="lsq").dequantize()  # noqa: E731
+    res = awq_search([mx.array(w) for w in ws], mx.array(x), 3, 64, final=final)
+    s = np.asarray(res.scales)
+    def err(sc):
+        return sum(_out_err(x, w, np.asarray(final(mx.array(w * sc), mx.array(x / sc))) / sc) for w in ws)
+    assert np.isclose(res.loss_before, err(np.ones_like(s)), rtol=1e-3)
+    assert np.isclose(res.loss_after, err(s), rtol=1e-3)
+    assert res.ratio > 0.0 and res.loss_after < 0.9 * res.loss_before  # outlier channels: scaling still wins
+
+
+def test_awq_search_per_weight_inputs():
+    """Experts: one scale for all, each weight's error on its own rows (xs); the statistics from x."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((256, 64)).astype(np.float32) * np.where(np.arange(64) % 9 == 0, 12.0, 1.0)
+    w = [rng.standard_normal((16, 64)).astype(np.float32) for _ in range(2)]
+    rows = [x[:100], x[100:]]
+    res = awq_search([mx.array(a) for a in w], mx.array(x), 3, 32, xs=[mx.array(r) for r in rows])
+    s = np.asarray(res.scales)
+    got = sum(_out_err(r, a, np.asarray(quantize_rtn(mx.array(a * s), 3, 32, fit="minmax").dequantize()) / s)
+              for a, r in zip(w, rows))
+    assert np.isclose(got, res.loss_after, rtol=1e-3)
+    with pytest.raises(ValueError, match="inputs for"):
+        awq_search([mx.array(w[0])], mx.array(x), 3, 32, xs=[mx.array(x), mx.array(x)])

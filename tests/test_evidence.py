@@ -40,6 +40,7 @@ def test_good_evidence_is_go():
     lambda e: e["metrics"].__setitem__("ppl", float("nan")),
     lambda e: e.__setitem__("group_fallback", {"model.layers.0.mlp.up_proj": 48}),  # no MLX group size
     lambda e: e.__setitem__("awq_unscaled_groups", -1),
+    lambda e: e.__setitem__("awq_alpha_zero_groups", "none"),
 ])
 def test_broken_evidence_is_no_go(breakage):
     ev = copy.deepcopy(good())

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 
 from .formats import AFFINE_BITS, FormatError, QuantizedWeight
 from .rtn import REFINES, _groups, affine_params, quantize_rtn, round_codes, start_fits
@@ -40,25 +41,43 @@ def _output_error(dw: mx.array, x: mx.array, gram: mx.array | None) -> mx.array:
 
 
 def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, grid: int = 20,
-               scale_dtype=mx.float16, on_progress: Progress | None = None, fit: str = "minmax") -> AwqResult:
+               scale_dtype=mx.float16, on_progress: Progress | None = None, fit: str = "minmax",
+               xs: list[mx.array] | None = None, final: Callable | None = None, top: int = 1) -> AwqResult:
     """ws: linears [out_i, in] that share the input x: [n, in] -> AwqResult with the best per-channel scales [in].
 
-    loss(alpha) = sum_i ||Q(w_i * s) (x / s)^T - w_i x^T||^2 with Q = rtn.quantize_rtn; alpha = k / grid, k < grid.
+    loss(alpha) = sum_i ||Q(w_i * s) (x_i / s)^T - w_i x_i^T||^2 with Q = rtn.quantize_rtn; alpha = k / grid,
+    k < grid; s = mean|x|^alpha over x's rows. x_i = x unless xs gives each weight its own rows (a mixture of
+    experts: expert e's weights see only the tokens routed to it, while the statistics come from all of them).
     fit: Q's grid rule; the default min/max grid is the cheap stand-in for the least-squares grid the final
     quantization uses (refining 20 candidates x every weight would cost ~10x more).
+    final(w [out, in], x [n, in]) -> dequantized [out, in]: the quantizer that will really be used (e.g. ``awq_clip``
+    with its least-squares grid). Given, alpha is chosen on its error instead: alpha = 0 (s = 1), 0.1, ..., 0.5, the
+    proxy's ``top`` best, then the best one's two neighbours on the grid (about 8 quantizations), so the scales never
+    lose to no scaling on the calibration rows. The two curves disagree: the clipped, output-weighted least-squares
+    grid already protects salient channels, and needs less scaling (``tests/test_awq.py``'s outlier problem: proxy
+    best at alpha 0.3-0.5, where the final error is above no scaling's; the final quantizer's best is near 0.15).
     """
     if bits not in AFFINE_BITS:
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
     if not ws:
         raise ValueError("awq_search needs at least one weight")
+    if xs is not None and len(xs) != len(ws):
+        raise ValueError(f"{len(xs)} inputs for {len(ws)} weights")
     n_in = x.shape[1]
-    for w in ws:
-        if w.shape[1] != n_in:
-            raise ValueError(f"weight {tuple(w.shape)} does not read inputs of width {n_in}")
-    x = x.astype(mx.float32)  # x: [n, in]
+    xs = [x] * len(ws) if xs is None else xs
+    for w, xi in zip(ws, xs):
+        if w.shape[1] != n_in or xi.shape[1] != n_in:
+            raise ValueError(f"weight {tuple(w.shape)} / input {tuple(xi.shape)} do not share the width {n_in}")
     ws = [w.astype(mx.float32) for w in ws]
-    gram = x.T @ x if x.shape[0] > n_in else None  # [in, in]
-    x_mean = mx.abs(x).mean(axis=0)  # [in]
+    w_all = mx.concatenate(ws)  # [sum out_i, in]
+    ends = np.cumsum([w.shape[0] for w in ws])
+    rows = list(zip([0, *ends[:-1]], ends))
+    x_mean = mx.abs(x.astype(mx.float32)).mean(axis=0)  # [in]
+    grams: dict[int, tuple] = {}  # per distinct input: (x [n, in], its Gram x^T x [in, in] when that is cheaper)
+    for xi in xs:
+        if id(xi) not in grams:
+            xf = xi.astype(mx.float32)
+            grams[id(xi)] = (xf, xf.T @ xf if xf.shape[0] > n_in else None)
 
     best = None
     losses = []
@@ -66,10 +85,12 @@ def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, g
         ratio = k / grid
         s = mx.maximum(x_mean**ratio, 1e-4)
         s = s / mx.sqrt(s.max() * s.min())  # [in]
+        # one rounding call for all weights (groups run along ``in``, so stacking rows changes nothing)
+        q = quantize_rtn(w_all * s[None, :], bits, group_size, scale_dtype=scale_dtype, fit=fit).dequantize()
+        dw = q / s[None, :] - w_all  # [sum out_i, in]
         loss = mx.array(0.0)
-        for w in ws:
-            q = quantize_rtn(w * s[None, :], bits, group_size, scale_dtype=scale_dtype, fit=fit).dequantize()
-            loss = loss + _output_error(q / s[None, :] - w, x, gram)
+        for (a, b), xi in zip(rows, xs):
+            loss = loss + _output_error(dw[a:b], *grams[id(xi)])
         loss = float(loss.item())
         losses.append(loss)
         if best is None or loss < best[0]:
@@ -77,7 +98,32 @@ def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, g
         if on_progress is not None:
             on_progress("awq-search", k + 1, grid)
     loss, ratio, s = best
-    return AwqResult(scales=s, ratio=ratio, loss_before=losses[0], loss_after=loss)
+    if final is None:
+        return AwqResult(scales=s, ratio=ratio, loss_before=losses[0], loss_after=loss)
+
+    def scale(k: int) -> mx.array:
+        sk = mx.maximum(x_mean ** (k / grid), 1e-4)
+        return sk / mx.sqrt(sk.max() * sk.min())
+
+    scored: dict[int, float] = {}
+
+    def score(k: int) -> float:
+        if k not in scored and 0 <= k < grid:
+            sk, err = scale(k), mx.array(0.0)
+            for w, xi in zip(ws, xs):
+                q = final(w * sk[None, :], xi.astype(mx.float32) / sk[None, :])
+                err = err + _output_error(q / sk[None, :] - w, *grams[id(xi)])
+            scored[k] = float(err.item())
+        return scored.get(k, float("inf"))
+
+    # the final quantizer's own curve: a coarse pass over [0, 0.5] and the proxy's best, then the best's neighbours
+    for k in sorted({*range(0, grid // 2 + 1, max(grid // 10, 1)), *sorted(range(grid), key=losses.__getitem__)[:top]}):
+        score(k)
+    k_best = min(scored, key=scored.get)
+    for k in (k_best - 1, k_best + 1):
+        score(k)
+    k_best = min(scored, key=scored.get)
+    return AwqResult(scales=scale(k_best), ratio=k_best / grid, loss_before=scored[0], loss_after=scored[k_best])
 
 
 def apply_awq_scale(prev_weight_or_norm: mx.array, ws: list[mx.array], s: mx.array

@@ -3,16 +3,22 @@
 Groups (as in the AWQ reference code, Lin et al. 2023): input_layernorm -> q/k/v (or phi3's fused qkv_proj);
 v_proj -> o_proj (only when v_proj's output rows map one-to-one onto o_proj's inputs, i.e. no grouped-query
 attention); the MLP's input norm -> gate/up (gate_up_proj, c_fc); up_proj -> down_proj. Any block with these
-attribute names works, whatever the model_type; every fold is checked on the block's output (``apply``). In a
-mixture-of-experts block only the attention groups are scaled (see ``_dense``).
+attribute names works, whatever the model_type; every fold is checked on the block's output (``apply``).
+
+In a mixture-of-experts block (as AutoAWQ does for Mixtral) the MLP's input norm scales every reader of its output
+at once: each expert's gate/up (mlx-lm ``SwitchLinear`` [E, out, in]), a shared expert's gate/up, and the routers,
+which stay float, so their fold is exact and routing is unchanged; the scale is searched on the experts' errors,
+each expert on the tokens routed to it. Each expert's up -> down pair gets its own scale (``experts``).
 """
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..experts import expert_modules, is_switch, router_paths, split_by_expert
 from .awq import apply_awq_scale, awq_search
 from .formats import fit_group
+from .rtn import quantize_rtn
 
 
 def _find(block: nn.Module, *names: str):
@@ -30,12 +36,14 @@ MLP_INPUTS = (("gate_proj", "up_proj"), ("gate_up_proj",), ("c_fc",))   # gated,
 
 
 def groups(block: nn.Module) -> list[tuple[object, str, list[str]]]:
-    """-> [(prev module (norm or linear), its kind 'norm'|'linear', [linear paths reading its output])].
+    """-> [(prev module (norm, linear or expert layer), its kind 'norm'|'linear'|'experts', [paths reading its
+    output])]. 'experts': prev is a SwitchLinear up projection and the one path its SwitchLinear down projection,
+    folded expert by expert.
 
     Found by name; a guess that is wrong for some architecture (e.g. OLMo-2's post_attention_layernorm, which
     normalises the attention's output) is caught by ``apply``'s check and undone. A block with no group found
     gets none (its linears still get AWQ's clip search)."""
-    attn, mlp = _find(block, "self_attn"), _find(block, "mlp")
+    attn = _find(block, "self_attn")
     # the MLP's input norm: Gemma-2/3 name it pre_feedforward_layernorm (their post_attention_layernorm normalises
     # the attention's output before the residual add)
     ln1 = _find(block, "input_layernorm")
@@ -48,21 +56,52 @@ def groups(block: nn.Module) -> list[tuple[object, str, list[str]]]:
         v, o = _find(attn, "v_proj"), _find(attn, "o_proj")
         if v is not None and o is not None and v.weight.shape[0] == o.weight.shape[1]:
             out.append((v, "linear", ["self_attn.o_proj"]))
-    if mlp is not None and _dense(mlp):
+    moe = _moe_container(block)
+    mlp = _find(block, "mlp")
+    if moe is not None:
+        if ln2 is not None and "weight" in ln2:
+            out.append((ln2, "norm", _moe_readers(block, moe, ln2.weight.shape[0])))
+    elif mlp is not None:
         names = next((ns for ns in MLP_INPUTS if all(_find(mlp, n) is not None for n in ns)), None)
         if ln2 is not None and names:
             out.append((ln2, "norm", [f"mlp.{n}" for n in names]))
-        up, down = _find(mlp, "up_proj"), _find(mlp, "down_proj")
-        if up is not None and down is not None:  # SwiGLU is linear in up's output (no fold across c_fc's GELU)
-            out.append((up, "linear", ["mlp.down_proj"]))
+    # up -> down (SwiGLU is linear in up's output; no fold across c_fc's GELU): the dense MLP, a MoE's shared
+    # expert, and each expert of a switch MLP
+    for path, m in block.named_modules():
+        up, down = _find(m, "up_proj"), _find(m, "down_proj")
+        if up is None or down is None:
+            continue
+        if isinstance(up, nn.Linear) and isinstance(down, nn.Linear):
+            out.append((up, "linear", [f"{path}.down_proj"]))
+        elif is_switch(up) and is_switch(down):
+            out.append((up, "experts", [f"{path}.down_proj"]))
     return out
 
 
-def _dense(mlp: nn.Module) -> bool:
-    """A plain gated MLP: its gate/up projections are the only readers of post_attention_layernorm's output. In a
-    mixture of experts the router and every expert read it too, so no scale is folded there (the experts' grids
-    still get AWQ's clip search)."""
-    return all(isinstance(m, nn.Linear) for _, m in mlp.named_modules() if m is not mlp and "weight" in m)
+def _moe_container(block: nn.Module) -> str | None:
+    """The path of the module holding a block's switch MLP (``mlp``, mixtral's ``block_sparse_moe``), or None."""
+    for p, _ in expert_modules(block):
+        parts = p.split(".")
+        if len(parts) >= 3:
+            return ".".join(parts[:-2])
+    return None
+
+
+SECOND_LAYERS = ("down_proj", "c_proj", "fc2", "w2", "output_linear")  # an MLP's second layer reads its hidden
+
+
+def _moe_readers(block: nn.Module, moe: str, width: int) -> list[str]:
+    """Every layer inside the MoE container that reads its input (width ``width``): the experts' first layers, a
+    shared expert's gate/up, the routers (nn.Linear or a custom gate with a [E, width] weight). A second layer
+    whose hidden width happens to equal ``width`` is told apart by name; a wrong guess is undone by ``apply``."""
+    return sorted(p for p, m in block.named_modules()
+                  if p.startswith(moe + ".") and "weight" in m and m.weight.ndim in (2, 3)
+                  and m.weight.shape[-1] == width and not isinstance(m, nn.Embedding)
+                  and p.rsplit(".", 1)[-1] not in SECOND_LAYERS)
+
+
+def _float_router(block: nn.Module, path: str, m: nn.Module) -> bool:
+    return not (isinstance(m, nn.Linear) or is_switch(m)) or path in router_paths(block)
 
 
 def fold_norm(norm: nn.Module, s: mx.array, probe: mx.array) -> dict[str, mx.array]:
@@ -92,42 +131,112 @@ def _rel(a: mx.array, b: mx.array) -> float:
     return float((mx.linalg.norm((a - b).reshape(-1)) / mx.maximum(mx.linalg.norm(b.reshape(-1)), 1e-30)).item())
 
 
-def apply(block: nn.Module, X: dict[str, mx.array], recipe, x: mx.array | None = None, mask=None
-          ) -> list[float | None]:
-    """Search and fold AWQ scales into ``block`` in place (float function unchanged). -> chosen alpha per group,
-    None for a group left unscaled.
+def apply(block: nn.Module, X: dict, recipe, x: mx.array | None = None, mask=None) -> list[float | None]:
+    """Search and fold AWQ scales into ``block`` in place (float function unchanged). -> chosen alpha per group
+    (an 'experts' group: the mean over its experts), None for a group left unscaled.
 
+    X: the block's captured inputs (``pipeline.capture_linear_inputs``; an expert layer's entry is (rows, expert)).
     x [N, S, D] (the block's input) and mask given, every fold is checked: a group whose fold changes the block's
     output (relative error > 1e-4, float32) is undone -- e.g. a Gemma-2/OLMo-2 block whose norm of that name
-    normalises the attention *output*, not the MLP's input. The norms themselves are folded by ``fold_norm``."""
+    normalises the attention *output*, not the MLP's input. The norms themselves are folded by ``fold_norm``.
+    alpha is chosen on the error of ``score`` (``awq_search``'s ``final``), never worse than no scaling."""
     alphas: list[float | None] = []
     y0 = block(x, mask).astype(mx.float32) if x is not None else None
     for prev, kind, paths in groups(block):
         lins = [_find(block, *p.split(".")) for p in paths]
-        xin = X[paths[0]]
-        g = fit_group(xin.shape[-1], recipe.group_size) or recipe.group_size  # as the pipeline will quantize
-        res = awq_search([m.weight.astype(mx.float32) for m in lins], xin, recipe.bits, g,
-                         fit="mlx" if recipe.fit == "mlx" else "minmax")
         before = [dict(m.parameters()) for m in (prev, *lins)]
-        new_prev, new_ws = apply_awq_scale(prev.weight.astype(mx.float32), [m.weight.astype(mx.float32) for m in lins],
-                                           res.scales)
-        if kind == "norm":
-            try:
-                prev.update(fold_norm(prev, res.scales, xin[:64]))
-            except ValueError:
-                alphas.append(None)
-                continue
+        if kind == "experts":
+            alpha = _fold_experts(prev, lins[0], X[paths[0]], recipe)
         else:
-            prev.weight = new_prev
-            if "bias" in prev:
-                prev.bias = prev.bias / res.scales
-        for m, w in zip(lins, new_ws):
-            m.weight = w
-        mx.eval(block.parameters())
-        if y0 is not None and _rel(block(x, mask).astype(mx.float32), y0) > 1e-4:
+            alpha = _fold_group(block, prev, kind, paths, lins, X, recipe)
+        if alpha is not None:
+            mx.eval(block.parameters())
+            if y0 is not None and _rel(block(x, mask).astype(mx.float32), y0) > 1e-4:
+                alpha = None
+        if alpha is None:
             for m, p in zip((prev, *lins), before):
                 m.update(p)
-            alphas.append(None)
-            continue
-        alphas.append(res.ratio)
+        alphas.append(alpha)
     return alphas
+
+
+def _search_inputs(block, paths, lins, X) -> tuple[list, list, mx.array]:
+    """The quantized readers' weights [out, in] with their inputs, one pair per expert that saw tokens (float
+    routers left out), and the rows the activation statistics come from (a dense reader's, else all routed rows)."""
+    ws, xs, stat = [], [], None
+    for p, m in zip(paths, lins):
+        if is_switch(m):
+            for e, xe in enumerate(split_by_expert(*X[p], m.weight.shape[0])):
+                if xe is not None:
+                    ws.append(m.weight[e].astype(mx.float32))
+                    xs.append(xe)
+            if stat is None:
+                stat = X[p][0]
+        else:
+            if not _float_router(block, p, m):
+                ws.append(m.weight.astype(mx.float32))
+                xs.append(X[p])
+            if p in X and (stat is None or stat.shape[0] < X[p].shape[0]):
+                stat = X[p]
+    return ws, xs, stat
+
+
+def score(recipe, g: int):
+    """The rounding AWQ's alpha is chosen on: the least-squares group grid weighted by each input channel's energy
+    mean x_j^2 (the diagonal of the layer objective), i.e. what the final quantizer (AWQ's output-aware clip search
+    with a least-squares grid, or GPTQ) optimises, without the clip search (about 3x cheaper). AWQ's own proxy, the
+    min/max grid, disagrees with it: on SmolLM2's q/gate/down projections (blocks 2 and 5, 4 bits, 2048 c4 tokens)
+    the min/max grid's error falls 30-45% as alpha goes 0 -> 0.5, while the clipped least-squares grid's *rises*
+    5-60% at every alpha > 0; this score follows the latter within a few percent (``benchmarks/awq_alpha.py``)."""
+    fit = "lsq" if recipe.fit in ("auto", "lsq") else recipe.fit
+
+    def final(w: mx.array, x: mx.array) -> mx.array:
+        return quantize_rtn(w, recipe.bits, g, fit=fit, importance=(x * x).mean(axis=0)).dequantize()
+    return final
+
+
+def _fold_group(block, prev, kind, paths, lins, X, recipe) -> float | None:
+    """One scale for the readers of prev's output: searched, then folded (prev / s, each reader's columns * s)."""
+    ws, xs, stat = _search_inputs(block, paths, lins, X)
+    if not ws:
+        return None
+    g = fit_group(stat.shape[-1], recipe.group_size) or recipe.group_size  # as the pipeline will quantize
+    res = awq_search(ws, stat, recipe.bits, g, fit="mlx" if recipe.fit == "mlx" else "minmax", xs=xs,
+                     final=score(recipe, g))
+    s = res.scales
+    if kind == "norm":
+        try:
+            prev.update(fold_norm(prev, s, stat[:64]))
+        except ValueError:
+            return None
+    else:
+        prev.weight, _ = apply_awq_scale(prev.weight.astype(mx.float32), [], s)
+        if "bias" in prev:
+            prev.bias = prev.bias / s
+    for m in lins:  # [out, in] or an expert layer's [E, out, in]: every column j times s_j
+        m.weight = (m.weight.astype(mx.float32) * s).astype(m.weight.dtype)
+    return res.ratio
+
+
+def _fold_experts(up: nn.Module, down: nn.Module, routed: tuple, recipe) -> float | None:
+    """Each expert's up -> down pair (SwitchLinear [E, inter, D] -> [E, D, inter]) with its own scale [inter],
+    searched on the down projection's rows routed to that expert; an expert no token reached keeps s = 1."""
+    n_experts, inter = down.weight.shape[0], down.weight.shape[-1]
+    g = fit_group(inter, recipe.group_size) or recipe.group_size
+    scales, ratios = [], []
+    for e, xe in enumerate(split_by_expert(*routed, n_experts)):
+        if xe is None:
+            scales.append(mx.ones((inter,), mx.float32))
+            continue
+        res = awq_search([down.weight[e].astype(mx.float32)], xe, recipe.bits, g,
+                         fit="mlx" if recipe.fit == "mlx" else "minmax", final=score(recipe, g))
+        scales.append(res.scales.astype(mx.float32))
+        ratios.append(res.ratio)
+    if not ratios:
+        return None
+    s = mx.stack(scales)  # [E, inter]
+    up.weight = (up.weight.astype(mx.float32) / s[:, :, None]).astype(up.weight.dtype)
+    if "bias" in up:
+        up.bias = (up.bias.astype(mx.float32) / s).astype(up.bias.dtype)
+    down.weight = (down.weight.astype(mx.float32) * s[:, None, :]).astype(down.weight.dtype)
+    return sum(ratios) / len(ratios)
