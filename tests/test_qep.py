@@ -110,8 +110,12 @@ def test_awq_scales_then_gptq_feed_qep_the_folded_float_inputs(tiny_model_dir, t
     output of the layer (inputs captured before the fold would be off by the per-channel scales)."""
     from test_pipeline import _calib, _record_qep, _run
 
+    from mlx_holo.quant import awq_block
+
     calib = _calib(tiny_model_dir, text_file, 256, 128)
     seen = _record_qep(monkeypatch)
+    # alpha from AWQ's min/max proxy, which scales here (the default score may keep s = 1 on a random model)
+    monkeypatch.setattr(awq_block, "score", lambda recipe, g: None)
     res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=3, awq_scales=True))
     model = models.open_model(str(tiny_model_dir), lazy=True)[0]
     x, mask = pipeline.block_inputs(model, calib)
