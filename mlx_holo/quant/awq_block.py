@@ -184,10 +184,13 @@ def _search_inputs(block, paths, lins, X) -> tuple[list, list, mx.array]:
 def score(recipe, g: int):
     """The rounding AWQ's alpha is chosen on: the least-squares group grid weighted by each input channel's energy
     mean x_j^2 (the diagonal of the layer objective), i.e. what the final quantizer (AWQ's output-aware clip search
-    with a least-squares grid, or GPTQ) optimises, without the clip search (about 3x cheaper). AWQ's own proxy, the
-    min/max grid, disagrees with it: on SmolLM2's q/gate/down projections (blocks 2 and 5, 4 bits, 2048 c4 tokens)
-    the min/max grid's error falls 30-45% as alpha goes 0 -> 0.5, while the clipped least-squares grid's *rises*
-    5-60% at every alpha > 0; this score follows the latter within a few percent (``benchmarks/awq_alpha.py``)."""
+    with a least-squares grid, or GPTQ) optimises, without the clip search (2-3x cheaper). AWQ's own proxy, the
+    min/max grid, disagrees with it: on SmolLM2's q/k/v, gate/up and down projections (blocks 2 and 5, 4 bits, 2048
+    c4 tokens) the min/max grid's error falls up to 46% as alpha goes 0 -> 0.5, while the clipped least-squares
+    grid's *rises* 5-63% at every alpha > 0; this score follows the latter within a few percent
+    (``python benchmarks/awq_alpha.py --bits 4``, ``evidence/benchmarks/awq_alpha-4bit.txt``). SmolLM2 is a
+    dequantized Q4_1 model (its weights sit on a 4-bit g32 grid), which may favour s = 1 there; on Gaussian weights
+    with outlier channels (``tests/test_awq.py``) the final quantizer's best alpha is ~0.15, the proxy's 0.3-0.5."""
     fit = "lsq" if recipe.fit in ("auto", "lsq") else recipe.fit
 
     def final(w: mx.array, x: mx.array) -> mx.array:
