@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     from mlx_holo import data, models, pipeline
     from mlx_holo.quant import awq_block
-    from mlx_holo.quant.awq import _output_error, awq_clip
+    from mlx_holo.quant.awq import _output_error, alpha_scales, awq_clip
     from mlx_holo.quant.rtn import quantize_rtn
     from mlx_holo.recipe import Recipe
 
@@ -69,8 +69,7 @@ def main(argv=None) -> int:
                 for name, q in rounders.items():
                     t, errs = time.perf_counter(), []
                     for a in alphas:
-                        s = mx.maximum(x_mean**a, 1e-4)
-                        s = s / mx.sqrt(s.max() * s.min())
+                        s = alpha_scales(x_mean, a)
                         errs.append(sum(float(_output_error(q(w * s, xi / s) / s - w, xi, gram).item()) for w in ws))
                     print(f"block {i:>2} {'+'.join(p.rsplit('.', 1)[-1] for p in paths):<24} {name:<6} "
                           + " ".join(f"{e / errs[0]:6.3f}" for e in errs) + f"  {time.perf_counter() - t:5.1f} s")

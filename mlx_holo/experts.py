@@ -33,17 +33,23 @@ def expert_modules(block: nn.Module) -> list[tuple[str, nn.Module]]:
     return sorted(found, key=lambda pm: (pm[0].rsplit(".", 1)[0], order.get(pm[0].rsplit(".", 1)[-1], 1)))
 
 
+def moe_container(expert_path: str) -> str | None:
+    """An expert layer's path -> the path of the module holding its switch MLP ("mlp.switch_mlp.up_proj" -> "mlp",
+    mixtral's "block_sparse_moe"), or None for a switch MLP that is not nested that way."""
+    parts = expert_path.split(".")
+    return ".".join(parts[:-2]) if len(parts) >= 3 else None
+
+
 def router_paths(block: nn.Module) -> set[str]:
     """Paths of the routers of a block's experts: the ``nn.Linear`` modules inside the module that holds the switch
     MLP, outside the switch MLP itself, with at most E outputs (the router ``gate``, granite-moe's ``router.layer``,
     qwen2-moe's one-row ``shared_expert_gate``): kept float. A shared expert's MLP (wide outputs) is ordinary."""
     out = set()
     for p, m in expert_modules(block):
-        parts = p.split(".")
-        if len(parts) < 3:
+        moe = moe_container(p)
+        if moe is None:
             continue
-        moe, switch = ".".join(parts[:-2]), ".".join(parts[:-1])  # e.g. "mlp", "mlp.switch_mlp"
-        n_experts = m.weight.shape[0]
+        switch, n_experts = p.rsplit(".", 1)[0], m.weight.shape[0]  # e.g. "mlp.switch_mlp"
         for q, lin in block.named_modules():
             if isinstance(lin, nn.Linear) and q.startswith(moe + ".") and not q.startswith(switch + ".") \
                     and lin.weight.shape[0] <= n_experts:

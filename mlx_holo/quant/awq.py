@@ -42,7 +42,7 @@ def _output_error(dw: mx.array, x: mx.array, gram: mx.array | None) -> mx.array:
 
 def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, grid: int = 20,
                scale_dtype=mx.float16, on_progress: Progress | None = None, fit: str = "minmax",
-               xs: list[mx.array] | None = None, final: Callable | None = None, top: int = 1) -> AwqResult:
+               xs: list[mx.array] | None = None, final: Callable | None = None) -> AwqResult:
     """ws: linears [out_i, in] that share the input x: [n, in] -> AwqResult with the best per-channel scales [in].
 
     loss(alpha) = sum_i ||Q(w_i * s) (x_i / s)^T - w_i x_i^T||^2 with Q = rtn.quantize_rtn; alpha = k / grid,
@@ -52,7 +52,7 @@ def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, g
     quantization uses (refining 20 candidates x every weight would cost ~10x more).
     final(w [out, in], x [n, in]) -> dequantized [out, in]: the quantizer that will really be used (e.g. ``awq_clip``
     with its least-squares grid). Given, alpha is chosen on its error instead: alpha = 0 (s = 1), 0.1, ..., 0.5, the
-    proxy's ``top`` best, then the best one's two neighbours on the grid (about 8 quantizations), so the scales never
+    proxy's best, then the best one's two neighbours on the grid (about 8 quantizations), so the scales never
     lose to no scaling on the calibration rows. The two curves disagree: the clipped, output-weighted least-squares
     grid already protects salient channels, and needs less scaling (``tests/test_awq.py``'s outlier problem: proxy
     best at alpha 0.3-0.5, where the final error is above no scaling's; the final quantizer's best is near 0.15).
@@ -79,51 +79,49 @@ def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, g
             xf = xi.astype(mx.float32)
             grams[id(xi)] = (xf, xf.T @ xf if xf.shape[0] > n_in else None)
 
-    best = None
     losses = []
     for k in range(grid):
-        ratio = k / grid
-        s = mx.maximum(x_mean**ratio, 1e-4)
-        s = s / mx.sqrt(s.max() * s.min())  # [in]
+        s = alpha_scales(x_mean, k / grid)  # [in]
         # one rounding call for all weights (groups run along ``in``, so stacking rows changes nothing)
         q = quantize_rtn(w_all * s[None, :], bits, group_size, scale_dtype=scale_dtype, fit=fit).dequantize()
         dw = q / s[None, :] - w_all  # [sum out_i, in]
         loss = mx.array(0.0)
         for (a, b), xi in zip(rows, xs):
             loss = loss + _output_error(dw[a:b], *grams[id(xi)])
-        loss = float(loss.item())
-        losses.append(loss)
-        if best is None or loss < best[0]:
-            best = (loss, ratio, s)
+        losses.append(float(loss.item()))
         if on_progress is not None:
             on_progress("awq-search", k + 1, grid)
-    loss, ratio, s = best
+    k_proxy = min(range(grid), key=losses.__getitem__)
     if final is None:
-        return AwqResult(scales=s, ratio=ratio, loss_before=losses[0], loss_after=loss)
+        return AwqResult(scales=alpha_scales(x_mean, k_proxy / grid), ratio=k_proxy / grid, loss_before=losses[0],
+                         loss_after=losses[k_proxy])
 
-    def scale(k: int) -> mx.array:
-        sk = mx.maximum(x_mean ** (k / grid), 1e-4)
-        return sk / mx.sqrt(sk.max() * sk.min())
+    scored: dict[int, float] = {}  # grid index -> the final quantizer's error
 
-    scored: dict[int, float] = {}
-
-    def score(k: int) -> float:
+    def score(k: int) -> None:
         if k not in scored and 0 <= k < grid:
-            sk, err = scale(k), mx.array(0.0)
+            sk, err = alpha_scales(x_mean, k / grid), mx.array(0.0)
             for w, xi in zip(ws, xs):
                 q = final(w * sk[None, :], xi.astype(mx.float32) / sk[None, :])
                 err = err + _output_error(q / sk[None, :] - w, *grams[id(xi)])
             scored[k] = float(err.item())
-        return scored.get(k, float("inf"))
 
     # the final quantizer's own curve: a coarse pass over [0, 0.5] and the proxy's best, then the best's neighbours
-    for k in sorted({*range(0, grid // 2 + 1, max(grid // 10, 1)), *sorted(range(grid), key=losses.__getitem__)[:top]}):
+    for k in sorted({*range(0, grid // 2 + 1, max(grid // 10, 1)), k_proxy}):
         score(k)
     k_best = min(scored, key=scored.get)
     for k in (k_best - 1, k_best + 1):
         score(k)
     k_best = min(scored, key=scored.get)
-    return AwqResult(scales=scale(k_best), ratio=k_best / grid, loss_before=scored[0], loss_after=scored[k_best])
+    return AwqResult(scales=alpha_scales(x_mean, k_best / grid), ratio=k_best / grid, loss_before=scored[0],
+                     loss_after=scored[k_best])
+
+
+def alpha_scales(x_mean: mx.array, alpha: float) -> mx.array:
+    """AWQ's per-channel scales for one alpha: s = mean|x|^alpha [in], normalised by sqrt(max(s) min(s)) as in the
+    reference code (alpha = 0 gives s = 1)."""
+    s = mx.maximum(x_mean**alpha, 1e-4)
+    return s / mx.sqrt(s.max() * s.min())
 
 
 def apply_awq_scale(prev_weight_or_norm: mx.array, ws: list[mx.array], s: mx.array

@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..experts import expert_modules, is_switch, router_paths, split_by_expert
+from ..experts import expert_modules, is_switch, moe_container, router_paths, split_by_expert
 from .awq import apply_awq_scale, awq_search
 from .formats import fit_group
 from .rtn import quantize_rtn
@@ -56,7 +56,7 @@ def groups(block: nn.Module) -> list[tuple[object, str, list[str]]]:
         v, o = _find(attn, "v_proj"), _find(attn, "o_proj")
         if v is not None and o is not None and v.weight.shape[0] == o.weight.shape[1]:
             out.append((v, "linear", ["self_attn.o_proj"]))
-    moe = _moe_container(block)
+    moe = next((c for c in (moe_container(p) for p, _ in expert_modules(block)) if c is not None), None)
     mlp = _find(block, "mlp")
     if moe is not None:
         if ln2 is not None and "weight" in ln2:
@@ -78,15 +78,6 @@ def groups(block: nn.Module) -> list[tuple[object, str, list[str]]]:
     return out
 
 
-def _moe_container(block: nn.Module) -> str | None:
-    """The path of the module holding a block's switch MLP (``mlp``, mixtral's ``block_sparse_moe``), or None."""
-    for p, _ in expert_modules(block):
-        parts = p.split(".")
-        if len(parts) >= 3:
-            return ".".join(parts[:-2])
-    return None
-
-
 SECOND_LAYERS = ("down_proj", "c_proj", "fc2", "w2", "output_linear")  # an MLP's second layer reads its hidden
 
 
@@ -98,10 +89,6 @@ def _moe_readers(block: nn.Module, moe: str, width: int) -> list[str]:
                   if p.startswith(moe + ".") and "weight" in m and m.weight.ndim in (2, 3)
                   and m.weight.shape[-1] == width and not isinstance(m, nn.Embedding)
                   and p.rsplit(".", 1)[-1] not in SECOND_LAYERS)
-
-
-def _float_router(block: nn.Module, path: str, m: nn.Module) -> bool:
-    return not (isinstance(m, nn.Linear) or is_switch(m)) or path in router_paths(block)
 
 
 def fold_norm(norm: nn.Module, s: mx.array, probe: mx.array) -> dict[str, mx.array]:
@@ -164,6 +151,7 @@ def _search_inputs(block, paths, lins, X) -> tuple[list, list, mx.array]:
     """The quantized readers' weights [out, in] with their inputs, one pair per expert that saw tokens (float
     routers left out), and the rows the activation statistics come from (a dense reader's, else all routed rows)."""
     ws, xs, stat = [], [], None
+    routers = router_paths(block)
     for p, m in zip(paths, lins):
         if is_switch(m):
             for e, xe in enumerate(split_by_expert(*X[p], m.weight.shape[0])):
@@ -173,7 +161,7 @@ def _search_inputs(block, paths, lins, X) -> tuple[list, list, mx.array]:
             if stat is None:
                 stat = X[p][0]
         else:
-            if not _float_router(block, p, m):
+            if isinstance(m, nn.Linear) and p not in routers:  # a router (or a custom gate module) stays float
                 ws.append(m.weight.astype(mx.float32))
                 xs.append(X[p])
             if p in X and (stat is None or stat.shape[0] < X[p].shape[0]):
