@@ -16,7 +16,10 @@ quadratic form: the float head's probability p[t, v] (the diagonal of KL's Hessi
 gradient of the next-token loss (p[t, v] - [v = y_t])^2 for ``fisher`` (GuidedQuant's). As in GuidedQuant the rows
 share a Hessian per group (``--guided-groups`` groups, here of rows sorted by their total weight), each normalised
 by its trace and mixed with the plain H (``--guided-mix``, the plain share), at the default head damping.
-Measured: it loses to the plain H (README, "Measured": 4 bits 18.24 vs 18.17, 3 bits 26.14 vs 25.78 with ``fisher``).
+``--split`` also scores each quantized table on the head side only (the lookups read the float table): how much of
+the table's cost is the output head's (4 bits: 80% of its KL, README).
+
+Measured: guided loses to the plain H (README, "Measured": 4 bits 18.24 vs 18.17, 3 bits 26.14 vs 25.78 with ``fisher``).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ ensure_fast_blas()
 def main(argv=None) -> int:
     import mlx.core as mx
     import mlx.nn as nn
+    from mlx.utils import tree_unflatten
 
     from mlx_holo import data, evaluate, models, pipeline
     from mlx_holo.pipeline import grid_fit
@@ -50,13 +54,14 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--split", action="store_true", help="also score each table with float lookups (head side only)")
     ap.add_argument("--guided", choices=("none", "kl", "fisher"), default="none")
     ap.add_argument("--guided-groups", type=int, default=32)
     ap.add_argument("--guided-mix", type=float, default=0.5)
     args = ap.parse_args(argv)
 
     m, tok, _, _ = models.open_model(args.model)
-    table = next((mod for _, mod in m.named_modules() if isinstance(mod, nn.Embedding)), None)
+    path, table = next(((p, mod) for p, mod in m.named_modules() if isinstance(mod, nn.Embedding)), (None, None))
     if table is None or hasattr(m, "lm_head"):
         raise SystemExit("needs a model whose output head is its (tied) embedding table")
     base = models.open_model(args.base)[0]
@@ -92,7 +97,27 @@ def main(argv=None) -> int:
         r = evaluate.compare(m, base, wins, det_windows=0)
         print(f"{name:<16} ppl {r.ppl:8.3f}  kl {r.kl:.4f}  top1 {r.top1:.4f}  ({time.perf_counter() - t:.0f} s)",
               flush=True)
+        if args.split and name != "float":
+            m.update_modules(tree_unflatten([(path, head_only_table(E, W))]))
+            r = evaluate.compare(m, base, wins, det_windows=0)
+            print(f"{'  head side only':<16} ppl {r.ppl:8.3f}  kl {r.kl:.4f}  top1 {r.top1:.4f}", flush=True)
+            m.update_modules(tree_unflatten([(path, table)]))
     return 0
+
+
+def head_only_table(lookup, head):
+    """An embedding whose lookups read ``lookup`` [V, D] and whose tied head (``as_linear``) reads ``head``."""
+    import mlx.nn as nn
+
+    class HeadOnly(nn.Embedding):
+        def __init__(self):
+            super().__init__(*lookup.shape)
+            self.weight, self.head = lookup, head
+
+        def as_linear(self, x):
+            return x @ self.head.T
+
+    return HeadOnly()
 
 
 def guided_head(E, X, calib, weight: str, groups: int, mix: float, bits: int, group_size: int, recipe):
