@@ -85,7 +85,7 @@ def main(argv=None) -> int:
             W = E
         elif damp == "guided":
             recipe.head_damp = Recipe().head_damp
-            W = guided_head(E, X, calib, args.guided, args.guided_groups, args.guided_mix, args.bits,
+            W = guided_head(E, X, H, calib, args.guided, args.guided_groups, args.guided_mix, args.bits,
                             args.group_size, recipe)
         elif damp is None:
             W = quantize_rtn(E, args.bits, args.group_size, fit=rtn_fit).dequantize()
@@ -120,9 +120,9 @@ def head_only_table(lookup, head):
     return HeadOnly()
 
 
-def guided_head(E, X, calib, weight: str, groups: int, mix: float, bits: int, group_size: int, recipe):
-    """E [V, D] tied table, X [n, D] head inputs of calib [N, S] -> E's GPTQ on per-row-group guided Hessians,
-    dequantized [V, D] (module docstring)."""
+def guided_head(E, X, H, calib, weight: str, groups: int, mix: float, bits: int, group_size: int, recipe):
+    """E [V, D] tied table, X [n, D] head inputs of calib [N, S], H [D, D] their plain Hessian -> E's GPTQ on
+    per-row-group guided Hessians, dequantized [V, D] (module docstring)."""
     import mlx.core as mx
     import numpy as np
 
@@ -143,7 +143,6 @@ def guided_head(E, X, calib, weight: str, groups: int, mix: float, bits: int, gr
     onehot = mx.array((grp[:, None] == np.arange(groups)[None]).astype(np.float32))  # [V, G]
     WG = mx.concatenate([w @ onehot for w in chunks], axis=0)  # [n, G] each position's weight per group
     del chunks
-    H = pipeline.hessian(X)
     H = H / mx.trace(H)
     out = mx.zeros_like(E)
     for k in range(groups):

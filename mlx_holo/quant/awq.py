@@ -102,8 +102,9 @@ def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, g
         if k not in scored and 0 <= k < grid:
             sk, err = alpha_scales(x_mean, k / grid), mx.array(0.0)
             for w, xi in zip(ws, xs):
-                q = final(w * sk[None, :], xi.astype(mx.float32) / sk[None, :])
-                err = err + _output_error(q / sk[None, :] - w, *grams[id(xi)])
+                xf, gram = grams[id(xi)]
+                q = final(w * sk[None, :], xf / sk[None, :])
+                err = err + _output_error(q / sk[None, :] - w, xf, gram)
             scored[k] = float(err.item())
 
     # the final quantizer's own curve: a coarse pass over [0, 0.5] and the proxy's best, then the best's neighbours

@@ -186,14 +186,19 @@ def score(recipe, g: int):
     return final
 
 
+def _search(ws: list[mx.array], x: mx.array, recipe, xs: list[mx.array] | None = None):
+    """awq_search at the group size the pipeline will quantize these inputs' width with, alpha chosen on ``score``."""
+    g = fit_group(x.shape[-1], recipe.group_size) or recipe.group_size
+    return awq_search(ws, x, recipe.bits, g, fit="mlx" if recipe.fit == "mlx" else "minmax", xs=xs,
+                      final=score(recipe, g))
+
+
 def _fold_group(block, prev, kind, paths, lins, X, recipe) -> float | None:
     """One scale for the readers of prev's output: searched, then folded (prev / s, each reader's columns * s)."""
     ws, xs, stat = _search_inputs(block, paths, lins, X)
     if not ws:
         return None
-    g = fit_group(stat.shape[-1], recipe.group_size) or recipe.group_size  # as the pipeline will quantize
-    res = awq_search(ws, stat, recipe.bits, g, fit="mlx" if recipe.fit == "mlx" else "minmax", xs=xs,
-                     final=score(recipe, g))
+    res = _search(ws, stat, recipe, xs=xs)
     s = res.scales
     if kind == "norm":
         try:
@@ -213,14 +218,12 @@ def _fold_experts(up: nn.Module, down: nn.Module, routed: tuple, recipe) -> floa
     """Each expert's up -> down pair (SwitchLinear [E, inter, D] -> [E, D, inter]) with its own scale [inter],
     searched on the down projection's rows routed to that expert; an expert no token reached keeps s = 1."""
     n_experts, inter = down.weight.shape[0], down.weight.shape[-1]
-    g = fit_group(inter, recipe.group_size) or recipe.group_size
     scales, ratios = [], []
     for e, xe in enumerate(split_by_expert(*routed, n_experts)):
         if xe is None:
             scales.append(mx.ones((inter,), mx.float32))
             continue
-        res = awq_search([down.weight[e].astype(mx.float32)], xe, recipe.bits, g,
-                         fit="mlx" if recipe.fit == "mlx" else "minmax", final=score(recipe, g))
+        res = _search([down.weight[e].astype(mx.float32)], xe, recipe)
         scales.append(res.scales.astype(mx.float32))
         ratios.append(res.ratio)
     if not ratios:
