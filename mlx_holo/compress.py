@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--awq-scales", action="store_true",
                     help="gptq/mixed: fold AWQ's per-channel scales into each block before GPTQ (AWQ+GPTQ)")
+    ap.add_argument("--awq-objective", choices=("layer", "module"), default="layer",
+                    help="awq (and --awq-scales): score alpha on each linear's output error, or on the output of the "
+                         "attention / MLP that reads a norm (the AWQ reference code's loss)")
     ap.add_argument("--gptq-iters", type=int, default=1,
                     help="GPTQ passes alternated with the least-squares grid refit, kept while the layer error drops")
     ap.add_argument("--qep-alpha", type=float, default=0.5,
@@ -440,6 +443,7 @@ def recipe_from_args(args):
                   clip_search=args.clip_search, fit=args.fit, grid_offset=args.grid_offset, rounding=args.rounding,
                   calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len, seed=args.seed,
                   act_order=args.act_order, gptq_iters=args.gptq_iters, awq_scales=args.awq_scales,
+                  awq_objective=args.awq_objective,
                   true_sequential=args.true_sequential,
                   gptq_head=args.gptq_head, embed_first=args.embed_first,
                   head_damp=args.head_damp, damp=args.damp, qep_alpha=args.qep_alpha, qep_damp=args.qep_damp,

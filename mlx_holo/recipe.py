@@ -42,6 +42,8 @@ class Recipe:
     gptq_iters: int = 1              # GPTQ passes alternated with the grid refit (quant/gptq.py)
     awq_scales: bool = False         # gptq/mixed: fold AWQ's activation-aware scales into each block first
                                      # (measured: GPTQ 3-bit linears 22.07 -> 23.59 with them; off by default)
+    awq_objective: str = "layer"     # AWQ's alpha scored on each linear's output error (layer) or, for the groups
+                                     # read from a norm, on the attention's / MLP's output (module, AutoAWQ's)
     qep_alpha: float = 0.5           # QEP (gptq, mixed): GPTQ aims at the weight mapping compressed inputs to float
     qep_damp: float = 1.0            # outputs, shrunk by alpha (0 = off); damping of the correction's H^-1
     tune_steps: int = 0              # block-wise Adam on the quantized linears' scales/biases, codes frozen
@@ -127,6 +129,8 @@ class Recipe:
                               f"{self.kl_tokens}")
         if not 0.0 <= self.qep_alpha <= 1.0:
             raise RecipeError(f"qep_alpha must be in [0, 1], got {self.qep_alpha}")
+        if self.awq_objective not in ("layer", "module"):
+            raise RecipeError(f"awq_objective must be layer or module, got {self.awq_objective!r}")
         if self.awq_scales and self.method not in ("gptq", "mixed"):
             raise RecipeError("awq_scales goes with gptq or mixed (method awq always scales)")
         if self.embed_first and (self.method not in ("gptq", "mixed") or not self.gptq_head):

@@ -11,7 +11,7 @@ from conftest import ARCH_CONFIGS, make_tiny_arch, make_tiny_model
 from mlx_holo import data, models, pipeline
 from mlx_holo.compress import compress
 from mlx_holo.experts import expert_cost, expert_modules, router_paths, routed_rows, split_by_expert
-from mlx_holo.recipe import Recipe
+from mlx_holo.recipe import Recipe, RecipeError
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +151,37 @@ def test_awq_moe_fold_scales_router_and_experts(arch_dirs):
     assert np.ptp(s_up, axis=1).min() > 0 and np.abs(s_up[0] - s_up[1]).max() > 1e-3
     np.testing.assert_allclose(np.array(moe.switch_mlp.down_proj.weight), down0 * s_up[:, None, :], rtol=1e-4)
     assert _rel(block(x, mask), y0) < 1e-4
+
+
+def test_awq_module_objective_scores_the_attention_and_mlp_outputs(arch_dirs):
+    """--awq-objective module: the loss of a norm's group is the output of the attention / MLP holding its readers
+    (0 for the float weights, restored after each call); a MoE MLP keeps the layer loss; the fold keeps the float
+    function."""
+    from mlx_holo.quant import awq_block
+
+    block, x, mask, y0, X = _block0(arch_dirs["qwen2"], salient=True)
+    objs = {}
+    for prev, kind, paths in awq_block.groups(block):
+        if kind != "norm":
+            continue
+        lins = [awq_block._find(block, *p.split(".")) for p in paths]
+        obj = awq_block.module_objective(block, paths, lins, X, x, mask)
+        objs[paths[0].split(".")[0]] = obj is not None
+        if obj is None:
+            continue
+        ws = [m.weight for m in lins]
+        assert obj(ws) < 1e-6 * float(mx.sum(y0.astype(mx.float32) ** 2).item())
+        assert obj([w * 1.01 for w in ws]) > 0 and all(m.weight is w for m, w in zip(lins, ws))
+    assert objs == {"self_attn": True, "mlp": True}  # qwen2 has GQA: no v -> o group
+    alphas = awq_block.apply(block, X, Recipe(method="awq", bits=3, awq_objective="module"), x, mask)
+    assert len(alphas) == 3 and None not in alphas and alphas[1] > 0
+    assert _rel(block(x, mask), y0) < 1e-4
+    moe, _, _, _, Xm = _block0(arch_dirs["mixtral"])
+    (_, _, attn), (_, _, readers) = awq_block.groups(moe)[:2]
+    assert awq_block.module_objective(moe, readers, [awq_block._find(moe, *p.split(".")) for p in readers],
+                                      Xm, x, mask) is None
+    with pytest.raises(RecipeError, match="awq_objective"):
+        Recipe(method="awq", awq_objective="block").validate()
 
 
 @pytest.mark.parametrize("sensitivity", ["hessian", "fisher", "kl"])

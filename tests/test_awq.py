@@ -112,6 +112,26 @@ def test_awq_search_confirms_its_choice_with_the_final_quantizer():
     assert res.ratio > 0.0 and res.loss_after < 0.9 * res.loss_before  # outlier channels: scaling still wins
 
 
+def test_awq_search_objective_sees_dequantized_weights_in_the_original_basis():
+    """``objective`` replaces the summed layer error: given that same error it picks what the default does; given
+    its negative (a loss that prefers damage) it picks another alpha, and the reported losses are its values."""
+    x, ws = _outlier_problem(seed=1)
+    final = lambda w, xi: quantize_rtn(w, 3, 64, fit="lsq").dequantize()  # noqa: E731
+    calls = []
+
+    def layer_err(w_hat):
+        calls.append([tuple(a.shape) for a in w_hat])
+        return sum(_out_err(x, w, np.asarray(a)) for w, a in zip(ws, w_hat))
+
+    plain = awq_search([mx.array(w) for w in ws], mx.array(x), 3, 64, final=final)
+    same = awq_search([mx.array(w) for w in ws], mx.array(x), 3, 64, final=final, objective=layer_err)
+    assert calls and all(c == [w.shape for w in ws] for c in calls)
+    assert same.ratio == plain.ratio and np.isclose(same.loss_after, plain.loss_after, rtol=1e-3)
+    worst = awq_search([mx.array(w) for w in ws], mx.array(x), 3, 64, final=final,
+                       objective=lambda w_hat: -layer_err(w_hat))
+    assert worst.ratio != plain.ratio and worst.loss_after <= -plain.loss_after
+
+
 def test_awq_search_per_weight_inputs():
     """Experts: one scale for all, each weight's error on its own rows (xs); the statistics from x."""
     rng = np.random.default_rng(5)

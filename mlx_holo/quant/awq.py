@@ -42,7 +42,8 @@ def _output_error(dw: mx.array, x: mx.array, gram: mx.array | None) -> mx.array:
 
 def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, grid: int = 20,
                scale_dtype=mx.float16, on_progress: Progress | None = None, fit: str = "minmax",
-               xs: list[mx.array] | None = None, final: Callable | None = None) -> AwqResult:
+               xs: list[mx.array] | None = None, final: Callable | None = None,
+               objective: Callable | None = None) -> AwqResult:
     """ws: linears [out_i, in] that share the input x: [n, in] -> AwqResult with the best per-channel scales [in].
 
     loss(alpha) = sum_i ||Q(w_i * s) (x_i / s)^T - w_i x_i^T||^2 with Q = rtn.quantize_rtn; alpha = k / grid,
@@ -56,6 +57,9 @@ def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, g
     lose to no scaling on the calibration rows. The two curves disagree: the clipped, output-weighted least-squares
     grid already protects salient channels, and needs less scaling (``tests/test_awq.py``'s outlier problem: proxy
     best at alpha 0.3-0.5, where the final error is above no scaling's; the final quantizer's best is near 0.15).
+    objective([w_hat_i [out_i, in]]) -> float: with ``final``, the error the candidates are scored on, given the
+    dequantized weights in the original basis (Q(w_i s) / s); default sum_i ||x_i (w_hat_i - w_i)^T||^2. The AWQ
+    reference code scores the output of the module that holds the linears (e.g. the attention, through its softmax).
     """
     if bits not in AFFINE_BITS:
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
@@ -100,12 +104,13 @@ def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, g
 
     def score(k: int) -> None:
         if k not in scored and 0 <= k < grid:
-            sk, err = alpha_scales(x_mean, k / grid), mx.array(0.0)
+            sk, err, w_hat = alpha_scales(x_mean, k / grid), mx.array(0.0), []
             for w, xi in zip(ws, xs):
                 xf, gram = grams[id(xi)]
-                q = final(w * sk[None, :], xf / sk[None, :])
-                err = err + _output_error(q / sk[None, :] - w, xf, gram)
-            scored[k] = float(err.item())
+                w_hat.append(final(w * sk[None, :], xf / sk[None, :]) / sk[None, :])
+                if objective is None:
+                    err = err + _output_error(w_hat[-1] - w, xf, gram)
+            scored[k] = float(objective(w_hat)) if objective is not None else float(err.item())
 
     # the final quantizer's own curve: a coarse pass over [0, 0.5] and the proxy's best, then the best's neighbours
     for k in sorted({*range(0, grid // 2 + 1, max(grid // 10, 1)), k_proxy}):

@@ -135,7 +135,7 @@ def apply(block: nn.Module, X: dict, recipe, x: mx.array | None = None, mask=Non
         if kind == "experts":
             alpha = _fold_experts(prev, lins[0], X[paths[0]], recipe)
         else:
-            alpha = _fold_group(block, prev, kind, paths, lins, X, recipe)
+            alpha = _fold_group(block, prev, kind, paths, lins, X, recipe, x, mask)
         if alpha is not None:
             mx.eval(block.parameters())
             if y0 is not None and _rel(block(x, mask).astype(mx.float32), y0) > 1e-4:
@@ -186,19 +186,56 @@ def score(recipe, g: int):
     return final
 
 
-def _search(ws: list[mx.array], x: mx.array, recipe, xs: list[mx.array] | None = None):
-    """awq_search at the group size the pipeline will quantize these inputs' width with, alpha chosen on ``score``."""
+def _search(ws: list[mx.array], x: mx.array, recipe, xs: list[mx.array] | None = None, objective=None):
+    """awq_search at the group size the pipeline will quantize these inputs' width with, alpha chosen on ``score``
+    (or on ``objective``, given the scored weights)."""
     g = fit_group(x.shape[-1], recipe.group_size) or recipe.group_size
     return awq_search(ws, x, recipe.bits, g, fit="mlx" if recipe.fit == "mlx" else "minmax", xs=xs,
-                      final=score(recipe, g))
+                      final=score(recipe, g), objective=objective)
 
 
-def _fold_group(block, prev, kind, paths, lins, X, recipe) -> float | None:
+def module_objective(block: nn.Module, paths: list[str], lins: list, X: dict, x: mx.array | None, mask):
+    """The AWQ reference code's loss for a group read from a norm: the output of the module holding the readers
+    (``self_attn`` through its softmax, or the whole MLP through its gate), float readers replaced by candidates,
+    against the float module, on the calibration inputs. -> objective([w_hat_i]) -> float, or None where that
+    module is not a plain attention/MLP of nn.Linear readers (experts, a router, another container, no block
+    input to take the sequence shape from)."""
+    parent = paths[0].rsplit(".", 1)[0]
+    if x is None or any(p.rsplit(".", 1)[0] != parent for p in paths) or parent not in ("self_attn", "mlp"):
+        return None
+    if not all(isinstance(m, nn.Linear) for m in lins):
+        return None
+    mod = _find(block, parent)
+    xin = X[paths[0]].reshape(*x.shape[:-1], -1)  # [N, S, D]
+
+    def run() -> mx.array:
+        return (mod(xin, mask=mask) if parent == "self_attn" else mod(xin)).astype(mx.float32)
+    try:
+        y0 = run()
+    except Exception:  # noqa: BLE001 -- an attention/MLP with another call signature keeps the layer loss
+        return None
+    mx.eval(y0)
+
+    def objective(w_hat: list[mx.array]) -> float:
+        old = [m.weight for m in lins]
+        for m, w in zip(lins, w_hat):
+            m.weight = w.astype(old[0].dtype)
+        err = float(((run() - y0) ** 2).sum().item())
+        for m, w in zip(lins, old):
+            m.weight = w
+        return err
+    return objective
+
+
+def _fold_group(block, prev, kind, paths, lins, X, recipe, x=None, mask=None) -> float | None:
     """One scale for the readers of prev's output: searched, then folded (prev / s, each reader's columns * s)."""
     ws, xs, stat = _search_inputs(block, paths, lins, X)
     if not ws:
         return None
-    res = _search(ws, stat, recipe, xs=xs)
+    objective = None
+    if kind == "norm" and recipe.awq_objective == "module" and len(ws) == len(lins):
+        objective = module_objective(block, paths, lins, X, x, mask)
+    res = _search(ws, stat, recipe, xs=xs, objective=objective)
     s = res.scales
     if kind == "norm":
         try:
