@@ -218,8 +218,8 @@ def module_objective(block: nn.Module, paths: list[str], lins: list, X: dict, x:
 
     def objective(w_hat: list[mx.array]) -> float:
         old = [m.weight for m in lins]
-        for m, w in zip(lins, w_hat):
-            m.weight = w.astype(old[0].dtype)
+        for m, w, w0 in zip(lins, w_hat, old):
+            m.weight = w.astype(w0.dtype)
         err = float(((run() - y0) ** 2).sum().item())
         for m, w in zip(lins, old):
             m.weight = w
