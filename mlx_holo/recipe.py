@@ -131,6 +131,8 @@ class Recipe:
             raise RecipeError(f"qep_alpha must be in [0, 1], got {self.qep_alpha}")
         if self.awq_objective not in ("layer", "module"):
             raise RecipeError(f"awq_objective must be layer or module, got {self.awq_objective!r}")
+        if self.awq_objective != "layer" and not (self.method == "awq" or self.awq_scales):
+            raise RecipeError("awq_objective module goes with --method awq or --awq-scales")
         if self.awq_scales and self.method not in ("gptq", "mixed"):
             raise RecipeError("awq_scales goes with gptq or mixed (method awq always scales)")
         if self.embed_first and (self.method not in ("gptq", "mixed") or not self.gptq_head):

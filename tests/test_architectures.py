@@ -177,11 +177,14 @@ def test_awq_module_objective_scores_the_attention_and_mlp_outputs(arch_dirs):
     assert len(alphas) == 3 and None not in alphas and alphas[1] > 0
     assert _rel(block(x, mask), y0) < 1e-4
     moe, _, _, _, Xm = _block0(arch_dirs["mixtral"])
-    (_, _, attn), (_, _, readers) = awq_block.groups(moe)[:2]
+    (_, _, readers) = awq_block.groups(moe)[1]
     assert awq_block.module_objective(moe, readers, [awq_block._find(moe, *p.split(".")) for p in readers],
                                       Xm, x, mask) is None
     with pytest.raises(RecipeError, match="awq_objective"):
         Recipe(method="awq", awq_objective="block").validate()
+    with pytest.raises(RecipeError, match="awq_objective module goes with"):
+        Recipe(method="gptq", awq_objective="module").validate()
+    Recipe(method="gptq", awq_scales=True, awq_objective="module").validate()
 
 
 @pytest.mark.parametrize("sensitivity", ["hessian", "fisher", "kl"])

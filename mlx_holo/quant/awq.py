@@ -107,9 +107,11 @@ def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, g
             sk, err, w_hat = alpha_scales(x_mean, k / grid), mx.array(0.0), []
             for w, xi in zip(ws, xs):
                 xf, gram = grams[id(xi)]
-                w_hat.append(final(w * sk[None, :], xf / sk[None, :]) / sk[None, :])
-                if objective is None:
-                    err = err + _output_error(w_hat[-1] - w, xf, gram)
+                q = final(w * sk[None, :], xf / sk[None, :]) / sk[None, :]
+                if objective is None:  # one weight at a time: a MoE group's experts are never all held at once
+                    err = err + _output_error(q - w, xf, gram)
+                else:
+                    w_hat.append(q)
             scored[k] = float(objective(w_hat)) if objective is not None else float(err.item())
 
     # the final quantizer's own curve: a coarse pass over [0, 0.5] and the proxy's best, then the best's neighbours
