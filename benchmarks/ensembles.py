@@ -106,7 +106,7 @@ def build_variant(name, model, io, args, log):
     """Swap MLPs of ``model`` in place for variant ``name`` -> (mlp bytes, per-block records)."""
     import mlx.core as mx
 
-    from mlx_holo.replicate import ensemble_from_mlp, ensemble_nbytes, find_mlps, tune_block
+    from mlx_holo.replicate import ensemble_from_mlp, ensemble_nbytes, find_mlps, tune_ensemble_block
 
     if name == "share4x2":
         return build_shared(model, io, args, log)
@@ -126,7 +126,7 @@ def build_variant(name, model, io, args, log):
                                 refit=not plain, clip_search=not plain, mixing="softmax" if tuned else "mean")
         rec = {"name": path, "k": kk, "bits": bits}
         if tuned:
-            r = tune_block(ens, x, y, steps=args.steps, lr=args.lr, batch=args.batch, seed=i)
+            r = tune_ensemble_block(ens, x, y, steps=args.steps, lr=args.lr, batch=args.batch, seed=i)
             rec.update(rel_before=r.rel_before, rel_after=r.rel_after)
         else:
             d = ens(x) - y
@@ -164,7 +164,8 @@ def main(argv=None) -> int:
 
     import mlx.core as mx
 
-    from mlx_holo import data, evaluate, evidence, hardware, models
+    from mlx_holo import data, evidence, hardware, model as models
+    from mlx_holo.evaluation import compare
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     out = Path(args.out)
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
         nb, records = build_variant(name, model, io, args, log)
         build_s = time.perf_counter() - ts
         te = time.perf_counter()
-        metrics = evaluate.compare(model, base, wins).to_dict()
+        metrics = compare(model, base, wins).to_dict()
         eval_s = time.perf_counter() - te
         tf = time.perf_counter()
         mx.eval(model(wins[:1]))

@@ -5,7 +5,7 @@
 2. speed at M=1 on 16 layers of [out 14336, in 4096] (bf16 activations, bf16 scales/biases, group 64 unless
    --group): mx.quantized_matmul, our kernel (default tiling, and the best of a small tiling sweep), and
    replica_matvec for K = 2, 3, 4; GB/s = bytes of packed codes + scales + biases read / time, as % of the
-   measured copy bandwidth (read + write of a 2 GiB buffer, as in /work/shared/DEVICE.md);
+   measured copy bandwidth (read + write of a 2 GiB buffer);
 3. tables on stdout (diagnostics on stderr) and everything as JSON in --out/kernels_gpu.json.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import mlx.core as mx
 ROOT = Path(__file__).resolve().parents[1]
 try:
     from mlx_holo import kernels as K
-except ImportError:  # not pip-installed (device machine): map mlx_holo.kernels onto <repo>/kernels
+except ImportError:  # the project not pip-installed: map mlx_holo.kernels onto <repo>/kernels
     sys.path.insert(0, str(ROOT))
     import mlx_holo
 
@@ -210,7 +210,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="/tmp/holo_out", help="folder for kernels_gpu.json")
+    p.add_argument("--out", default="runs/kernels_gpu", help="folder for kernels_gpu.json")
     p.add_argument("--group", type=int, default=64, help="group size of the timed layers")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--iters", type=int, default=20)

@@ -44,7 +44,7 @@ def applicable(method: str, setting: str) -> bool:
 
 
 def run_row(model, method, setting, args, workdir: Path, on_progress=None) -> dict:
-    from mlx_holo.compress import compress
+    from mlx_holo.compression import compress
 
     recipe = recipe_for(method, setting, args.calib_tokens, args.calib_seq_len)
     out = workdir / f"{method}-{setting}".replace("%", "pct").replace(":", "of").replace("+", "_")
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
     ensure_fast_blas()
     args = build_parser().parse_args(argv)
-    from mlx_holo.compress import progress_printer
+    from mlx_holo.cli.common import progress_printer
 
     if args.rows:
         pairs = [tuple(x.split("@", 1)) for x in args.rows.split(",") if x]

@@ -9,12 +9,12 @@ compressing again (its compression seconds are read back from DIR/<variant>/qual
 Ours: rtn, gptq, gptq+e2e (GPTQ, then ``--e2e-steps 20 --e2e-lr 3e-5``), awq, mixed / mixed-fisher / mixed-kl
 (Hessian, Fisher or measured-KL sensitivity, at the same average bits as uniform ``b`` + its group overhead,
 bit-widths from ``b`` up, group sizes 32/64/128), via
-``mlx_holo.compress.compress`` in-process. mlx-lm: ``mlx_lm.convert -q`` (RTN), ``mlx_lm.quant.gptq`` and
+``mlx_holo.compression.compress`` in-process. mlx-lm: ``mlx_lm.convert -q`` (RTN), ``mlx_lm.quant.gptq`` and
 ``mlx_lm.quant.awq`` as subprocesses, offline: the same calibration text (c4) is placed where mlx-lm looks for its
 calibration file, under a temporary HOME. mlx-lm's GPTQ supports only 2/4/8 bits and quantizes the embedding at its
 fallback width (6 bits), its AWQ at 4 bits/group 32: the table prints everyone's real bits per weight, and ours are
 run with the same embedding width as the mlx-lm tool they are compared with (column ``emb``). Every variant is
-scored with the same evaluator, windows and base model (``mlx_holo.evaluate.compare``).
+scored with the same evaluator, windows and base model (``mlx_holo.compare``).
 """
 from __future__ import annotations
 
@@ -90,8 +90,9 @@ def run_mlx_lm(tool: str, src: Path, out: Path, bits: int, group: int, calib_tex
 def main(argv=None) -> int:
     import mlx.core as mx
 
-    from mlx_holo import data, evaluate, models
-    from mlx_holo.compress import compress
+    from mlx_holo import data, model as models
+    from mlx_holo.evaluation import compare
+    from mlx_holo.compression import compress
     from mlx_holo.recipe import Recipe
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
                 if not row.get("reused"):
                     (out / "quality_seconds.txt").write_text(f"{row['seconds']:.1f}")
                 cm = models.open_model(str(out))[0]
-                m = evaluate.compare(cm, base, wins, det_windows=0)
+                m = compare(cm, base, wins, det_windows=0)
                 base_ppl = m.base_ppl
                 row.update(ppl=m.ppl, kl=m.kl, top1=m.top1, cos_min=m.cos_min, bpw=_bpw(out))
                 del cm

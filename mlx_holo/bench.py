@@ -12,12 +12,8 @@ On a CPU-only machine the numbers are real but say little about a Mac: MLX's CPU
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-
-from .hardware import ensure_fast_blas
 
 
 def bytes_per_token(model) -> int:
@@ -45,7 +41,7 @@ def _cpu_float_experts(model) -> bool:
     -> whether any were cast."""
     import mlx.core as mx
 
-    from .experts import is_switch
+    from .model.experts import is_switch
 
     if mx.default_device() != mx.cpu:
         return False
@@ -90,7 +86,8 @@ def run_bench(model: str | None, bits_list: list[int], *, prompt_tokens: int = 1
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from . import hardware, models
+    from . import hardware
+    from .model.open import open_model
 
     source = "argument"
     if peak_gbps is None:
@@ -101,7 +98,7 @@ def run_bench(model: str | None, bits_list: list[int], *, prompt_tokens: int = 1
         source = "measured copy probe"
     rows = []
     for i, bits in enumerate(bits_list):
-        m = models.open_model(model, dtype=mx.float16, dequantize=False)[0]
+        m = open_model(model, dtype=mx.float16, dequantize=False)[0]
         if bits != 16:
             nn.quantize(m, group_size=group_size, bits=bits,
                         class_predicate=lambda p, mod: hasattr(mod, "to_quantized")
@@ -149,44 +146,6 @@ def chart(res: dict) -> str:
     return plt.build()
 
 
-def main(argv=None) -> int:
-    ensure_fast_blas()
-    ap = argparse.ArgumentParser(prog="python -m mlx_holo.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--bits", default="16,8,6,4,3,2", help="comma list; 16 = float16 weights")
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--gen-tokens", type=int, default=32)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--peak-gbps", type=float, default=None, help="override the peak bandwidth")
-    ap.add_argument("--json", default=None, help="write results here")
-    ap.add_argument("--no-chart", dest="chart", action="store_false")
-    args = ap.parse_args(argv)
-    from .compress import progress_printer
-    from .models import ModelError
-
-    try:
-        bits = [int(b) for b in args.bits.split(",")]
-    except ValueError:
-        print(f"error: --bits must be a comma list of integers, got {args.bits!r}", file=sys.stderr)
-        return 2
-    bad = [b for b in bits if b not in (2, 3, 4, 5, 6, 8, 16)]
-    if bad:
-        print(f"error: unsupported bits {bad}; choose from 2,3,4,5,6,8,16", file=sys.stderr)
-        return 2
-    try:
-        res = run_bench(args.model, bits, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                        group_size=args.group_size, peak_gbps=args.peak_gbps, on_progress=progress_printer())
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(table(res))
-    if args.chart:
-        print(chart(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-    return 0
-
-
 if __name__ == "__main__":
+    from .cli.bench import main
     sys.exit(main())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-BUILTIN = ("wiki", "c4", "tiny", "code", "technical", "multilingual")
+from .options import CORPORA as BUILTIN
 
 
 class DataError(RuntimeError):

@@ -103,3 +103,11 @@ def copy_bandwidth_gbps(mb: int = 256, repeats: int = 5) -> float:
         best = min(best, time.perf_counter() - t)
         del b
     return 2 * n * 4 / best / 1e9
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (ru_maxrss: bytes on macOS, KiB on Linux)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)

@@ -19,7 +19,6 @@ Memory sizes are in GiB (Apple's "16 GB" is 16 * 2**30 bytes).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -339,29 +338,6 @@ def format_plan(res: PlanResult) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mlx_holo.plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="default", help="config.json, a model folder, or 'default'")
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--target-gb", type=float, default=None, help="unified memory of the target Mac (GiB)")
-    ap.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4))
-    ap.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
-    ap.add_argument("--usable-fraction", type=float, default=DEFAULT_USABLE_FRACTION,
-                    help="share of unified memory the GPU may wire (macOS default ~0.75; 0.67 on small Macs)")
-    ap.add_argument("--min-uniform-bits", type=int, default=4)
-    ap.add_argument("--json", action="store_true", help="print the PlanResult as JSON")
-    args = ap.parse_args(argv)
-    try:
-        res = plan(load_config(args.model), context=args.context, batch=args.batch, target_gb=args.target_gb,
-                   kv_bits=args.kv_bits, group_size=args.group_size, usable_fraction=args.usable_fraction,
-                   min_uniform_bits=args.min_uniform_bits, model=args.model)
-    except PlanError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(res.to_dict(), indent=2) if args.json else format_plan(res))
-    return 0
-
-
 if __name__ == "__main__":
+    from .cli.plan import main
     sys.exit(main())

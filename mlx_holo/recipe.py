@@ -1,78 +1,109 @@
-"""Recipe: what to do to a model, as one small dataclass shared by the CLI, TOML files and the TUI."""
+"""Recipe: what to do to a model, as one small dataclass shared by the CLI, TOML files, evidence and the TUI.
+
+Each field carries its command-line metadata (help, choices, stage), from which ``mlx_holo.cli`` generates the
+``compress`` parser: a new option is one field here. A recipe reads from a TOML file of field = value lines
+(``from_toml``; ``bits = 0`` means "keep float"), from an evidence file's ``recipe`` (``from_evidence``), and writes
+back as TOML (``to_toml``). Importing this module pulls in no MLX.
+"""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
-from .quant.formats import AFFINE_BITS, FLOAT_MODES, GROUP_SIZES
-from .quant.rtn import FITS
+from .options import (AFFINE_BITS, ALLOCATIONS, AWQ_OBJECTIVES, FITS, FLOAT_MODES, GROUP_SIZES, METHODS, MODES,
+                      PRUNE_METHODS, RECOVERS, ROUNDINGS, SENSITIVITIES)
 
-QUANT_METHODS = ("none", "rtn", "gptq", "awq", "mixed")
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-METHODS = QUANT_METHODS + PRUNE_METHODS
+STAGES = ("format", "calibration", "gptq", "awq", "tuning", "mixed precision", "pruning", "modules")
+LEGACY_KEYS = {"overrides"}  # fields older evidence files carry that no longer exist (ignored when empty)
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be carried out (bad bits, group size, sparsity, method...)."""
 
 
+def _opt(default, help: str, stage: str, *, type=None, choices=None, zero_none: bool = False, metavar=None):
+    """A Recipe field with its CLI metadata. type: int, float, str, bool or "ints" (comma-separated integers),
+    read off the default unless given; zero_none: 0 on the command line / in TOML means None."""
+    kind = type or {bool: bool, int: int, float: float, str: str}[default.__class__]
+    return dataclasses.field(default=default, metadata={"help": help, "stage": stage, "type": kind,
+                                                        "choices": choices, "zero_none": zero_none,
+                                                        "metavar": metavar})
+
+
 @dataclass
 class Recipe:
-    method: str = "rtn"              # one of METHODS; pruners quantize afterwards when bits is set
-    bits: int | None = 4             # affine bits (2-8); None = keep weights in floating point
-    group_size: int = 64             # 32/64/128, or -1 per-channel (stored as 128-groups with repeated scales)
-    mode: str = "affine"             # affine | mxfp4 | nvfp4 | mxfp8
-    # RTN refinements
-    clip_search: bool = False
-    fit: str = "auto"                # group grid: auto | lsq (least squares) | zlsq (lsq, 0 on the grid) | minmax | mlx
-    grid_offset: float = 0.0
-    rounding: str = "nearest"        # nearest | stochastic
-    # calibrated methods
-    calib_tokens: int = 8192
-    calib_seq_len: int = 512
-    seed: int = 0
-    act_order: bool = True           # GPTQ
-    gptq_head: bool = True           # GPTQ also quantizes the output head (lm_head, or the tied embedding)
-    head_damp: float = 0.1           # its damping: a tied table is also read as the input embedding
-    embed_first: bool = False        # GPTQ a tied table on the float model's head inputs before the blocks, so the
-                                     # blocks calibrate on (and compensate) the quantized input embedding
-                                     # (measured: GPTQ 3-bit 25.53 -> 26.83, KL 0.530 -> 0.547; off by default)
-    true_sequential: bool = False    # re-capture a block's inputs after each stage of its linears is compressed
-    damp: float = 0.01               # GPTQ/SparseGPT Hessian damping (fraction of mean diagonal)
-    gptq_iters: int = 1              # GPTQ passes alternated with the grid refit (quant/gptq.py)
-    awq_scales: bool = False         # gptq/mixed: fold AWQ's activation-aware scales into each block first
-                                     # (measured: GPTQ 3-bit linears 22.07 -> 23.59 with them; off by default)
-    awq_objective: str = "layer"     # AWQ's alpha scored on each linear's output error (layer) or, for the groups
-                                     # read from a norm, on the attention's / MLP's output (module, AutoAWQ's)
-    qep_alpha: float = 0.5           # QEP (gptq, mixed): GPTQ aims at the weight mapping compressed inputs to float
-    qep_damp: float = 1.0            # outputs, shrunk by alpha (0 = off); damping of the correction's H^-1
-    tune_steps: int = 0              # block-wise Adam on the quantized linears' scales/biases, codes frozen
-                                     # (quant/blockwise.py; 0 = off; measured: GPTQ 3-bit linears 22.07 -> 22.83,
-                                     # KL 0.371 -> 0.381)
-    tune_lr: float = 1e-3            # its learning rate, relative: lr * RMS(tensor)
-    e2e_steps: int = 0               # after compression: Adam on every quantized linear's scales/biases against
-                                     # KL(base || model), codes frozen (quant/e2e_qp.py; whole model in memory)
-    e2e_lr: float = 3e-5             # its learning rate, relative: lr * RMS(tensor)
-    e2e_batch: int = 1               # its calibration windows per step
-    # mixed precision
-    bits_per_weight: float | None = None
-    target_mb: float | None = None
-    candidate_bits: tuple[int, ...] = ()  # () = every MLX bit-width >= bits (``mixed_bits``)
-    candidate_groups: tuple[int, ...] = ()  # also choose each layer's group size among these (() = group_size only)
-    sensitivity: str = "hessian"     # hessian (streamed, per-layer output error) | fisher (end-to-end, incl. embeddings)
-                                     # | kl (measured: the KL each layer alone adds, quant/measured.py)
-    fisher_windows: int = 8          # calibration windows differentiated for the Fisher
-    kl_tokens: int = 256             # calibration tokens each kl measurement scores
-    allow_float: bool = False        # mixed: a layer may also stay float16 (16 bits/weight, no error)
-    # pruning
-    sparsity: float = 0.0
-    nm: str | None = None            # "2:4", "4:8"
-    allocation: str = "uniform"      # uniform | owl | zero-order
-    recover: str | None = None       # admm
-    # which modules: embeddings/lm_head are quantized like mlx_lm.convert does unless False
-    quantize_embeddings: bool = True
-    embed_bits: int | None = None    # bits for embeddings / lm_head (None = same as ``bits``, like mlx_lm.convert)
-    overrides: dict = field(default_factory=dict)  # module path -> {"bits":..,"group_size":..} or False
+    method: str = _opt("rtn", "quantizer, or pruner (pruners quantize afterwards when --bits is set)", "format",
+                       choices=METHODS)
+    bits: int | None = _opt(4, "affine bits 2,3,4,5,6,8 (0 = keep float, e.g. pruning only)", "format",
+                            type=int, zero_none=True)
+    group_size: int = _opt(64, "32, 64, 128 or -1 (per-channel); fitted per layer where it does not divide the "
+                               "width", "format")
+    mode: str = _opt("affine", "affine, or one of MLX's float formats (rtn and pruners only)", "format",
+                     choices=MODES)
+    fit: str = _opt("auto", "group grid: least squares (lsq), least squares with 0 on the grid (zlsq), min/max, or "
+                            "mx.quantize's rule; auto: zlsq for plain rounding at <= 3 bits, else lsq", "format",
+                    choices=("auto",) + FITS)
+    clip_search: bool = _opt(False, "MSE-optimal clipping per group (RTN/GPTQ)", "format")
+    grid_offset: float = _opt(0.0, "shift of the integer grid, in steps", "format")
+    rounding: str = _opt("nearest", "rounding of RTN", "format", choices=ROUNDINGS)
+    calib_corpus: str = _opt("c4", "calibration text: a built-in corpus name or a UTF-8 text file", "calibration")
+    calib_tokens: int = _opt(8192, "calibration tokens", "calibration")
+    calib_seq_len: int = _opt(512, "calibration window length", "calibration")
+    seed: int = _opt(0, "seed of the calibration windows and of every random choice", "calibration")
+    act_order: bool = _opt(True, "GPTQ: quantize columns in order of decreasing Hessian diagonal", "gptq")
+    true_sequential: bool = _opt(False, "re-capture a block's inputs after each stage of its linears (q/k/v, o, "
+                                        "gate/up, down)", "gptq")
+    damp: float = _opt(0.01, "GPTQ/SparseGPT Hessian damping (fraction of the mean diagonal)", "gptq")
+    gptq_iters: int = _opt(1, "GPTQ passes alternated with the least-squares grid refit, kept while the layer error "
+                              "drops", "gptq")
+    gptq_head: bool = _opt(True, "GPTQ/mixed/SparseGPT also GPTQ the output head (lm_head or tied embedding); "
+                                 "--no-gptq-head rounds it", "gptq")
+    head_damp: float = _opt(0.1, "GPTQ damping of the output head (a tied table is also read as the input "
+                                 "embedding)", "gptq")
+    embed_first: bool = _opt(False, "gptq/mixed: quantize a tied embedding table first (on the float model's head "
+                                    "inputs), so the blocks calibrate on the quantized input embedding", "gptq")
+    qep_alpha: float = _opt(0.5, "gptq/mixed: quantization error propagation, 0 (off) .. 1 (full correction toward "
+                                 "the float model's outputs)", "gptq")
+    qep_damp: float = _opt(1.0, "damping of QEP's correction (fraction of mean diag H)", "gptq")
+    awq_scales: bool = _opt(False, "gptq/mixed: fold AWQ's per-channel scales into each block before GPTQ "
+                                   "(AWQ+GPTQ)", "awq")
+    awq_objective: str = _opt("layer", "awq (and --awq-scales): score alpha on each linear's output error, or on the "
+                                       "output of the attention / MLP that reads a norm (the AWQ reference code's "
+                                       "loss)", "awq", choices=AWQ_OBJECTIVES)
+    tune_steps: int = _opt(0, "block-wise Adam steps on each block's scales/biases, codes frozen (0 = off)", "tuning")
+    tune_lr: float = _opt(1e-3, "block-wise tuning's learning rate, relative to each tensor's RMS", "tuning")
+    e2e_steps: int = _opt(0, "after compression: Adam steps on every quantized layer's scales/biases against the KL "
+                             "to the float model, codes frozen, kept only if held-out windows improve (0 = off; "
+                             "holds the whole model)", "tuning")
+    e2e_lr: float = _opt(3e-5, "end-to-end tuning's learning rate, relative to each tensor's RMS", "tuning")
+    e2e_batch: int = _opt(1, "end-to-end tuning's calibration windows per step", "tuning")
+    bits_per_weight: float | None = _opt(None, "mixed: average bits/weight budget (codes + scales + biases)",
+                                         "mixed precision", type=float)
+    target_mb: float | None = _opt(None, "mixed: model size budget in MB", "mixed precision", type=float)
+    candidate_bits: tuple[int, ...] = _opt((), "mixed: the bit-widths a layer may get, comma-separated (default: "
+                                               "every bit-width >= --bits)", "mixed precision", type="ints",
+                                           metavar="B,B,...")
+    candidate_groups: tuple[int, ...] = _opt((), "mixed: also choose each layer's group size among these (e.g. "
+                                                 "32,64,128); default: --group-size only", "mixed precision",
+                                             type="ints", metavar="G,G,...")
+    sensitivity: str = _opt("hessian", "mixed: per-layer output error (streamed), diagonal Fisher of the LM loss "
+                                       "(embeddings join the budget), or each layer's measured KL",
+                            "mixed precision", choices=SENSITIVITIES)
+    fisher_windows: int = _opt(8, "mixed, fisher: calibration windows differentiated", "mixed precision")
+    kl_tokens: int = _opt(256, "mixed, kl: calibration tokens each measurement scores", "mixed precision")
+    allow_float: bool = _opt(False, "mixed: a layer may also stay float16 (written as a False override mlx_lm.load "
+                                    "reads)", "mixed precision")
+    sparsity: float = _opt(0.0, "fraction of weights pruned (pruners)", "pruning")
+    nm: str | None = _opt(None, "N:M structured sparsity, e.g. 2:4", "pruning", type=str)
+    allocation: str = _opt("uniform", "per-block sparsity: uniform, OWL, or OWL refined by a zero-order search",
+                           "pruning", choices=ALLOCATIONS)
+    recover: str | None = _opt(None, "weight recovery after the mask is fixed", "pruning", type=str, choices=RECOVERS)
+    quantize_embeddings: bool = _opt(True, "quantize embeddings / lm_head like mlx_lm.convert (--no-quantize-"
+                                           "embeddings keeps them float16)", "modules")
+    embed_bits: int | None = _opt(None, "bits for embeddings / lm_head (default: --bits)", "modules", type=int)
+
 
     def validate(self) -> "Recipe":
         if self.method not in METHODS:
@@ -99,14 +130,14 @@ class Recipe:
                 raise RecipeError(f"nm must look like '2:4', got {self.nm!r}") from None
             if not 0 < n < m:
                 raise RecipeError(f"nm must satisfy 0 < N < M, got {self.nm!r}")
-        if self.allocation not in ("uniform", "owl", "zero-order"):
-            raise RecipeError(f"allocation must be uniform, owl or zero-order, got {self.allocation!r}")
-        if self.recover not in (None, "admm"):
-            raise RecipeError(f"recover must be admm or unset, got {self.recover!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise RecipeError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.recover is not None and self.recover not in RECOVERS:
+            raise RecipeError(f"recover must be one of {RECOVERS} or unset, got {self.recover!r}")
         if self.fit not in ("auto",) + FITS:
             raise RecipeError(f"fit must be auto or one of {FITS}, got {self.fit!r}")
-        if self.rounding not in ("nearest", "stochastic"):
-            raise RecipeError(f"rounding must be nearest or stochastic, got {self.rounding!r}")
+        if self.rounding not in ROUNDINGS:
+            raise RecipeError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.method == "mixed" and (self.bits_per_weight is None) == (self.target_mb is None):
             raise RecipeError("method mixed needs exactly one of --bits-per-weight or --target-mb")
         if any(b not in AFFINE_BITS for b in self.candidate_bits):
@@ -121,16 +152,17 @@ class Recipe:
         if self.allow_float and self.method != "mixed":
             raise RecipeError("allow_float is a choice of mixed precision's allocation: use --method mixed")
         if any(g not in GROUP_SIZES + (-1,) for g in self.candidate_groups):
-            raise RecipeError(f"candidate_groups must be a subset of {GROUP_SIZES + (-1,)}, got {self.candidate_groups}")
-        if self.sensitivity not in ("hessian", "fisher", "kl"):
-            raise RecipeError(f"sensitivity must be hessian, fisher or kl, got {self.sensitivity!r}")
+            raise RecipeError(f"candidate_groups must be a subset of {GROUP_SIZES + (-1,)}, got "
+                              f"{self.candidate_groups}")
+        if self.sensitivity not in SENSITIVITIES:
+            raise RecipeError(f"sensitivity must be one of {SENSITIVITIES}, got {self.sensitivity!r}")
         if self.fisher_windows < 1 or self.kl_tokens < 1:
             raise RecipeError(f"fisher_windows and kl_tokens must be >= 1, got {self.fisher_windows}, "
                               f"{self.kl_tokens}")
         if not 0.0 <= self.qep_alpha <= 1.0:
             raise RecipeError(f"qep_alpha must be in [0, 1], got {self.qep_alpha}")
-        if self.awq_objective not in ("layer", "module"):
-            raise RecipeError(f"awq_objective must be layer or module, got {self.awq_objective!r}")
+        if self.awq_objective not in AWQ_OBJECTIVES:
+            raise RecipeError(f"awq_objective must be one of {AWQ_OBJECTIVES}, got {self.awq_objective!r}")
         if self.awq_objective != "layer" and not (self.method == "awq" or self.awq_scales):
             raise RecipeError("awq_objective module goes with --method awq or --awq-scales")
         if self.awq_scales and self.method not in ("gptq", "mixed"):
@@ -153,18 +185,22 @@ class Recipe:
             raise RecipeError(f"qep_damp must be > 0, got {self.qep_damp}")
         if self.calib_tokens < 0 or self.calib_seq_len <= 0:
             raise RecipeError("calib_tokens must be >= 0 and calib_seq_len > 0")
+        if not isinstance(self.calib_corpus, str) or not self.calib_corpus:
+            raise RecipeError("calib_corpus must be a corpus name or a text file")
         return self
 
     def mixed_bits(self) -> tuple[int, ...]:
         """The bit-widths mixed precision may give a layer: ``candidate_bits``, or by default every MLX bit-width
-        from ``bits`` up (``bits`` is the floor). Why a floor: the allocation's loss estimates are second order,
-        and below the operating point they miss how much a layer's error grows -- measured on SmolLM2 at 3.5
-        bits/weight (Fisher, groups 32/64/128, 2048 wiki tokens): 29.13 with 2-bit layers allowed (44 linears got
-        2 bits) vs 25.48 without, uniform GPTQ 3-bit 25.53; with each layer's 2-bit KL measured instead
-        (``sensitivity="kl"``) 31.82."""
+        from ``bits`` up (``bits`` is the floor: the allocation's loss estimates are second order, and below the
+        operating point they miss how fast a layer's error grows; docs/experiments.md, "mixed precision floor")."""
         if self.candidate_bits:
             return tuple(self.candidate_bits)
         return tuple(b for b in AFFINE_BITS if b >= (self.bits or min(AFFINE_BITS)))
+
+    def needs_calibration(self) -> bool:
+        """Does carrying out the recipe read calibration text? (Only data-free RTN and magnitude pruning do not.)"""
+        return (self.method not in ("rtn", "magnitude") or self.allocation != "uniform" or self.tune_steps > 0
+                or self.e2e_steps > 0 or self.recover is not None)  # ADMM recovery fits the inputs' H
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -174,12 +210,102 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        """A (possibly partial) dict of fields -> validated Recipe; unknown keys are an error. Fields not given keep
+        their defaults; a ``zero_none`` field given as 0 is None."""
+        if not isinstance(d, dict):
+            raise RecipeError(f"a recipe is a table of field = value, got {type(d).__name__}")
+        d = {k: v for k, v in d.items() if not (k in LEGACY_KEYS and not v)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields)
         if unknown:
             raise RecipeError(f"unknown recipe keys: {sorted(unknown)}")
-        d = dict(d)
-        for k in ("candidate_bits", "candidate_groups"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d).validate()
+        out = {}
+        for k, v in d.items():
+            meta = fields[k].metadata
+            if meta["type"] == "ints":
+                if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                              for x in v):
+                    raise RecipeError(f"{k} must be a list of integers, got {v!r}")
+                v = tuple(v)
+            elif v is not None:
+                want = meta["type"]
+                ok = isinstance(v, want) and (want is bool or not isinstance(v, bool))
+                if want is float and isinstance(v, int) and not isinstance(v, bool):
+                    v, ok = float(v), True
+                if not ok:
+                    raise RecipeError(f"{k} must be a {want.__name__}, got {v!r}")
+                if meta["zero_none"] and v == 0:
+                    v = None
+            out[k] = v
+        return cls(**out).validate()
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Recipe":
+        """A TOML file of ``field = value`` lines (optionally under a ``[recipe]`` table) -> Recipe."""
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            d = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise RecipeError(f"cannot read recipe {path}: {e}") from None
+        return cls.from_dict(d.get("recipe", d) if set(d) <= {"recipe"} else d)
+
+    @classmethod
+    def from_evidence(cls, path: str | Path) -> "Recipe":
+        """The recipe recorded in an evidence JSON file (what produced that run) -> Recipe."""
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise RecipeError(f"cannot read evidence {path}: {e}") from None
+        if not isinstance(d, dict) or not isinstance(d.get("recipe"), dict):
+            raise RecipeError(f"{path} has no recipe object")
+        return cls.from_dict(d["recipe"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        """A recipe file: ``.json`` (an evidence file's recipe) or TOML."""
+        return cls.from_evidence(path) if str(path).endswith(".json") else cls.from_toml(path)
+
+    def changes(self) -> dict:
+        """The fields that differ from the defaults, {name: value}."""
+        default = Recipe()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
+
+    def to_toml(self) -> str:
+        """TOML that ``from_toml`` reads back to this recipe (None fields are left out; bits None is 0)."""
+        lines = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                if not f.metadata["zero_none"]:
+                    continue
+                v = 0
+            lines.append(f"{f.name} = {_toml_value(v)}")
+        return "\n".join(lines) + "\n"
+
+    def to_args(self) -> list[str]:
+        """The command-line flags (of ``compress``) that give this recipe, defaults left out."""
+        args = []
+        for name, v in self.changes().items():
+            f = next(f for f in dataclasses.fields(self) if f.name == name)
+            flag = "--" + name.replace("_", "-")
+            if f.metadata["type"] is bool:
+                args.append(flag if v else f"--no-{name.replace('_', '-')}")
+            elif v is None:
+                args += [flag, "0"] if f.metadata["zero_none"] else []
+            else:
+                args += [flag, ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
+        return args
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)

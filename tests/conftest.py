@@ -132,5 +132,5 @@ def text_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from mlx_holo import models
+    from mlx_holo import model as models
     return models.embedded_default_dir()

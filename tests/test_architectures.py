@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from conftest import ARCH_CONFIGS, make_tiny_arch, make_tiny_model
 
-from mlx_holo import data, models, pipeline
-from mlx_holo.compress import compress
-from mlx_holo.experts import expert_cost, expert_modules, router_paths, routed_rows, split_by_expert
+from mlx_holo import data, model as models
+from mlx_holo.pipeline import capture, run as pipeline_run
+from mlx_holo.compression import compress
+from mlx_holo.allocate.bits import expert_cost
+from mlx_holo.model.experts import expert_modules, router_paths, routed_rows, split_by_expert
+from mlx_holo.model.structure import find_module
 from mlx_holo.recipe import Recipe, RecipeError
 
 
@@ -21,9 +24,8 @@ def arch_dirs(tmp_path_factory):
 
 
 def _compress(src, out, text_file, **kw):
-    r = Recipe(**{"calib_tokens": 512, "calib_seq_len": 128, **kw})
-    return compress(str(src), r, str(out), eval_tokens=256, eval_seq_len=128, calib_corpus=str(text_file),
-                    eval_corpus=str(text_file), gates=[])
+    r = Recipe(**{"calib_tokens": 512, "calib_seq_len": 128, "calib_corpus": str(text_file), **kw})
+    return compress(str(src), r, str(out), eval_tokens=256, eval_seq_len=128, eval_corpus=str(text_file), gates=[])
 
 
 def _logits(model, tokens):
@@ -79,7 +81,7 @@ def test_moe_structure(arch_dirs, mt):
             "granitemoe": {"block_sparse_moe.router.layer"},
             "deepseek_v2": set()}[mt]  # DeepSeek's MoEGate is no nn.Linear: float anyway
     assert routers == want
-    lin = [p for p, _ in pipeline.linear_modules(block)]
+    lin = [p for p, _ in models.linear_modules(block)]
     assert not routers & set(lin)
     if mt == "qwen2_moe":  # the shared expert is an ordinary MLP: quantized
         assert {"mlp.shared_expert.gate_proj", "mlp.shared_expert.down_proj"} <= set(lin)
@@ -108,7 +110,7 @@ def test_moe_gptq_saves_quantized_experts_float_router(arch_dirs, text_file, tmp
     err = {e["name"]: e["error"] for e in ev_g["layers"] if ".switch_mlp." in e["name"]}
     model, tok = models.open_model(str(src))[:2]
     calib = data.calibration_windows(tok, data.load_corpus(str(text_file)), 512, 128, seed=0)
-    rtn = pipeline.run(model, calib, Recipe(method="rtn", bits=3, clip_search=True))
+    rtn = pipeline_run.run(model, calib, Recipe(method="rtn", bits=3, clip_search=True))
     err_r = {r.name: r.error for r in rtn.layers if ".switch_mlp." in r.name}
     assert len(err) == 6 and None not in err.values() and None not in err_r.values()
     assert all(err[k] < err_r[k] for k in err), (err, err_r)
@@ -118,11 +120,11 @@ def test_awq_on_moe_scales_every_reader_of_the_mlp_norm(arch_dirs, text_file, tm
     """A MoE block's MLP norm scales the router(s) (float, folded exactly), the experts' gate/up and a shared
     expert's gate/up together; each expert's up -> down pair is its own group. A shared expert's down_proj whose
     hidden width equals the model width (here 128 = 128) is not taken for a reader."""
-    from mlx_holo.quant import awq_block
+    from mlx_holo.quant import awq_fold
 
     model = models.open_model(str(arch_dirs["qwen2_moe"]))[0]
     block = models.blocks(model)[0]
-    got = [(k, ps) for _, k, ps in awq_block.groups(block)]
+    got = [(k, ps) for _, k, ps in awq_fold.groups(block)]
     assert got[0] == ("norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
     assert ("norm", ["mlp.gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert_gate",
                      "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj"]) in got
@@ -136,13 +138,13 @@ def test_awq_on_moe_scales_every_reader_of_the_mlp_norm(arch_dirs, text_file, tm
 def test_awq_moe_fold_scales_router_and_experts(arch_dirs):
     """On a mixtral block with salient MLP-input channels the fold really moves the router's and every expert's
     columns and each expert's up rows (per-expert scales), and the block computes what it did (routing included)."""
-    from mlx_holo.quant import awq_block
+    from mlx_holo.quant import awq_fold
 
     block, x, mask, y0, X = _block0(arch_dirs["mixtral"], salient=True)
     moe = block.block_sparse_moe
     router0, gate0 = np.array(moe.gate.weight), np.array(moe.switch_mlp.gate_proj.weight)
     up0, down0 = np.array(moe.switch_mlp.up_proj.weight), np.array(moe.switch_mlp.down_proj.weight)
-    alphas = awq_block.apply(block, X, Recipe(method="awq", bits=3), x, mask)
+    alphas = awq_fold.apply(block, X, Recipe(method="awq", bits=3), x, mask)
     assert len(alphas) == 3 and None not in alphas and alphas[1] > 0 and alphas[2] > 0
     s = router0[0] / np.array(moe.gate.weight)[0]  # 1 / the norm's scale, read off the router's columns
     assert np.ptp(s) > 0.1
@@ -157,15 +159,15 @@ def test_awq_module_objective_scores_the_attention_and_mlp_outputs(arch_dirs):
     """--awq-objective module: the loss of a norm's group is the output of the attention / MLP holding its readers
     (0 for the float weights, restored after each call); a MoE MLP keeps the layer loss; the fold keeps the float
     function."""
-    from mlx_holo.quant import awq_block
+    from mlx_holo.quant import awq_fold
 
     block, x, mask, y0, X = _block0(arch_dirs["qwen2"], salient=True)
     objs = {}
-    for prev, kind, paths in awq_block.groups(block):
+    for prev, kind, paths in awq_fold.groups(block):
         if kind != "norm":
             continue
-        lins = [awq_block._find(block, *p.split(".")) for p in paths]
-        obj = awq_block.module_objective(block, paths, lins, X, x, mask)
+        lins = [find_module(block, p) for p in paths]
+        obj = awq_fold.module_objective(block, paths, lins, X, x, mask)
         objs[paths[0].split(".")[0]] = obj is not None
         if obj is None:
             continue
@@ -173,12 +175,12 @@ def test_awq_module_objective_scores_the_attention_and_mlp_outputs(arch_dirs):
         assert obj(ws) < 1e-6 * float(mx.sum(y0.astype(mx.float32) ** 2).item())
         assert obj([w * 1.01 for w in ws]) > 0 and all(m.weight is w for m, w in zip(lins, ws))
     assert objs == {"self_attn": True, "mlp": True}  # qwen2 has GQA: no v -> o group
-    alphas = awq_block.apply(block, X, Recipe(method="awq", bits=3, awq_objective="module"), x, mask)
+    alphas = awq_fold.apply(block, X, Recipe(method="awq", bits=3, awq_objective="module"), x, mask)
     assert len(alphas) == 3 and None not in alphas and alphas[1] > 0
     assert _rel(block(x, mask), y0) < 1e-4
     moe, _, _, _, Xm = _block0(arch_dirs["mixtral"])
-    (_, _, readers) = awq_block.groups(moe)[1]
-    assert awq_block.module_objective(moe, readers, [awq_block._find(moe, *p.split(".")) for p in readers],
+    (_, _, readers) = awq_fold.groups(moe)[1]
+    assert awq_fold.module_objective(moe, readers, [find_module(moe, p) for p in readers],
                                       Xm, x, mask) is None
     with pytest.raises(RecipeError, match="awq_objective"):
         Recipe(method="awq", awq_objective="block").validate()
@@ -234,11 +236,11 @@ def _block0(folder, salient=False, index=0):
         ln = models.blocks(model)[index].post_attention_layernorm
         ln.weight = ln.weight * mx.where(mx.arange(ln.weight.shape[0]) % 29 == 3, 8.0, 1.0)
     tokens = mx.array(np.random.default_rng(0).integers(0, 320, (2, 64)))
-    x, mask = pipeline.block_inputs(model, tokens)
+    x, mask = capture.block_inputs(model, tokens)
     for b in models.blocks(model)[:index]:
         x = b(x, mask)
     block = models.blocks(model)[index]
-    y0, X = pipeline.capture_linear_inputs(block, x, mask)
+    y0, X = capture.capture_linear_inputs(block, x, mask)
     return block, x, mask, y0, X
 
 
@@ -252,33 +254,33 @@ def test_awq_folds_keep_the_float_function(arch_dirs, mt):
     """Every group folds (Gemma's 1 + w norm, a LayerNorm's bias, Gemma-2's pre-feedforward norm, phi3's fused
     projections) and the float block computes what it did; OLMo-2's post_attention_layernorm (on the attention's
     output, not the MLP's input) is tried by name and undone."""
-    from mlx_holo.quant import awq_block
+    from mlx_holo.quant import awq_fold
 
     block, x, mask, y0, X = _block0(arch_dirs[mt])
-    alphas = awq_block.apply(block, X, Recipe(method="awq", bits=3), x, mask)
+    alphas = awq_fold.apply(block, X, Recipe(method="awq", bits=3), x, mask)
     if mt == "olmo2":
         assert alphas[0] is None and alphas[1] is not None and len(alphas) == 2  # norm -> gate/up undone; up -> down
     else:  # GQA (or DeepSeek's MLA) everywhere here: no v -> o
         assert None not in alphas and len(alphas) == {"qwen2_moe": 4, "starcoder2": 2, "phi3": 2}.get(mt, 3)
     assert _rel(block(x, mask), y0) < 1e-4
     if mt == "gemma2":
-        assert ["mlp.gate_proj", "mlp.up_proj"] in [p for _, _, p in awq_block.groups(block)]
+        assert ["mlp.gate_proj", "mlp.up_proj"] in [p for _, _, p in awq_fold.groups(block)]
 
 
 def test_awq_folds_deepseek_moe_block_with_its_custom_router(arch_dirs):
     """DeepSeek-V2's MoE block (block 1): the router is a MoEGate module (no nn.Linear) with a [E, D] weight; it is
     folded with the experts and the shared experts, and routing is unchanged."""
-    from mlx_holo.quant import awq_block
+    from mlx_holo.quant import awq_fold
 
     block, x, mask, y0, X = _block0(arch_dirs["deepseek_v2"], salient=True, index=1)
     if not np.abs(np.array(block.mlp.gate.weight)).max():  # mlx-lm creates the MoEGate weight as zeros
         block.mlp.gate.weight = 0.1 * mx.random.normal(block.mlp.gate.weight.shape, key=mx.random.key(0))
-        y0, X = pipeline.capture_linear_inputs(block, x, mask)
-    got = [(k, ps) for _, k, ps in awq_block.groups(block)]
+        y0, X = capture.capture_linear_inputs(block, x, mask)
+    got = [(k, ps) for _, k, ps in awq_fold.groups(block)]
     assert ("norm", ["mlp.gate", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
                      "mlp.switch_mlp.gate_proj", "mlp.switch_mlp.up_proj"]) in got
     w0 = np.array(block.mlp.gate.weight)
-    alphas = awq_block.apply(block, X, Recipe(method="awq", bits=3), x, mask)
+    alphas = awq_fold.apply(block, X, Recipe(method="awq", bits=3), x, mask)
     assert len(alphas) == 4 and None not in alphas
     assert not np.allclose(np.array(block.mlp.gate.weight), w0)
     assert _rel(block(x, mask), y0) < 1e-4
@@ -287,19 +289,19 @@ def test_awq_folds_deepseek_moe_block_with_its_custom_router(arch_dirs):
 def test_awq_undoes_a_fold_that_changes_the_block(tmp_path, monkeypatch):
     """A norm that does not feed the linears it is paired with (here: attention's norm with the MLP) must not keep
     the fold: the block's output would change."""
-    from mlx_holo.quant import awq_block
+    from mlx_holo.quant import awq_fold
 
     folder = make_tiny_model(tmp_path / "m")
     model = models.open_model(str(folder))[0]
     model.update(__import__("conftest").random_norms_and_biases(model))
     block = models.blocks(model)[0]
     tokens = mx.array(np.random.default_rng(0).integers(0, 320, (2, 64)))
-    x, mask = pipeline.block_inputs(model, tokens)
-    y0, X = pipeline.capture_linear_inputs(block, x, mask)
+    x, mask = capture.block_inputs(model, tokens)
+    y0, X = capture.capture_linear_inputs(block, x, mask)
     wrong = [(block.input_layernorm, "norm", ["mlp.gate_proj", "mlp.up_proj"])]
-    monkeypatch.setattr(awq_block, "groups", lambda b: wrong)
+    monkeypatch.setattr(awq_fold, "groups", lambda b: wrong)
     w_before = np.array(block.mlp.up_proj.weight)
-    assert awq_block.apply(block, X, Recipe(method="awq", bits=3), x, mask) == [None]
+    assert awq_fold.apply(block, X, Recipe(method="awq", bits=3), x, mask) == [None]
     assert _rel(block(x, mask), y0) < 1e-6
     np.testing.assert_array_equal(np.array(block.mlp.up_proj.weight), w_before)
 
@@ -307,7 +309,7 @@ def test_awq_undoes_a_fold_that_changes_the_block(tmp_path, monkeypatch):
 def test_fold_norm_rules():
     from mlx_lm.models.gemma import RMSNorm as GemmaRMSNorm
 
-    from mlx_holo.quant.awq_block import fold_norm
+    from mlx_holo.quant.awq_fold import fold_norm
 
     probe = mx.random.normal((8, 16), key=mx.random.key(0))
     s = mx.random.uniform(0.5, 2.0, (16,), key=mx.random.key(1))
@@ -329,7 +331,7 @@ def test_moe_peak_memory_does_not_grow_with_depth(tmp_path, text_file):
         model, tok = models.open_model(str(d), lazy=True)[:2]
         calib = data.calibration_windows(tok, data.load_corpus(str(text_file)), 512, 128, seed=0)
         mx.clear_cache()
-        peaks[layers] = pipeline.run(model, calib, Recipe(method="gptq", bits=4)).peak_memory_bytes
+        peaks[layers] = pipeline_run.run(model, calib, Recipe(method="gptq", bits=4)).peak_memory_bytes
     block_bytes = 4 * (2 * 256 * 256 + 2 * 256 * 128 + 4 * 3 * 256 * 512)
     assert peaks[6] - peaks[2] < 2 * block_bytes  # 4 more blocks would add 4 x block_bytes if all were held
 
@@ -400,7 +402,7 @@ def test_pipeline_recompresses_a_quantized_model(arch_dirs, text_file, tmp_path)
     model, tok = models.open_model(str(tmp_path / "q8"), dequantize=False, lazy=True)[:2]
     assert any(type(m).__name__ == "QuantizedSwitchLinear" for _, m in model.named_modules())
     calib = data.calibration_windows(tok, data.load_corpus(str(text_file)), 512, 128, seed=0)
-    res = pipeline.run(model, calib, Recipe(method="gptq", bits=4))
+    res = pipeline_run.run(model, calib, Recipe(method="gptq", bits=4))
     assert sum(".layers." in k for k in res.quantized) == 2 * (4 + 3)
     assert all(v.dtype != mx.uint32 for v in res.floats.values())
     assert all(q.bits == 4 for q in res.quantized.values())

@@ -4,9 +4,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_holo import data, models, pipeline
-from mlx_holo.compress import compress
-from mlx_holo.quant.blockwise import tune_block
+from mlx_holo import data, model as models
+from mlx_holo.pipeline import capture
+from mlx_holo.compression import compress
+from mlx_holo.tune.block import tune_block
 from mlx_holo.quant.rtn import quantize_rtn
 from mlx_holo.recipe import Recipe, RecipeError
 
@@ -14,7 +15,7 @@ from mlx_holo.recipe import Recipe, RecipeError
 def _block_and_inputs(folder, text_file, n=512, seq=64):
     model, tok = models.open_model(str(folder))[:2]
     calib = data.calibration_windows(tok, data.load_corpus(str(text_file)), n, seq, seed=0)
-    x, mask = pipeline.block_inputs(model, calib)
+    x, mask = capture.block_inputs(model, calib)
     block = models.blocks(model)[0]
     y = block(x, mask)  # the float block's output: what the quantized block should reproduce
     mx.eval(x, y)
@@ -24,7 +25,7 @@ def _block_and_inputs(folder, text_file, n=512, seq=64):
 def _quantize_block(block, bits=2):
     """RTN every linear of the block; set the dequantized weights -> {path: QuantizedWeight}."""
     qws = {}
-    for path, lin in pipeline.linear_modules(block):
+    for path, lin in models.linear_modules(block):
         qw = quantize_rtn(lin.weight.astype(mx.float32), bits, 32)
         lin.weight = qw.dequantize()
         qws[path] = qw.compact()
@@ -49,7 +50,7 @@ def test_tuning_lowers_the_block_error_with_codes_frozen(tiny_model_dir, text_fi
         assert np.array_equal(np.array(q.unpacked()), codes[p])  # codes frozen
         assert not np.array_equal(np.array(q.scales), np.array(qws[p].scales))  # parameters moved
         assert mx.array_equal(q.scales.astype(mx.float16).astype(q.scales.dtype), q.scales).item()  # fp16 as stored
-        lin = pipeline._get(block, p)
+        lin = models.get_module(block, p)
         assert type(lin) is nn.Linear and mx.allclose(lin.weight, q.dequantize(), atol=0).item()
     assert len(block.trainable_parameters()["self_attn"]) > 0  # the block is left unfrozen, as it was
 
@@ -57,11 +58,11 @@ def test_tuning_lowers_the_block_error_with_codes_frozen(tiny_model_dir, text_fi
 def test_tuning_that_does_not_help_is_dropped(tiny_model_dir, text_file):
     block, x, mask, y = _block_and_inputs(tiny_model_dir, text_file)
     qws = _quantize_block(block)
-    weights = {p: mx.array(lin.weight) for p, lin in pipeline.linear_modules(block)}
+    weights = {p: mx.array(lin.weight) for p, lin in models.linear_modules(block)}
     new, res = tune_block(block, qws, x, mask, y, steps=5, lr=50.0)  # a diverging learning rate
     assert not res.kept and res.loss_after == res.loss_before
     assert all(new[p] is qws[p] for p in qws)
-    for p, lin in pipeline.linear_modules(block):
+    for p, lin in models.linear_modules(block):
         assert mx.array_equal(lin.weight, weights[p]).item()
 
 
@@ -70,7 +71,8 @@ def _plain_and_tuned(folder, text_file, tmp_path, eval_tokens: int, recipe: dict
     plain model, tuned model), the models loaded back by stock mlx_lm."""
     from mlx_lm import load
 
-    kw = dict(eval_tokens=eval_tokens, eval_seq_len=128, calib_corpus=str(text_file), eval_corpus=str(text_file))
+    kw = dict(eval_tokens=eval_tokens, eval_seq_len=128, eval_corpus=str(text_file))
+    recipe = dict(recipe, calib_corpus=str(text_file))
     plain = compress(str(folder), Recipe(**recipe), str(tmp_path / "plain"), **kw)
     ev = compress(str(folder), Recipe(**recipe, **tuning), str(tmp_path / "tuned"), **kw)
     return plain, ev, load(str(tmp_path / "plain"))[0], load(str(tmp_path / "tuned"))[0]
@@ -103,9 +105,9 @@ def test_held_out_windows_are_not_trained_on(tiny_model_dir, text_file):
     block, x, mask, y = _block_and_inputs(tiny_model_dir, text_file)
     assert x.shape[0] == 8
     qws = _quantize_block(block)
-    weights = {p: mx.array(lin.weight) for p, lin in pipeline.linear_modules(block)}
+    weights = {p: mx.array(lin.weight) for p, lin in models.linear_modules(block)}
     _, clean = tune_block(block, qws, x, mask, y, steps=10, lr=1e-2, holdout=0.25)
-    for p, lin in pipeline.linear_modules(block):
+    for p, lin in models.linear_modules(block):
         lin.weight = weights[p]
     noisy_y = mx.concatenate([y[:6], 100.0 * mx.random.normal(y[6:].shape)])  # corrupt the 2 held-out windows
     _, noisy = tune_block(block, qws, x, mask, noisy_y, steps=10, lr=1e-2, holdout=0.25)
@@ -114,10 +116,11 @@ def test_held_out_windows_are_not_trained_on(tiny_model_dir, text_file):
 
 
 def test_end_to_end_kl_tuning_lowers_held_out_kl(tiny_model_dir, text_file, tmp_path):
-    from mlx_holo.quant.e2e_qp import swap_code_linears, to_float, tune_kl
+    from mlx_holo.tune.codes import swap_code_linears, to_float
+    from mlx_holo.tune.e2e import tune_kl
 
-    kw = dict(eval_tokens=0, calib_corpus=str(text_file), eval_corpus=str(text_file))
-    compress(str(tiny_model_dir), Recipe(method="rtn", bits=2), str(tmp_path / "q"), **kw)
+    kw = dict(eval_tokens=0, eval_corpus=str(text_file))
+    compress(str(tiny_model_dir), Recipe(method="rtn", bits=2, calib_corpus=str(text_file)), str(tmp_path / "q"), **kw)
     m, tok = models.open_model(str(tmp_path / "q"), dequantize=False)[:2]
     code = swap_code_linears(m)
     assert len(code) == 15  # 2 blocks x 7 linears + the tied table (input lookups and output head)
@@ -130,24 +133,25 @@ def test_end_to_end_kl_tuning_lowers_held_out_kl(tiny_model_dir, text_file, tmp_
     tuned = to_float(m, code)
     for p, qw in tuned.items():
         assert np.array_equal(np.array(qw.unpacked()).reshape(codes[p].shape), codes[p].astype(np.uint8))
-        assert mx.array_equal(pipeline._get(m, p).weight, qw.dequantize()).item()
+        assert mx.array_equal(models.get_module(m, p).weight, qw.dequantize()).item()
     from mlx_lm import load
     models.save_replaced(tmp_path / "q", tmp_path / "t", {f"{p}.{k}": getattr(q, k) for p, q in tuned.items()
                                                           for k in ("scales", "biases")})
     loaded, _ = load(str(tmp_path / "t"))
     p, qw = next(iter(tuned.items()))
-    lin = pipeline._get(loaded, p)
+    lin = models.get_module(loaded, p)
     assert mx.array_equal(lin.scales, qw.scales.astype(lin.scales.dtype)).item()
     assert mx.array_equal(lin.weight, qw.wq).item()
     assert not (tmp_path / "t" / "evidence.json").exists()
 
 
 def test_end_to_end_batch_is_the_mean_kl_of_its_windows(tiny_model_dir, text_file, tmp_path):
-    from mlx_holo.quant.e2e_qp import swap_code_linears, tune_kl
-    from mlx_holo.replicate.tune import kl_to_base
+    from mlx_holo.tune.codes import swap_code_linears
+    from mlx_holo.tune.e2e import tune_kl
+    from mlx_holo.tune.optim import kl_to_base
 
-    kw = dict(eval_tokens=0, calib_corpus=str(text_file), eval_corpus=str(text_file))
-    compress(str(tiny_model_dir), Recipe(method="rtn", bits=2), str(tmp_path / "q"), **kw)
+    kw = dict(eval_tokens=0, eval_corpus=str(text_file))
+    compress(str(tiny_model_dir), Recipe(method="rtn", bits=2, calib_corpus=str(text_file)), str(tmp_path / "q"), **kw)
     base = models.open_model(str(tiny_model_dir))[0]
     calib = data.calibration_windows(models.open_model(str(tmp_path / "q"), lazy=True)[1],
                                      data.load_corpus(str(text_file)), 1024, 128, seed=0)  # [8, 128]: 6 train, 2 held
@@ -198,12 +202,12 @@ def test_e2e_recipe_errors():
 
 
 def test_code_embedding_matches_quantized_embedding():
-    from mlx_holo.quant.blockwise import _CodeEmbedding
+    from mlx_holo.tune.codes import CodeEmbedding
     from mlx_holo.quant.formats import QuantizedWeight
 
     mx.random.seed(0)
     emb = nn.QuantizedEmbedding(100, 64, group_size=32, bits=3)
-    ce = _CodeEmbedding(QuantizedWeight(None, emb.scales, emb.biases, 3, 32, wq=emb.weight))
+    ce = CodeEmbedding(QuantizedWeight(None, emb.scales, emb.biases, 3, 32, wq=emb.weight))
     ids = mx.array([[0, 5, 99], [7, 7, 1]])
     x = mx.random.normal((2, 3, 64))
     assert mx.allclose(ce(ids), emb(ids), atol=1e-6).item()

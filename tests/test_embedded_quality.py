@@ -8,8 +8,8 @@ EVAL_TOKENS = 2048
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from mlx_holo import models
-    from mlx_holo.compress import compress
+    from mlx_holo import model as models
+    from mlx_holo.compression import compress
     from mlx_holo.recipe import Recipe
 
     root = tmp_path_factory.mktemp("embedded")

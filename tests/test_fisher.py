@@ -1,12 +1,11 @@
 """Diagonal Fisher: per-window squared gradients of the LM loss, averaged; the model is left trainable."""
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_holo import models
-from mlx_holo.quant.fisher import diagonal_fisher, window_loss
+from mlx_holo import model as models
+from mlx_holo.allocate.fisher import diagonal_fisher, window_loss
 
 
 def test_fisher_is_the_mean_of_per_window_squared_gradients(tiny_model_dir):

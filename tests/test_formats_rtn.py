@@ -188,7 +188,7 @@ def test_exact_zero_grid_keeps_zeros_through_mlx_dequantize(bits, group_size):
 
 
 def test_auto_fit_picks_zero_on_grid_only_for_uncompensated_low_bit_rounding():
-    from mlx_holo.pipeline import grid_fit
+    from mlx_holo.pipeline.layer import grid_fit
     from mlx_holo.recipe import Recipe
 
     r = Recipe()

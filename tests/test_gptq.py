@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mlx_holo.quant.formats import FormatError, pack
-from mlx_holo.quant.gptq import _gptq, gptq_quantize, inverse_cholesky
+from mlx_holo.quant.gptq import gptq_pass, gptq_quantize, inverse_cholesky
 from mlx_holo.quant.rtn import quantize_rtn
 
 
@@ -56,7 +56,7 @@ def test_gptq_beats_rtn_on_hessian_error(bits, group_size, act_order):
 def test_matches_obs_reference_without_blocks(fit):
     w, H = _problem(out=32, n_in=64, seed=1)
     Qref = _reference(w, H, 4, 32, fit=fit)
-    qw, C = _gptq(mx.array(w), mx.array(H.astype(np.float32)), 4, 32, act_order=False, static_groups=True,
+    qw, C = gptq_pass(mx.array(w), mx.array(H.astype(np.float32)), 4, 32, act_order=False, static_groups=True,
                   block_size=16, fit=fit, refit=False)
     C = np.asarray(C, np.float64)
     same = np.isclose(C, Qref, atol=1e-5)
@@ -76,7 +76,7 @@ def test_lazy_blocks_do_not_change_the_result(act_order):
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 def test_format_codes_in_range_and_dequantize_is_committed(bits, group_size):
     w, H = _problem(out=16, n_in=128, seed=3)
-    qw, C = _gptq(mx.array(w), mx.array(H.astype(np.float32)), bits, group_size, act_order=True)
+    qw, C = gptq_pass(mx.array(w), mx.array(H.astype(np.float32)), bits, group_size, act_order=True)
     codes = np.asarray(qw.codes)
     G = 1 if group_size == -1 else 128 // group_size
     assert qw.codes.dtype == mx.uint8 and codes.shape == w.shape and codes.max() < 2**bits
@@ -190,12 +190,12 @@ def test_given_grid_is_the_grid_rounded_on():
     w, H = _skewed(out=32)
     ref = quantize_rtn(mx.array(w), 3, 64)
     s, b = ref.scales * 1.1, ref.biases  # a grid GPTQ would not pick itself
-    qw, C = _gptq(mx.array(w), mx.array(H), 3, 64, act_order=False, grid=(s, b), refit=False)
+    qw, C = gptq_pass(mx.array(w), mx.array(H), 3, 64, act_order=False, grid=(s, b), refit=False)
     np.testing.assert_array_equal(np.array(qw.scales), np.array(s))
     np.testing.assert_array_equal(np.array(qw.biases), np.array(b))
     np.testing.assert_allclose(np.array(C), np.array(qw.dequantize()), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="grid must be"):
-        _gptq(mx.array(w), mx.array(H), 3, 32, grid=(s, b))
+        gptq_pass(mx.array(w), mx.array(H), 3, 32, grid=(s, b))
 
 
 @pytest.mark.parametrize("act_order", [True, False])
@@ -203,13 +203,13 @@ def test_alternating_with_the_refit_lowers_the_layer_error(act_order):
     w, H = _skewed()
     e = {}
     for it in (1, 3):
-        qw, C = _gptq(mx.array(w), mx.array(H), 3, 64, act_order=act_order, iters=it)
+        qw, C = gptq_pass(mx.array(w), mx.array(H), 3, 64, act_order=act_order, iters=it)
         np.testing.assert_allclose(np.array(C), np.array(qw.dequantize()), rtol=0, atol=1e-6)
         e[it] = _herr(w, H, C)
     # measured: 0.985 (act-order), 0.995 (natural order); never above 1 by construction (a pass is kept only if lower)
     assert e[3] < (0.995 if act_order else 0.9995) * e[1]
     with pytest.raises(ValueError, match="iters"):
-        _gptq(mx.array(w), mx.array(H), 3, 64, iters=0)
+        gptq_pass(mx.array(w), mx.array(H), 3, 64, iters=0)
 
 
 def test_refit_params_solve_the_rows_normal_equations():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_holo import models
-from mlx_holo.quant.measured import extrapolate, kl_after, measured_errors, replay, scored_tokens
+from mlx_holo import model as models
+from mlx_holo.allocate.measured import extrapolate, kl_after, measured_errors, replay, scored_tokens
 from mlx_holo.quant.rtn import quantize_rtn
 
 

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_holo.quant.mixed import (LayerCost, allocate_bits, allocation_bytes, fisher_error, hessian_error,
+from mlx_holo.allocate.bits import (LayerCost, allocate_bits, allocation_bytes, fisher_error, hessian_error,
                                   layer_bytes, rtn_layer_cost)
 from mlx_holo.quant.rtn import quantize_rtn
 
@@ -104,7 +104,7 @@ def test_hessian_and_fisher_error():
 def test_group_size_choices_are_priced_and_filtered_by_width():
     """(bits, group) choices: bytes as MLX stores them, only group sizes that divide a layer's width, and the
     brute-force optimum over the pairs."""
-    from mlx_holo.quant.mixed import bits_group, choices, feasible
+    from mlx_holo.allocate.bits import bits_group, choices, feasible
 
     rng = np.random.default_rng(2)
     x = rng.standard_normal((256, 192)).astype(np.float32)
@@ -138,7 +138,7 @@ def test_group_size_choices_are_priced_and_filtered_by_width():
 
 
 def test_cli_infeasible_budget_is_a_clear_error(tiny_model_dir, text_file, tmp_path, capsys):
-    from mlx_holo.compress import main
+    from mlx_holo.cli.compress import main
 
     out = tmp_path / "never"
     rc = main(["--model", str(tiny_model_dir), "--method", "mixed", "--bits", "2", "--target-mb", "0.01",

@@ -6,39 +6,41 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_model
-from mlx_holo import data, models, pipeline
-from mlx_holo.compress import compress
+from mlx_holo import data, model as models
+from mlx_holo.pipeline import capture, head, layer, run as pipeline_run
+from mlx_holo.compression import compress
 from mlx_holo.recipe import Recipe, RecipeError
 
 
-def _calib(folder, text_file, n=1024, seq=128):
+def make_calib(folder, text_file, n=1024, seq=128):
     tok = models.open_model(str(folder))[1]
     return data.calibration_windows(tok, data.load_corpus(str(text_file)), n, seq, seed=0)
 
 
-def _record_qep(monkeypatch) -> list:
+def record_qep(monkeypatch) -> list:
     """Spy on the pipeline's QEP step: -> the list it fills with (w, x_fp, x_q) per corrected weight."""
-    seen, real = [], pipeline._qep_target
+    seen, real = [], layer.qep_target
 
     def spy(w, x_fp, x_q, recipe):
         seen.append((w, x_fp, x_q))
         return real(w, x_fp, x_q, recipe)
 
-    monkeypatch.setattr(pipeline, "_qep_target", spy)
+    monkeypatch.setattr(layer, "qep_target", spy)
+    monkeypatch.setattr(head, "qep_target", spy)  # the head's QEP step calls it from there
     return seen
 
 
-def _run(folder, calib, recipe):
+def run_pipeline(folder, calib, recipe):
     model = models.open_model(str(folder), lazy=True)[0]
-    return pipeline.run(model, calib, recipe)
+    return pipeline_run.run(model, calib, recipe)
 
 
 def test_gptq_and_awq_beat_rtn_on_layer_error(tiny_model_dir, text_file):
-    calib = _calib(tiny_model_dir, text_file)
+    calib = make_calib(tiny_model_dir, text_file)
     err = {}
     for name, r in {"rtn": Recipe(method="rtn", bits=3, clip_search=True), "gptq": Recipe(method="gptq", bits=3),
                     "awq": Recipe(method="awq", bits=3)}.items():
-        res = _run(tiny_model_dir, calib, r)
+        res = run_pipeline(tiny_model_dir, calib, r)
         errs = [rec.error for rec in res.layers if rec.error is not None and ".layers." in rec.name]
         assert len(errs) == 14  # 2 blocks x 7 linears, each with a Hessian-weighted error
         err[name] = float(np.mean(errs))
@@ -53,9 +55,9 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path, text_file):
     for layers in (2, 8):
         d = make_tiny_model(tmp_path / f"m{layers}", {"num_hidden_layers": layers, "hidden_size": 256,
                                                        "intermediate_size": 768, "head_dim": 64})
-        calib = _calib(d, text_file, 512, 128)
+        calib = make_calib(d, text_file, 512, 128)
         mx.clear_cache()
-        peaks[layers] = _run(d, calib, Recipe(method="gptq", bits=4)).peak_memory_bytes
+        peaks[layers] = run_pipeline(d, calib, Recipe(method="gptq", bits=4)).peak_memory_bytes
     block_bytes = 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 768)
     assert peaks[8] - peaks[2] < 2 * block_bytes  # 6 more blocks would add 6 x block_bytes if all were held
 
@@ -63,13 +65,13 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path, text_file):
 def test_capture_leaves_no_arrays_in_reference_cycles(tiny_model_dir, text_file):
     import gc
 
-    calib = _calib(tiny_model_dir, text_file, 256, 128)
+    calib = make_calib(tiny_model_dir, text_file, 256, 128)
     model = models.open_model(str(tiny_model_dir), lazy=True)[0]
     gc.collect()
     gc.disable()
     try:
-        x, mask = pipeline.block_inputs(model, calib)
-        y, X = pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask)
+        x, mask = capture.block_inputs(model, calib)
+        y, X = capture.capture_linear_inputs(models.blocks(model)[0], x, mask)
         del x, mask, y, X
         before = mx.get_active_memory()
         gc.collect()
@@ -83,9 +85,10 @@ def test_mixed_precision_respects_budget_and_loads(tiny_model_dir, text_file, tm
     from mlx_lm import load
 
     out = tmp_path / "mixed"
-    ev = compress(str(tiny_model_dir), Recipe(method="mixed", bits=2, bits_per_weight=3.25, calib_tokens=1024,
+    ev = compress(str(tiny_model_dir), Recipe(method="mixed", bits=2, bits_per_weight=3.25,
+                                              calib_corpus=str(text_file), calib_tokens=1024,
                                               calib_seq_len=128, sensitivity=sensitivity, fisher_windows=4),
-                  str(out), eval_tokens=256, eval_seq_len=128, calib_corpus=str(text_file),
+                  str(out), eval_tokens=256, eval_seq_len=128,
                   eval_corpus=str(text_file))
     assert ev["bits_per_weight"] <= 3.25 + 1e-6
     assert 0 < ev["allocation"]["estimated_loss"] < float("inf")
@@ -110,10 +113,11 @@ def test_mixed_precision_may_keep_layers_float(tiny_model_dir, text_file, tmp_pa
     from mlx_lm import load
 
     out = tmp_path / "mixed-float"
-    ev = compress(str(tiny_model_dir), Recipe(method="mixed", bits=2, bits_per_weight=6.0, calib_tokens=1024,
+    ev = compress(str(tiny_model_dir), Recipe(method="mixed", bits=2, bits_per_weight=6.0,
+                                              calib_corpus=str(text_file), calib_tokens=1024,
                                               calib_seq_len=128, candidate_bits=(2, 3), sensitivity=sensitivity,
                                               fisher_windows=4, kl_tokens=128, allow_float=True),
-                  str(out), eval_tokens=256, eval_seq_len=128, calib_corpus=str(text_file),
+                  str(out), eval_tokens=256, eval_seq_len=128, 
                   eval_corpus=str(text_file))
     kept = [layer["name"] for layer in ev["layers"] if layer["bits"] is None]
     assert kept and len(kept) < len(ev["layers"])
@@ -135,21 +139,22 @@ def test_mixed_precision_with_group_size_choices_loads(tiny_model_dir, text_file
     from mlx_lm import load
 
     out = tmp_path / "mixed-groups"
-    ev = compress(str(tiny_model_dir), Recipe(method="mixed", bits=3, bits_per_weight=3.5, calib_tokens=1024,
+    ev = compress(str(tiny_model_dir), Recipe(method="mixed", bits=3, bits_per_weight=3.5,
+                                              calib_corpus=str(text_file), calib_tokens=1024,
                                               calib_seq_len=128, candidate_bits=(2, 3, 4),
                                               candidate_groups=(32, 64, 128)),
-                  str(out), eval_tokens=256, eval_seq_len=128, calib_corpus=str(text_file),
+                  str(out), eval_tokens=256, eval_seq_len=128, 
                   eval_corpus=str(text_file))
     assert ev["bits_per_weight"] <= 3.5 + 1e-6
     pairs = {(layer["bits"], layer["group_size"]) for layer in ev["layers"] if ".layers." in layer["name"]}
     assert len({g for _, g in pairs}) > 1  # group sizes really chosen per layer
     cfg = json.loads((out / "config.json").read_text())
     model, _ = load(str(out))
-    for layer in ev["layers"]:
+    for rec in ev["layers"]:
         mod = model
-        for p in layer["name"].split("."):
+        for p in rec["name"].split("."):
             mod = mod[int(p)] if p.isdigit() else getattr(mod, p)
-        assert (mod.bits, mod.group_size) == (layer["bits"], layer["group_size"]), layer["name"]
+        assert (mod.bits, mod.group_size) == (rec["bits"], rec["group_size"]), rec["name"]
     assert any(isinstance(v, dict) and v["group_size"] != cfg["quantization"]["group_size"]
                for v in cfg["quantization"].values())
 
@@ -167,11 +172,11 @@ def test_float_modes_load_in_mlx_lm(tiny_model_dir, text_file, tmp_path, mode):
 
 
 def test_true_sequential_stages_follow_the_forward(tiny_model_dir, text_file):
-    calib = _calib(tiny_model_dir, text_file, 256, 128)
+    calib = make_calib(tiny_model_dir, text_file, 256, 128)
     model = models.open_model(str(tiny_model_dir), lazy=True)[0]
-    x, mask = pipeline.block_inputs(model, calib)
+    x, mask = capture.block_inputs(model, calib)
     stages = []
-    pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask, stages)
+    capture.capture_linear_inputs(models.blocks(model)[0], x, mask, stages)
     assert stages == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
@@ -180,23 +185,23 @@ def test_true_sequential_stages_follow_the_forward(tiny_model_dir, text_file):
 def test_true_sequential_calibrates_o_proj_on_compressed_qkv(tiny_model_dir, text_file, monkeypatch, true_sequential):
     """With true sequential, o_proj of block 0 is calibrated on the attention output of the *compressed* q/k/v (as
     GPTQ's --true-sequential); without, on the float block's."""
-    calib = _calib(tiny_model_dir, text_file, 256, 128)
-    seen, real = {}, pipeline.quantize_weight
+    calib = make_calib(tiny_model_dir, text_file, 256, 128)
+    seen, real = {}, layer.quantize_weight
 
     def spy(w, X, H, recipe, bits, method, keep=None, group_size=None):
         seen.setdefault(len(seen), (w.shape, X))
         return real(w, X, H, recipe, bits, method, keep, group_size)
 
-    monkeypatch.setattr(pipeline, "quantize_weight", spy)
-    res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2, true_sequential=true_sequential))
+    monkeypatch.setattr(layer, "quantize_weight", spy)
+    res = run_pipeline(tiny_model_dir, calib, Recipe(method="gptq", bits=2, true_sequential=true_sequential))
     X_o = seen[3][1]  # block 0 in forward order: q, k, v, o, ...
     model = models.open_model(str(tiny_model_dir), lazy=True)[0]
-    x, mask = pipeline.block_inputs(model, calib)
+    x, mask = capture.block_inputs(model, calib)
     block = models.blocks(model)[0]
-    _, X_float = pipeline.capture_linear_inputs(block, x, mask)
+    _, X_float = capture.capture_linear_inputs(block, x, mask)
     for name in ("q_proj", "k_proj", "v_proj"):
         getattr(block.self_attn, name).weight = res.quantized[f"model.layers.0.self_attn.{name}"].dequantize()
-    _, X_comp = pipeline.capture_linear_inputs(block, x, mask)
+    _, X_comp = capture.capture_linear_inputs(block, x, mask)
     ref, other = (X_comp, X_float) if true_sequential else (X_float, X_comp)
     assert mx.allclose(X_o, ref["self_attn.o_proj"], atol=1e-5).item()
     assert not mx.allclose(X_o, other["self_attn.o_proj"], atol=1e-3).item()
@@ -205,12 +210,12 @@ def test_true_sequential_calibrates_o_proj_on_compressed_qkv(tiny_model_dir, tex
 def test_gptq_head_lowers_the_tied_head_error(tiny_model_dir, text_file):
     """The tied embedding, as the output head, is GPTQ-quantized on the final normed hidden states: its logit-side
     (H-weighted) error drops against plain rounding of the same table."""
-    calib = _calib(tiny_model_dir, text_file, 1024, 128)
+    calib = make_calib(tiny_model_dir, text_file, 1024, 128)
     err = {}
-    for head in (True, False):
-        res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=3, gptq_head=head))
+    for gptq_head in (True, False):
+        res = run_pipeline(tiny_model_dir, calib, Recipe(method="gptq", bits=3, gptq_head=gptq_head))
         rec = next(r for r in res.layers if r.name == "model.embed_tokens")
-        err[head] = rec.error
+        err[gptq_head] = rec.error
     assert err[True] is not None and err[True] < 0.9 * err[False], err
 
 
@@ -219,22 +224,22 @@ def test_embed_first_feeds_the_blocks_the_quantized_table(tiny_model_dir, text_f
     calibrates on the quantized table's lookups (without it, on the float table's)."""
     from mlx_holo.quant.gptq import gptq_quantize
 
-    calib = _calib(tiny_model_dir, text_file, 256, 128)
-    seen = _record_qep(monkeypatch)
-    head_x = pipeline.forward_head_inputs(models.open_model(str(tiny_model_dir), lazy=True)[0], calib)
+    calib = make_calib(tiny_model_dir, text_file, 256, 128)
+    seen = record_qep(monkeypatch)
+    head_x = head.forward_head_inputs(models.open_model(str(tiny_model_dir), lazy=True)[0], calib)
     recipe = Recipe(method="gptq", bits=3, embed_first=True)
-    res = pipeline.run(models.open_model(str(tiny_model_dir), lazy=True)[0], calib, recipe, head_x_first=head_x)
+    res = pipeline_run.run(models.open_model(str(tiny_model_dir), lazy=True)[0], calib, recipe, head_x_first=head_x)
     table = res.quantized["model.embed_tokens"].dequantize()
 
     model = models.open_model(str(tiny_model_dir), lazy=True)[0]
     w_float = model.model.embed_tokens.weight.astype(mx.float32)
-    want = gptq_quantize(w_float, pipeline.hessian(head_x), 3, 64, damp=recipe.head_damp).dequantize()
+    want = gptq_quantize(w_float, capture.hessian(head_x), 3, 64, damp=recipe.head_damp).dequantize()
     assert mx.allclose(table, want, atol=1e-6).item()  # the float model's head statistics, head damping
-    x, mask = pipeline.block_inputs(model, calib)
-    _, X_float = pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask)
+    x, mask = capture.block_inputs(model, calib)
+    _, X_float = capture.capture_linear_inputs(models.blocks(model)[0], x, mask)
     model.model.embed_tokens.weight = table
-    x, mask = pipeline.block_inputs(model, calib)
-    _, X_quant = pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask)
+    x, mask = capture.block_inputs(model, calib)
+    _, X_quant = capture.capture_linear_inputs(models.blocks(model)[0], x, mask)
     x_q = seen[0][2]  # block 0's first linear
     assert mx.allclose(x_q, X_quant["self_attn.q_proj"], atol=1e-5).item()
     assert not mx.allclose(x_q, X_float["self_attn.q_proj"], atol=1e-3).item()
@@ -245,9 +250,10 @@ def test_embed_first_feeds_the_blocks_the_quantized_table(tiny_model_dir, text_f
 def test_embed_first_through_compress_loads(tiny_model_dir, text_file, tmp_path):
     from mlx_lm import load
 
-    ev = compress(str(tiny_model_dir), Recipe(method="gptq", bits=3, embed_first=True, calib_tokens=512,
+    ev = compress(str(tiny_model_dir), Recipe(method="gptq", bits=3, embed_first=True,
+                                              calib_corpus=str(text_file), calib_tokens=512,
                                               calib_seq_len=128), str(tmp_path / "o"), eval_tokens=256,
-                  eval_seq_len=128, calib_corpus=str(text_file), eval_corpus=str(text_file))
+                  eval_seq_len=128,  eval_corpus=str(text_file))
     assert ev["recipe"]["embed_first"] is True
     assert next(r for r in ev["layers"] if r["name"] == "model.embed_tokens")["bits"] == 3
     model, _ = load(str(tmp_path / "o"))

@@ -8,10 +8,10 @@ import pytest
 from mlx_holo.prune.admm import admm_recover
 from mlx_holo.prune.magnitude import magnitude_prune
 from mlx_holo.prune.masks import (check_nm, nm_mask, parse_nm, sparsity_of, unstructured_mask)
-from mlx_holo.prune.owl import outlier_ratio, owl_allocation
+from mlx_holo.allocate.owl import outlier_ratio, owl_allocation
 from mlx_holo.prune.sparsegpt import sparsegpt_prune
 from mlx_holo.prune.wanda import wanda_prune
-from mlx_holo.prune.zero_order import project_budget, weighted_mean, zero_order_allocation
+from mlx_holo.allocate.zero_order import project_budget, weighted_mean, zero_order_allocation
 
 OUT, IN, NTOK = 64, 256, 1024
 

@@ -9,8 +9,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_holo import allocation
-from mlx_holo.compress import compress
+from mlx_holo.allocate import sparsity as allocation
+from mlx_holo.compression import compress
 from mlx_holo.prune.masks import check_nm
 from mlx_holo.prune.wanda import wanda_prune, wanda_score
 from mlx_holo.recipe import Recipe, RecipeError
@@ -105,7 +105,7 @@ def test_nm_pattern_on_disk(tiny, tmp_path, method, recover):
 
 def test_sparsity_report_catches_a_broken_pattern(tiny, tmp_path):
     """The read-back check is not a rubber stamp: a saved tensor that violates 2:4 is reported."""
-    from mlx_holo.compress import sparsity_report
+    from mlx_holo.prune.report import sparsity_report
 
     out = tmp_path / "out"
     ev = compress(tiny, Recipe(method="magnitude", bits=None, nm="2:4", **CALIB), str(out), eval_tokens=0)
@@ -181,7 +181,7 @@ def test_block_outlier_ratio_pools_the_block():
 
 def test_owl_allocation_keeps_the_mean_and_follows_ratios(tmp_path):
     folder = str(make_tiny_llama(tmp_path / "m4", seed=1, layers=4))
-    from mlx_holo import data, models
+    from mlx_holo import data, model as models
 
     tok = models.open_model(folder)[1]
     calib = data.calibration_windows(tok, data.load_corpus("c4"), 1024, 128)
@@ -193,14 +193,14 @@ def test_owl_allocation_keeps_the_mean_and_follows_ratios(tmp_path):
     assert np.all(np.diff(np.asarray(s)[order]) <= 1e-12)  # more outliers -> lower sparsity
     # the ratios are the pooled Wanda-score outlier fractions of each block's linears on the dense model
     model = models.open_model(folder)[0]
-    from mlx_holo import pipeline
-    got = pipeline.scan(model, calib, lambda i, p, w, X: (i, wanda_score(w, mx.sqrt((X ** 2).sum(axis=0)))))
+    from mlx_holo.pipeline import scan as pipeline_scan
+    got = pipeline_scan.scan(model, calib, lambda i, p, w, X: (i, wanda_score(w, mx.sqrt((X ** 2).sum(axis=0)))))
     for i in range(4):
         assert d["ratios"][i] == pytest.approx(allocation.block_outlier_ratio([g for j, g in got if j == i]))
 
 
 def test_zero_order_keeps_budget_and_never_loses_to_its_start(tiny):
-    from mlx_holo import data, models
+    from mlx_holo import data, model as models
 
     tok = models.open_model(tiny)[1]
     calib = data.calibration_windows(tok, data.load_corpus("c4"), 1024, 128)

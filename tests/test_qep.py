@@ -3,7 +3,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_holo import models, pipeline
+from mlx_holo import model as models
+from mlx_holo.pipeline import capture
 from mlx_holo.quant.gptq import gptq_quantize
 from mlx_holo.quant.qep import propagation_stats, qep_correct
 from mlx_holo.recipe import Recipe, RecipeError
@@ -72,20 +73,20 @@ def test_recipe_checks_qep():
 
 def test_pipeline_feeds_qep_the_float_models_inputs(tiny_model_dir, text_file, monkeypatch):
     """Block 1's float inputs handed to QEP are the unmodified model's; the compressed ones differ from them."""
-    from test_pipeline import _calib, _record_qep, _run
+    from test_pipeline import make_calib, record_qep, run_pipeline
 
-    calib = _calib(tiny_model_dir, text_file, 256, 128)
-    seen = _record_qep(monkeypatch)
-    res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2))
+    calib = make_calib(tiny_model_dir, text_file, 256, 128)
+    seen = record_qep(monkeypatch)
+    res = run_pipeline(tiny_model_dir, calib, Recipe(method="gptq", bits=2))
     assert len(seen) == 14  # every linear of the 2 blocks (the tied head is not corrected)
     model = models.open_model(str(tiny_model_dir), lazy=True)[0]
-    x, mask = pipeline.block_inputs(model, calib)
-    y0, _ = pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask)
-    _, X1 = pipeline.capture_linear_inputs(models.blocks(model)[1], y0, mask)
+    x, mask = capture.block_inputs(model, calib)
+    y0, _ = capture.capture_linear_inputs(models.blocks(model)[0], x, mask)
+    _, X1 = capture.capture_linear_inputs(models.blocks(model)[1], y0, mask)
     _, x_fp, x_q = seen[7]  # block 1's first linear (q_proj, in the pipeline's order)
     assert mx.allclose(x_fp, X1["self_attn.q_proj"], atol=1e-5).item()
     assert not mx.allclose(x_q, x_fp, atol=1e-3).item()
-    plain = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=2, qep_alpha=0.0))
+    plain = run_pipeline(tiny_model_dir, calib, Recipe(method="gptq", bits=2, qep_alpha=0.0))
     a = res.quantized["model.layers.1.mlp.down_proj"].dequantize()
     b = plain.quantized["model.layers.1.mlp.down_proj"].dequantize()
     assert not mx.array_equal(a, b).item()
@@ -95,12 +96,12 @@ def test_untied_head_aims_at_the_qep_target(tmp_path, text_file, monkeypatch):
     """An untied lm_head is GPTQ'd toward QEP's corrected weight from the final-norm inputs of both models; a tied
     table is not (the input embedding reads it too)."""
     from conftest import make_tiny_model
-    from test_pipeline import _calib, _record_qep, _run
+    from test_pipeline import make_calib, record_qep, run_pipeline
 
     d = make_tiny_model(tmp_path / "untied", {"tie_word_embeddings": False})
-    calib = _calib(d, text_file, 256, 128)
-    seen = _record_qep(monkeypatch)
-    _run(d, calib, Recipe(method="gptq", bits=3))
+    calib = make_calib(d, text_file, 256, 128)
+    seen = record_qep(monkeypatch)
+    run_pipeline(d, calib, Recipe(method="gptq", bits=3))
     shapes = [tuple(tuple(a.shape) for a in t) for t in seen]
     assert len(shapes) == 15 and shapes[-1] == ((320, 128), (256, 128), (256, 128))
 
@@ -108,18 +109,18 @@ def test_untied_head_aims_at_the_qep_target(tmp_path, text_file, monkeypatch):
 def test_awq_scales_then_gptq_feed_qep_the_folded_float_inputs(tiny_model_dir, text_file, monkeypatch):
     """AWQ+GPTQ: QEP's float inputs are captured after the scale fold, so w_folded x_fp reproduces the float model's
     output of the layer (inputs captured before the fold would be off by the per-channel scales)."""
-    from test_pipeline import _calib, _record_qep, _run
+    from test_pipeline import make_calib, record_qep, run_pipeline
 
-    from mlx_holo.quant import awq_block
+    from mlx_holo.quant import awq_fold
 
-    calib = _calib(tiny_model_dir, text_file, 256, 128)
-    seen = _record_qep(monkeypatch)
+    calib = make_calib(tiny_model_dir, text_file, 256, 128)
+    seen = record_qep(monkeypatch)
     # alpha from AWQ's min/max proxy, which scales here (the default score may keep s = 1 on a random model)
-    monkeypatch.setattr(awq_block, "score", lambda recipe, g: None)
-    res = _run(tiny_model_dir, calib, Recipe(method="gptq", bits=3, awq_scales=True))
+    monkeypatch.setattr(awq_fold, "score", lambda recipe, g: None)
+    res = run_pipeline(tiny_model_dir, calib, Recipe(method="gptq", bits=3, awq_scales=True))
     model = models.open_model(str(tiny_model_dir), lazy=True)[0]
-    x, mask = pipeline.block_inputs(model, calib)
-    _, X0 = pipeline.capture_linear_inputs(models.blocks(model)[0], x, mask)
+    x, mask = capture.block_inputs(model, calib)
+    _, X0 = capture.capture_linear_inputs(models.blocks(model)[0], x, mask)
     w0 = models.blocks(model)[0].mlp.gate_proj.weight.astype(mx.float32)
     want = X0["mlp.gate_proj"].astype(mx.float32) @ w0.T
     w, x_fp, _ = seen[4]  # block 0: q, k, v, o, then gate_proj

@@ -13,7 +13,7 @@ from mlx_holo.quant.formats import pack
 from mlx_holo.quant.rtn import quantize_rtn
 from mlx_holo.replicate import (EnsembleMLP, ReplicatedWeight, ensemble_from_mlp, ensemble_nbytes, find_mlps,
                                 fit_affine, init_replicas, load, mlp_output_error, replicate_mlps, replicate_moe,
-                                save, select_replication, tune_block, tune_kl)
+                                save, select_replication, tune_ensemble_block, tune_ensemble_kl)
 
 
 def _llama_args(**kw):
@@ -108,7 +108,7 @@ def test_tuning_lowers_block_mse_and_keeps_codes(k):
     y = mlp(x)
     ens = ensemble_from_mlp(mlp, k, 2, 64, mixing="softmax")
     codes = {n: np.array(getattr(ens, n).codes) for n in ("gate_proj", "up_proj", "down_proj")}
-    r = tune_block(ens, x, y, steps=100, batch=256, lr=1e-2)
+    r = tune_ensemble_block(ens, x, y, steps=100, batch=256, lr=1e-2)
     assert r.mse_after < 0.97 * r.mse_before, (r.mse_before, r.mse_after)
     for n, c in codes.items():
         assert np.array_equal(np.array(getattr(ens, n).codes), c)
@@ -118,7 +118,7 @@ def test_tuning_lowers_block_mse_and_keeps_codes(k):
 
 
 def test_tune_block_detects_changed_codes(monkeypatch):
-    """The frozen-code assertion is live: if an update touched codes, tune_block raises."""
+    """The frozen-code assertion is live: if an update touched codes, tune_ensemble_block raises."""
     from mlx_holo.replicate import tune as T
     mlp = _mlp()
     x = _x(256)
@@ -131,7 +131,7 @@ def test_tune_block_detects_changed_codes(monkeypatch):
 
     monkeypatch.setattr(T, "round_params", corrupt)
     with pytest.raises(AssertionError, match="codes"):
-        tune_block(ens, x, mlp(x), steps=2)
+        tune_ensemble_block(ens, x, mlp(x), steps=2)
 
 
 def test_bytes_accounting():
@@ -206,7 +206,7 @@ def test_moe_replication_keeps_router(kind):
     rel = float(mx.abs(out - ref).max() / mx.abs(ref).max())
     assert 0 < rel < 0.2
     # end-to-end KL tuning moves only expert quantization parameters; the router stays bit-identical
-    losses = tune_kl(model, [ref], toks, steps=3, lr=1e-2)
+    losses = tune_ensemble_kl(model, [ref], toks, steps=3, lr=1e-2)
     assert len(losses) == 3
     tuned = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     for k in routers:

@@ -180,7 +180,7 @@ def test_compress_flow_go_then_no_go(monkeypatch, tmp_path):
         return make_evidence(ppl=20.5 if good else 30.0, bits=recipe.bits, method=recipe.method,
                              group_size=recipe.group_size)
 
-    patch_backend(monkeypatch, "mlx_holo.compress", "compress", fake_compress)
+    patch_backend(monkeypatch, "mlx_holo.compression", "compress", fake_compress)
 
     async def flow():
         from textual.widgets import Button, DataTable, Input, ProgressBar, Select, Static
@@ -242,7 +242,7 @@ def test_compress_cancel(monkeypatch, tmp_path):
             raise
         return make_evidence()
 
-    patch_backend(monkeypatch, "mlx_holo.compress", "compress", slow_compress)
+    patch_backend(monkeypatch, "mlx_holo.compression", "compress", slow_compress)
 
     async def flow():
         from textual.widgets import Button, DataTable, Input, Label
@@ -266,7 +266,7 @@ def test_compress_cancel(monkeypatch, tmp_path):
 
 def test_compress_form_errors_start_nothing(monkeypatch, tmp_path):
     calls = []
-    patch_backend(monkeypatch, "mlx_holo.compress", "compress", lambda *a, **k: calls.append(1))
+    patch_backend(monkeypatch, "mlx_holo.compression", "compress", lambda *a, **k: calls.append(1))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
 
@@ -312,7 +312,7 @@ def test_backend_error_is_reported_and_mlx_workers_can_run_twice(monkeypatch, tm
         on_progress("compress", 1, 1)
         return make_evidence()
 
-    patch_backend(monkeypatch, "mlx_holo.compress", "compress", mlx_compress)
+    patch_backend(monkeypatch, "mlx_holo.compression", "compress", mlx_compress)
 
     async def flow():
         from textual.widgets import DataTable, Input, Label, RichLog
@@ -346,7 +346,7 @@ def test_evaluate_flow(monkeypatch, tmp_path):
         return {"ppl": 21.5, "base_ppl": 19.69, "delta_ppl_pct": 9.19, "kl": 0.04, "top1": 0.91, "cos_min": None,
                 "determinism_delta": 0.0, "cos_per_layer": [0.99, 0.95]}
 
-    patch_backend(monkeypatch, "mlx_holo.evaluate", "evaluate", fake_evaluate)
+    patch_backend(monkeypatch, "mlx_holo.evaluation", "evaluate", fake_evaluate)
 
     async def flow():
         from textual.widgets import DataTable, Input
@@ -535,7 +535,7 @@ def test_every_tab_fits_100x30():
 @pytest.mark.slow
 def test_real_compress_through_the_ui(tmp_path):
     """RTN 4-bit of the embedded SmolLM2-135M through the Compress tab, real backend, small eval."""
-    pytest.importorskip("mlx_holo.compress")
+    pytest.importorskip("mlx_holo.compression")
     out = tmp_path / "rtn4"
 
     async def flow():

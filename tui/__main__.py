@@ -1,4 +1,4 @@
-"""`python -m mlx_holo.tui` / `mlx-holo-tui`: start the workbench TUI."""
+"""`python -m mlx_holo.tui` / `mlx-holo tui`: start the workbench TUI."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mlx_holo.tui", description="mlx-holo workbench TUI")
+    ap = argparse.ArgumentParser(prog="mlx-holo tui", description="mlx-holo workbench TUI")
     ap.add_argument("--tab", default="compress", help="tab to open: compress, evaluate, bench, evidence, pareto, planner")
     ap.add_argument("--evidence", default=None, help="evidence folder for the Evidence and Pareto tabs")
     args = ap.parse_args(argv)

@@ -3,6 +3,9 @@
 All MLX work runs in `@work(thread=True)` workers which import the backend themselves; the UI thread only
 gets plain Python values through `call_from_thread`. Cancel sets a threading.Event that the backend's
 `on_progress` callback checks, raising `Cancelled` inside the worker.
+
+One file because it is one Textual App: the six tabs share the app's workers, cancel event, status line and CSS
+(`app.tcss`); the charts are in `charts.py`, the constants in `mlx_holo.options`, all work in the library.
 """
 from __future__ import annotations
 
@@ -25,14 +28,15 @@ from textual.widgets import (Button, Checkbox, DataTable, DirectoryTree, Footer,
                              Select, Static, TabbedContent, TabPane)
 from textual_plotext import PlotextPlot
 
+from mlx_holo import options
 from mlx_holo import plan as planner
 
 from . import charts
 
-METHODS = ("rtn", "gptq", "awq", "mixed", "magnitude", "wanda", "sparsegpt")
-PRUNERS = ("magnitude", "wanda", "sparsegpt")
-BITS = ("2", "3", "4", "5", "6", "8", "none")
-GROUPS = ("32", "64", "128", "-1")
+METHODS = tuple(m for m in options.METHODS if m != "none")  # the form's choices (MLX-free: options, not recipe)
+PRUNERS = options.PRUNE_METHODS
+BITS = tuple(map(str, options.AFFINE_BITS)) + ("none",)
+GROUPS = tuple(map(str, options.GROUP_SIZES)) + ("-1",)
 
 
 class Cancelled(Exception):
@@ -302,7 +306,7 @@ class CompressPane(JobPane):
     def call(self, args: dict, on_progress) -> dict:
         Recipe = backend("mlx_holo.recipe", "Recipe")
         recipe = Recipe(**args["recipe"]).validate()
-        compress = backend("mlx_holo.compress", "compress")
+        compress = backend("mlx_holo.compression", "compress")
         extra = {"overwrite": True} if args.get("overwrite") else {}
         return compress(args["model"], recipe, args["out"], eval_tokens=args["eval_tokens"], gates=args["gates"],
                         on_progress=on_progress, **extra)
@@ -370,7 +374,7 @@ class EvaluatePane(JobPane):
                 "seq_len": int(self.query_one("#seq_len", Input).value)}
 
     def call(self, args: dict, on_progress) -> dict:
-        evaluate = backend("mlx_holo.evaluate", "evaluate")
+        evaluate = backend("mlx_holo.evaluation", "evaluate")
         return evaluate(args["model"], args["base"], eval_tokens=args["eval_tokens"], seq_len=args["seq_len"],
                         on_progress=on_progress)
 

@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from .formats import AFFINE_BITS, FormatError, QuantizedWeight
-from .rtn import REFINES, _groups, affine_params, quantize_rtn, round_codes, start_fits
+from .rtn import REFINES, split_groups, affine_params, quantize_rtn, round_codes, start_fits
 
 Progress = Callable[[str, int, int], None]
 
@@ -33,7 +33,7 @@ class AwqResult:
     loss_after: float   # same with the chosen scales
 
 
-def _output_error(dw: mx.array, x: mx.array, gram: mx.array | None) -> mx.array:
+def output_error(dw: mx.array, x: mx.array, gram: mx.array | None) -> mx.array:
     """dw: [out, in], x: [n, in] -> ||x dw^T||^2, through the Gram matrix x^T x [in, in] when that is cheaper."""
     if gram is not None:
         return ((dw @ gram) * dw).sum()
@@ -91,7 +91,7 @@ def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, g
         dw = q / s[None, :] - w_all  # [sum out_i, in]
         loss = mx.array(0.0)
         for (a, b), xi in zip(rows, xs):
-            loss = loss + _output_error(dw[a:b], *grams[id(xi)])
+            loss = loss + output_error(dw[a:b], *grams[id(xi)])
         losses.append(float(loss.item()))
         if on_progress is not None:
             on_progress("awq-search", k + 1, grid)
@@ -109,7 +109,7 @@ def awq_search(ws: list[mx.array], x: mx.array, bits: int, group_size: int, *, g
                 xf, gram = grams[id(xi)]
                 q = final(w * sk[None, :], xf / sk[None, :]) / sk[None, :]
                 if objective is None:  # one weight at a time: a MoE group's experts are never all held at once
-                    err = err + _output_error(q - w, xf, gram)
+                    err = err + output_error(q - w, xf, gram)
                 else:
                     w_hat.append(q)
             scored[k] = float(objective(w_hat)) if objective is not None else float(err.item())
@@ -169,7 +169,7 @@ def awq_clip(w: mx.array, x: mx.array, bits: int, group_size: int, *, grid: int 
     """
     if bits not in AFFINE_BITS:
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
-    wg, g = _groups(w, group_size)  # [out, G, g]
+    wg, g = split_groups(w, group_size)  # [out, G, g]
     n_groups = wg.shape[1]
     xg = x.astype(mx.float32).reshape(x.shape[0], n_groups, g).transpose(1, 0, 2)  # [G, n, g]
     gram = (xg.transpose(0, 2, 1) @ xg) / x.shape[0]  # [G, g, g]

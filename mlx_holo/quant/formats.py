@@ -12,9 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-AFFINE_BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
-FLOAT_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}  # mode -> (bits, group size)
+from ..options import AFFINE_BITS, FLOAT_MODES, GROUP_SIZES  # noqa: F401 (re-exported: the quantizers' vocabulary)
 
 
 class FormatError(ValueError):
@@ -75,7 +73,8 @@ def dequantize(codes: mx.array, scales: mx.array, biases: mx.array, group_size: 
 
 @dataclass
 class QuantizedWeight:
-    """One linear layer's affine quantization: codes [out, in] (unpacked), scales/biases [out, in // g].
+    """One layer's quantization: codes [out, in] (unpacked), scales/biases [out, in // g] -- MLX's affine format,
+    or (``mode``) one of MLX's float formats, held as ``mx.quantize``'s packed words and scales.
 
     ``compact()`` swaps the unpacked codes for the packed uint32 words (bits/8 bytes per weight), which is how
     the streaming pipeline holds finished layers until they are saved.
@@ -87,7 +86,8 @@ class QuantizedWeight:
     bits: int
     group_size: int
     wq: mx.array | None = None  # packed codes once compacted
-    experts: int = 0  # > 0: a MoE SwitchLinear's E experts stacked as [E * out, in] rows (mlx_holo/experts.py)
+    experts: int = 0  # > 0: a MoE SwitchLinear's E experts stacked as [E * out, in] rows (``stack_experts``)
+    mode: str = "affine"  # or one of FLOAT_MODES: then codes is None, wq holds mx.quantize's words, biases None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -99,7 +99,7 @@ class QuantizedWeight:
         """Pack and *evaluate* the codes: a lazy ``wq`` would keep the unpacked codes alive through its graph."""
         if self.wq is None:
             self.wq = self.packed()
-        mx.eval(self.wq, self.scales, self.biases)
+        mx.eval(self.wq, self.scales, *([] if self.biases is None else [self.biases]))
         self.codes = None
         return self
 
@@ -113,6 +113,9 @@ class QuantizedWeight:
 
     def dequantize(self) -> mx.array:
         """-> w_hat [out, in] float32 ([E, out / E, in] for stacked experts)."""
+        if self.mode != "affine":
+            return self.stored_shape(mx.dequantize(self.wq, self.scales, self.biases, group_size=self.group_size,
+                                                   bits=self.bits, mode=self.mode).astype(mx.float32))
         return self.stored_shape(dequantize(self.unpacked(), self.scales, self.biases, self.group_size))
 
     def packed(self) -> mx.array:
@@ -123,3 +126,30 @@ class QuantizedWeight:
         codes = self.shape[0] * self.shape[1] * self.bits // 8
         params = 2 * self.scales.size * scale_dtype.size
         return {"codes": codes, "scales_biases": params}
+
+
+def float_quantize(w: mx.array, mode: str) -> QuantizedWeight:
+    """MLX's float modes (mxfp4/nvfp4/mxfp8, MLX computes the scales): w [out, in] -> QuantizedWeight (packed)."""
+    bits, g = FLOAT_MODES[mode]
+    out = mx.quantize(w, group_size=g, bits=bits, mode=mode)
+    wq, sc, bi = out if len(out) == 3 else (*out, None)
+    mx.eval(wq, sc, *([] if bi is None else [bi]))
+    return QuantizedWeight(None, sc, bi, bits, g, wq=wq, mode=mode)
+
+
+def stack_experts(qws: list[QuantizedWeight]) -> QuantizedWeight:
+    """E experts' QuantizedWeight [out, in] -> one [E * out, in] with ``experts = E`` (packed codes); rows stack
+    freely because groups run along ``in``."""
+    q0 = qws[0]
+    if any((q.bits, q.group_size, q.mode) != (q0.bits, q0.group_size, q0.mode) for q in qws):
+        raise ValueError("experts of one SwitchLinear must share bits, group size and mode")
+    biases = None if q0.biases is None else mx.concatenate([q.biases for q in qws])
+    q = QuantizedWeight(None, mx.concatenate([q.scales for q in qws]), biases, q0.bits, q0.group_size,
+                        wq=mx.concatenate([q.packed() for q in qws]), experts=len(qws), mode=q0.mode)
+    return q.compact()
+
+
+def bits_group(choice, group_size: int) -> tuple[int | None, int]:
+    """A layer's format choice -- bits, (bits, group size), or None (float) -- -> (bits or None, group size), the
+    group size defaulting to ``group_size``."""
+    return tuple(choice) if isinstance(choice, (tuple, list)) else (choice, group_size)

@@ -10,9 +10,8 @@ model's inputs. Writing D = mean (x - x_q) x_q^T over calibration tokens and H =
 
 so the same quantizer, given W* and H, solves it. W D H^-1 is a regression fitted to the calibration tokens; the
 paper shrinks it by ``alpha`` (0 = plain GPTQ, 1 = the full correction) and damps H, both against over-fitting a
-small calibration set. Measured on SmolLM2 (GPTQ 3-bit g64, linears only, 8192 c4 calibration tokens, 2048 wiki
-tokens, base 16.57; without QEP 23.24): alpha 0.5 with damping 0.01 x mean(diag H) 23.37, with 1.0 22.07, with 10
-22.53; alpha 1 with 1.0 collapses (253.6). The project's default is alpha 0.5, damping 1.0 (4-bit: 17.71 -> 17.50).
+small calibration set. The project's default is alpha 0.5 with damping 1.0 x mean(diag H), chosen by measurement
+(docs/experiments.md, "QEP").
 """
 from __future__ import annotations
 

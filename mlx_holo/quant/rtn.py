@@ -18,20 +18,19 @@ Plain min/max RTN is the baseline every paper compares against (e.g. Frantar et 
   (bias = -z * scale for an integer zero point z, as in integer-zero-point affine quantization, Jacob et al. 2018):
   from the "mlx" grid, each step re-rounds the codes and fits the one free parameter, the scale, by least squares
   for z and its two neighbours. Its weight error lies between "mlx" and "lsq", but small weights keep an exact 0
-  instead of a common offset of up to half a step: without calibration data that measured far better end to end
-  (SmolLM2 3-bit g64 RTN, linears only: PPL 37.4 vs 62.5 for "lsq" and 46.6 for "mlx").
+  instead of a common offset of up to half a step, which matters where nothing compensates the rounding (data-free
+  RTN at 3 bits or fewer; docs/experiments.md, "grid fit").
 ``group_size=-1`` is per-channel (one group per output row).
 """
 from __future__ import annotations
 
 import mlx.core as mx
 
+from ..options import FITS
 from .formats import AFFINE_BITS, FormatError, QuantizedWeight
 
-FITS = ("mlx", "minmax", "lsq", "zlsq")
 
-
-def _groups(w: mx.array, group_size: int) -> tuple[mx.array, int]:
+def split_groups(w: mx.array, group_size: int) -> tuple[mx.array, int]:
     out, n = w.shape
     g = n if group_size in (-1, 0, None) else group_size
     if n % g:
@@ -215,7 +214,7 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    wg, g = _groups(w, group_size)  # [out, G, g]
+    wg, g = split_groups(w, group_size)  # [out, G, g]
     lo, hi = wg.min(axis=2, keepdims=True), wg.max(axis=2, keepdims=True)  # [out, G, 1]
     key = mx.random.key(seed)
     imp = None if importance is None else importance.astype(mx.float32).reshape(1, -1, g)

@@ -22,7 +22,9 @@ about the group's centre) and grid offset (bias + o_k * s); ``tune.py`` then mov
 
 Also here: selective replication under a byte budget (``select_replication``), MoE expert replication that keeps
 the router in full precision (``EnsembleSwitchGLU`` / ``replicate_moe``), and the byte accounting.
-Adjacent-layer code sharing (one code tensor for several layers) is in ``share.py``.
+Adjacent-layer code sharing (one code tensor for several layers) is in ``share.py``, tuning in ``tune.py``, folders in
+``io.py``. One file for the format: the replicated weight, its linear, the two ensemble modules and their
+initialisation and byte accounting are one data layout and change together.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
+from ..model.structure import set_module
 from ..quant.formats import FormatError, QuantizedWeight, check_affine, pack
 from ..quant.rtn import quantize_rtn
 
@@ -338,17 +340,6 @@ def ensemble_from_mlp(mlp: nn.Module, k: int, bits: int, group_size: int, *, imp
     return EnsembleMLP(reps["gate_proj"], reps["up_proj"], reps["down_proj"], mixing=mixing)
 
 
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    obj = model
-    for part in parent.split(".") if parent else []:
-        obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
-    if isinstance(obj, list):
-        obj[int(name)] = module
-    else:
-        setattr(obj, name, module)
-
-
 def replicate_mlps(model: nn.Module, k: int | dict[str, int], bits: int, group_size: int, *,
                    importance: dict | None = None, mixing: str = "mean", refit: bool = True,
                    clip_search: bool = True, on_progress=None) -> dict[str, int]:
@@ -362,7 +353,7 @@ def replicate_mlps(model: nn.Module, k: int | dict[str, int], bits: int, group_s
             ens = ensemble_from_mlp(mlp, kk, bits, group_size, importance=(importance or {}).get(path),
                                     mixing=mixing, refit=refit, clip_search=clip_search)
             mx.eval(ens.parameters())
-            _set(model, path, ens)
+            set_module(model, path, ens)
             done[path] = kk
         if on_progress:
             on_progress("replicate", i + 1, len(mlps))
@@ -392,7 +383,7 @@ def replicate_moe(model: nn.Module, k: int, bits: int, group_size: int, *, mixin
                 for n in ("gate_proj", "up_proj", "down_proj")]
         ens = EnsembleSwitchGLU(*lins, mixing=mixing)
         mx.eval(ens.parameters())
-        _set(model, path, ens)
+        set_module(model, path, ens)
         done.append(path)
     return done
 

@@ -14,7 +14,7 @@ Egiazarian et al. 2024, which also alternates code and codebook updates):
 Initial codes: RTN of the mean of the layers' per-group standardised (and sign-aligned) weights. Each step can only lower the
 objective (the code step is exact per element, the regression exact per group), so the error is monotone in the
 iterations up to the fp16 rounding of the stored parameters. Whether sharing pays off against plain quantization at the same bytes is an empirical question
-(benchmarks/ensembles.py measures it); layers of a trained network are nearly uncorrelated, so expect a loss.
+(``benchmarks/ensembles.py`` measures it); layers of a trained network are nearly uncorrelated, so expect a loss.
 """
 from __future__ import annotations
 

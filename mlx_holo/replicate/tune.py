@@ -3,10 +3,10 @@
 Only the replicas' scales, biases and the mixing weights move; the shared integer codes never change (asserted after
 every run). This is the scale-only fine-tuning of PEQA (Kim et al. 2023, arXiv:2305.14152) extended to biases and to
 K replicas, in two stages:
-- ``tune_block``: per block, Adam on the MSE between the ensemble MLP's output and the float MLP's output on
+- ``tune_ensemble_block``: per block, Adam on the MSE between the ensemble MLP's output and the float MLP's output on
   calibration activations (the block-reconstruction objective of BRECQ, Li et al. 2021, restricted to quantization
   parameters);
-- ``tune_kl``: optionally end to end, Adam on KL(p_base || p_model) over calibration windows, every other weight of
+- ``tune_ensemble_kl``: optionally end to end, Adam on KL(p_base || p_model) over calibration windows, every other weight of
   the model frozen.
 Parameters are tuned in float32 and rounded to the storage dtype (fp16) at the end; reported errors use the rounded
 values.
@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
+
+from ..tune.optim import PerTensorAdam, adam_steps, kl_to_base, round_params
 
 
 @dataclass
@@ -43,48 +44,6 @@ def assert_codes_frozen(before: dict[str, np.ndarray], module: nn.Module) -> Non
         assert after[k].dtype == v.dtype and np.array_equal(after[k], v), f"codes {k} changed during tuning"
 
 
-def round_params(module: nn.Module, dtype=mx.float16) -> None:
-    """Round trainable scales/biases to the storage dtype (kept as float32 arrays holding fp16 values)."""
-    upd = tree_map(lambda a: a.astype(dtype).astype(mx.float32), {
-        k: v for k, v in module.trainable_parameters().items()})
-    module.update({k: v for k, v in upd.items() if k != "mix"})
-
-
-class PerTensorAdam:
-    """One ``mlx.optimizers.Adam`` per trainable tensor, learning rate lr * RMS(tensor) with cosine decay
-    (mixing weights: lr). Adam's step is scale-free per coordinate, so the RMS factor sets each tensor's step."""
-
-    def __init__(self, module: nn.Module, lr: float, steps: int):
-        self.opts = {}
-        for k, v in tree_flatten(module.trainable_parameters()):
-            r = 1.0 if k.endswith("mix") else max(float(mx.sqrt((v * v).mean()).item()), 1e-6)
-            self.opts[k] = optim.Adam(learning_rate=optim.cosine_decay(lr * r, max(steps, 1), lr * r * 0.05))
-
-    def update(self, module: nn.Module, grads: dict) -> None:
-        params = dict(tree_flatten(module.trainable_parameters()))
-        new = {k: self.opts[k].apply_gradients({"p": g}, {"p": params[k]})["p"]
-               for k, g in tree_flatten(grads) if k in self.opts}
-        module.update(_unflatten(new))
-
-    def state(self) -> list:
-        return [o.state for o in self.opts.values()]
-
-
-def adam_steps(module: nn.Module, loss_grad, opt: PerTensorAdam, sample, steps: int, on_progress=None,
-               stage: str = "tune") -> list[float]:
-    """``steps`` Adam updates of module's trainable parameters; sample(step) -> the arguments of
-    loss_grad(module, *args). -> the loss per step."""
-    losses = []
-    for step in range(steps):
-        loss, grads = loss_grad(module, *sample(step))
-        opt.update(module, grads)
-        mx.eval(module.trainable_parameters(), opt.state(), loss)
-        losses.append(float(loss.item()))
-        if on_progress:
-            on_progress(stage, step + 1, steps)
-    return losses
-
-
 def _mse(module, x, y):
     d = module(x).astype(mx.float32) - y
     return (d * d).mean()
@@ -99,7 +58,7 @@ def _full_mse(module, x, y, chunk=1024) -> tuple[float, float]:
     return num / (y.size), num / max(den, 1e-30)
 
 
-def tune_block(module: nn.Module, x: mx.array, target: mx.array, *, steps: int = 100, lr: float = 1e-3,
+def tune_ensemble_block(module: nn.Module, x: mx.array, target: mx.array, *, steps: int = 100, lr: float = 1e-3,
                batch: int = 256, seed: int = 0, storage_dtype=mx.float16, on_progress=None) -> TuneResult:
     """Tune an EnsembleMLP's scales/biases/mix so module(x) matches target.
 
@@ -126,19 +85,7 @@ def tune_block(module: nn.Module, x: mx.array, target: mx.array, *, steps: int =
     return TuneResult(mse0, mse1, rel0, rel1, losses, steps)
 
 
-def _unflatten(flat: dict) -> dict:
-    from mlx.utils import tree_unflatten
-    return tree_unflatten(list(flat.items()))
-
-
-def kl_to_base(logits: mx.array, base_logits: mx.array) -> mx.array:
-    """Mean over positions of KL(p_base || p_model): logits [..., V]."""
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    logq = base_logits - mx.logsumexp(base_logits, axis=-1, keepdims=True)
-    return (mx.exp(logq) * (logq - logp)).sum(axis=-1).mean()
-
-
-def tune_kl(model: nn.Module, base_logits: list[mx.array], windows: mx.array, *, steps: int = 20, lr: float = 3e-4,
+def tune_ensemble_kl(model: nn.Module, base_logits: list[mx.array], windows: mx.array, *, steps: int = 20, lr: float = 3e-4,
             seed: int = 0, storage_dtype=mx.float16, on_progress=None) -> list[float]:
     """End-to-end KL tuning of every ensemble module's quantization parameters.
 

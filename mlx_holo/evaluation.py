@@ -10,32 +10,14 @@ absolute logit difference between two runs of the compressed model on the same w
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import data, models
-
-
-@contextmanager
-def capture_blocks(model: nn.Module):
-    """Record every transformer block's output during forward passes: yields a list that fills with [B, S, D]."""
-    outs: list[mx.array] = []
-    layers = models.blocks(model)
-    originals = []
-    for layer in layers:
-        cls = type(layer)
-        hooked = type(f"Hooked{cls.__name__}", (cls,), {
-            "__call__": lambda self, *a, _cls=cls, **k: outs.append(_cls.__call__(self, *a, **k)) or outs[-1]})
-        originals.append(cls)
-        layer.__class__ = hooked
-    try:
-        yield outs
-    finally:
-        for layer, cls in zip(layers, originals):
-            layer.__class__ = cls
+from . import data
+from .model.open import open_model
+from .pipeline.capture import capture_block_outputs
 
 
 def _nll_kl_top1(logits: mx.array, targets: mx.array, base_logits: mx.array | None):
@@ -95,7 +77,7 @@ def _base_outputs(base: nn.Module, windows: mx.array, i: int):
         entry = _BASE_CACHE[key] = {"base": base, "outs": {}}
     if i in entry["outs"]:
         return entry["outs"][i]
-    with capture_blocks(base) as hb:
+    with capture_block_outputs(base) as hb:
         blogits = base(windows[i:i + 1])[0].astype(mx.float32)
     mx.eval(blogits, hb)
     n, s = windows.shape
@@ -119,7 +101,7 @@ def compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_
     first_logits = []
     for i in range(n):
         x = windows[i:i + 1]
-        with capture_blocks(model) as hc:
+        with capture_block_outputs(model) as hc:
             logits = model(x)[0].astype(mx.float32)  # [S, V]
         blogits = None
         if base is not None:
@@ -162,9 +144,11 @@ def compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_
 
 def evaluate(model: str, base: str | None = None, *, eval_tokens: int = 8192, seq_len: int = 512,
              corpus: str = "wiki", det_windows: int = 1, on_progress=None) -> dict:
-    """Open ``model`` (and ``base``) and score it on ``eval_tokens`` tokens of ``corpus`` -> metrics dict."""
-    m, tok, _, info = models.open_model(model)
-    b = models.open_model(base)[0] if base is not None else None
+    """Open ``model`` (and ``base``; model specs as in ``model.open``) and score it on ``eval_tokens`` tokens of
+    ``corpus`` in ``seq_len`` windows -> metrics dict (``Metrics`` fields, the corpus record and the model's id,
+    path and hash). Without ``base`` only PPL and determinism are measured."""
+    m, tok, _, info = open_model(model)
+    b = open_model(base)[0] if base is not None else None
     text = data.load_corpus(corpus)
     wins = data.windows(data.tokenize(tok, text, eval_tokens), seq_len)
     out = compare(m, b, wins, det_windows=det_windows, on_progress=on_progress).to_dict()

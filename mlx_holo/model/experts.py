@@ -8,9 +8,9 @@ Hessian H_e = X_e^T X_e / n_e, the convention of GPTQ/AutoGPTQ on Mixtral), an e
 falls back to the data-free rule (RTN, magnitude). Routers stay float: they are tiny, and a rounding error there
 changes *which* experts run, not just how well (mlx-lm keeps them at 8 bits for the same reason).
 
-The E experts' affine codes are held as one ``QuantizedWeight`` of [E * out, in] rows (groups run along ``in``, so
-stacking rows changes nothing) with ``experts = E``; ``models.save_compressed`` writes it as the
-[E, out, in * bits / 32] / [E, out, in / g] tensors of mlx-lm's ``QuantizedSwitchLinear``.
+The E experts' codes are held as one ``QuantizedWeight`` of [E * out, in] rows with ``experts = E``
+(``quant.formats.stack_experts``); ``model.save.save_compressed`` writes it as the [E, out, in * bits / 32] /
+[E, out, in / g] tensors of mlx-lm's ``QuantizedSwitchLinear``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .quant.formats import QuantizedWeight
 
 
 def is_switch(m: nn.Module) -> bool:
@@ -76,32 +75,3 @@ def split_by_expert(x: mx.array | None, idx: mx.array | None, n_experts: int) ->
         rows = np.nonzero(idx_np == e)[0]
         out.append(x[mx.array(rows)] if rows.size else None)
     return out
-
-
-def stack(qws: list[QuantizedWeight]) -> QuantizedWeight:
-    """E experts' QuantizedWeight [out, in] -> one [E * out, in] with ``experts = E`` (packed codes)."""
-    bits, g = qws[0].bits, qws[0].group_size
-    if any(q.bits != bits or q.group_size != g for q in qws):
-        raise ValueError("experts of one SwitchLinear must share bits and group size")
-    q = QuantizedWeight(None, mx.concatenate([q.scales for q in qws]), mx.concatenate([q.biases for q in qws]),
-                        bits, g, wq=mx.concatenate([q.packed() for q in qws]), experts=len(qws))
-    return q.compact()
-
-
-def expert_cost(w: mx.array, routed: tuple, n_tokens: int, layer_err) -> dict:
-    """A SwitchLinear's sensitivity, w [E, out, in] with its routed rows (``routed_rows``): the experts' errors
-    weighted by their share of the tokens, err[c] = sum_e n_e / n_tokens * layer_err(w_e, H_e)[c] with
-    H_e = X_e^T X_e / n_e, i.e. the mean over tokens of the summed squared output error of the experts each token
-    uses (the router's mixing weights left out). layer_err(w [out, in], H [in, in]) -> {choice: err}.
-    An expert no token reached adds nothing."""
-    xs = split_by_expert(*routed, w.shape[0])
-    total: dict = {}
-    for e, x in enumerate(xs):
-        if x is None:
-            continue
-        x = x.astype(mx.float32)
-        for c, v in layer_err(w[e], (x.T @ x) / x.shape[0]).items():
-            total[c] = total.get(c, 0.0) + v * x.shape[0] / n_tokens
-    if not total:  # nothing routed at all: no evidence of any error
-        total = {c: 0.0 for c in layer_err(w[0], mx.zeros((w.shape[2], w.shape[2]), mx.float32))}
-    return total

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .formats import AFFINE_BITS, GROUP_SIZES, QuantizedWeight
-from .rtn import quantize_rtn
+from ..quant.formats import AFFINE_BITS, GROUP_SIZES, QuantizedWeight, bits_group
+from ..model.experts import split_by_expert
+from ..quant.rtn import quantize_rtn
 
 FLOAT_BITS = 16
 
@@ -40,11 +41,6 @@ class LayerCost:
 
 
 Choice = int | tuple | None  # bits at the layer's group size | (bits, group size) | None = keep float
-
-
-def bits_group(choice: Choice, group_size: int) -> tuple[int | None, int]:
-    """A choice -> (bits or None, group size): a bare bit-width keeps ``group_size``."""
-    return tuple(choice) if isinstance(choice, (tuple, list)) else (choice, group_size)
 
 
 def choices(candidate_bits: tuple, candidate_groups: tuple = ()) -> list[Choice]:
@@ -252,3 +248,22 @@ def _fixup(opts: list[list[Option]], choice: list[Option], budget: int) -> list[
 def allocation_bytes(layers: list[LayerCost], bits: dict) -> int:
     """Total stored bytes of an allocation returned by ``allocate_bits``."""
     return sum(layer_bytes(c.n_params, *bits_group(bits[c.name], c.group_size)) for c in layers)
+
+
+def expert_cost(w: mx.array, routed: tuple, n_tokens: int, layer_err) -> dict:
+    """A SwitchLinear's sensitivity, w [E, out, in] with its routed rows (``routed_rows``): the experts' errors
+    weighted by their share of the tokens, err[c] = sum_e n_e / n_tokens * layer_err(w_e, H_e)[c] with
+    H_e = X_e^T X_e / n_e, i.e. the mean over tokens of the summed squared output error of the experts each token
+    uses (the router's mixing weights left out). layer_err(w [out, in], H [in, in]) -> {choice: err}.
+    An expert no token reached adds nothing."""
+    xs = split_by_expert(*routed, w.shape[0])
+    total: dict = {}
+    for e, x in enumerate(xs):
+        if x is None:
+            continue
+        x = x.astype(mx.float32)
+        for c, v in layer_err(w[e], (x.T @ x) / x.shape[0]).items():
+            total[c] = total.get(c, 0.0) + v * x.shape[0] / n_tokens
+    if not total:  # nothing routed at all: no evidence of any error
+        total = {c: 0.0 for c in layer_err(w[0], mx.zeros((w.shape[2], w.shape[2]), mx.float32))}
+    return total

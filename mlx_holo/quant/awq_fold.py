@@ -15,19 +15,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..experts import expert_modules, is_switch, moe_container, router_paths, split_by_expert
+from ..model.experts import expert_modules, is_switch, moe_container, router_paths, split_by_expert
+from ..model.structure import find_module
 from .awq import apply_awq_scale, awq_search
 from .formats import fit_group
 from .rtn import quantize_rtn
-
-
-def _find(block: nn.Module, *names: str):
-    m = block
-    for n in names:
-        m = getattr(m, n, None)
-        if m is None:
-            return None
-    return m
 
 
 ATTN_INPUTS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",),        # llama/qwen/gemma/starcoder2, phi3
@@ -43,32 +35,32 @@ def groups(block: nn.Module) -> list[tuple[object, str, list[str]]]:
     Found by name; a guess that is wrong for some architecture (e.g. OLMo-2's post_attention_layernorm, which
     normalises the attention's output) is caught by ``apply``'s check and undone. A block with no group found
     gets none (its linears still get AWQ's clip search)."""
-    attn = _find(block, "self_attn")
+    attn = find_module(block, "self_attn")
     # the MLP's input norm: Gemma-2/3 name it pre_feedforward_layernorm (their post_attention_layernorm normalises
     # the attention's output before the residual add)
-    ln1 = _find(block, "input_layernorm")
-    ln2 = _find(block, "pre_feedforward_layernorm") or _find(block, "post_attention_layernorm")
+    ln1 = find_module(block, "input_layernorm")
+    ln2 = find_module(block, "pre_feedforward_layernorm") or find_module(block, "post_attention_layernorm")
     out = []
     if attn is not None:
-        names = next((ns for ns in ATTN_INPUTS if all(_find(attn, n) is not None for n in ns)), None)
+        names = next((ns for ns in ATTN_INPUTS if all(find_module(attn, n) is not None for n in ns)), None)
         if ln1 is not None and names:
             out.append((ln1, "norm", [f"self_attn.{n}" for n in names]))
-        v, o = _find(attn, "v_proj"), _find(attn, "o_proj")
+        v, o = find_module(attn, "v_proj"), find_module(attn, "o_proj")
         if v is not None and o is not None and v.weight.shape[0] == o.weight.shape[1]:
             out.append((v, "linear", ["self_attn.o_proj"]))
     moe = next((c for c in (moe_container(p) for p, _ in expert_modules(block)) if c is not None), None)
-    mlp = _find(block, "mlp")
+    mlp = find_module(block, "mlp")
     if moe is not None:
         if ln2 is not None and "weight" in ln2:
             out.append((ln2, "norm", _moe_readers(block, moe, ln2.weight.shape[0])))
     elif mlp is not None:
-        names = next((ns for ns in MLP_INPUTS if all(_find(mlp, n) is not None for n in ns)), None)
+        names = next((ns for ns in MLP_INPUTS if all(find_module(mlp, n) is not None for n in ns)), None)
         if ln2 is not None and names:
             out.append((ln2, "norm", [f"mlp.{n}" for n in names]))
     # up -> down (SwiGLU is linear in up's output; no fold across c_fc's GELU): the dense MLP, a MoE's shared
     # expert, and each expert of a switch MLP
     for path, m in block.named_modules():
-        up, down = _find(m, "up_proj"), _find(m, "down_proj")
+        up, down = find_module(m, "up_proj"), find_module(m, "down_proj")
         if up is None or down is None:
             continue
         if isinstance(up, nn.Linear) and isinstance(down, nn.Linear):
@@ -130,7 +122,7 @@ def apply(block: nn.Module, X: dict, recipe, x: mx.array | None = None, mask=Non
     alphas: list[float | None] = []
     y0 = block(x, mask).astype(mx.float32) if x is not None else None
     for prev, kind, paths in groups(block):
-        lins = [_find(block, *p.split(".")) for p in paths]
+        lins = [find_module(block, p) for p in paths]
         before = [dict(m.parameters()) for m in (prev, *lins)]
         if kind == "experts":
             alpha = _fold_experts(prev, lins[0], X[paths[0]], recipe)
@@ -173,12 +165,8 @@ def score(recipe, g: int):
     """The rounding AWQ's alpha is chosen on: the least-squares group grid weighted by each input channel's energy
     mean x_j^2 (the diagonal of the layer objective), i.e. what the final quantizer (AWQ's output-aware clip search
     with a least-squares grid, or GPTQ) optimises, without the clip search (2-3x cheaper). AWQ's own proxy, the
-    min/max grid, disagrees with it: on SmolLM2's q/k/v, gate/up and down projections (blocks 2 and 5, 4 bits, 2048
-    c4 tokens) the min/max grid's error falls up to 46% as alpha goes 0 -> 0.5, while the clipped least-squares
-    grid's *rises* 5-63% at every alpha > 0; this score follows the latter within a few percent
-    (``python benchmarks/awq_alpha.py --bits 4``, ``evidence/benchmarks/awq_alpha-4bit.txt``). SmolLM2 is a
-    dequantized Q4_1 model (its weights sit on a 4-bit g32 grid), which may favour s = 1 there; on Gaussian weights
-    with outlier channels (``tests/test_awq.py``) the final quantizer's best alpha is ~0.15, the proxy's 0.3-0.5."""
+    min/max grid, can disagree with the final quantizer on which alpha is best (``experiments/awq_alpha.py``
+    measures both on a model; docs/experiments.md)."""
     fit = "lsq" if recipe.fit in ("auto", "lsq") else recipe.fit
 
     def final(w: mx.array, x: mx.array) -> mx.array:
@@ -205,7 +193,7 @@ def module_objective(block: nn.Module, paths: list[str], lins: list, X: dict, x:
         return None
     if not all(isinstance(m, nn.Linear) for m in lins):
         return None
-    mod = _find(block, parent)
+    mod = find_module(block, parent)
     xin = X[paths[0]].reshape(*x.shape[:-1], -1)  # [N, S, D]
 
     def run() -> mx.array:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .wanda import wanda_score
+from ..prune.wanda import wanda_score
 
 CLIP = (0.0, 0.99)
 

@@ -11,13 +11,8 @@ replay their cached float outputs (the model's own forward runs, so embeddings, 
 model's). Only the measured choices are run; ``extrapolate`` fills in the others (other group sizes, more bits)
 from a cheap proxy's ratios.
 
-Measured (SmolLM2-135M, 3.5 bits/weight, 2-8 bits and groups 32/64/128 allowed, GPTQ under the allocation, 2048 wiki
-tokens): **31.82, KL 0.682**, worse than the Fisher's 29.13 and than uniform GPTQ 3-bit's 25.53 (35 linears got 2
-bits; ``evidence/quality/mixed-kl-groups-3.5bpw.json``; 633 measurements of 256 tokens, most of the compress's 1636 s
-on 2 CPU cores beside another job). With the 3-bit floor 26.67 vs 25.53. Not because
-the sum misses compounding (``benchmarks/additivity.py``: all layers at once are 1.04-1.35x the sum) nor GPTQ: on the
-256 scored tokens the kl allocations beat uniform as saved (KL 0.047 / 0.054 vs 0.073); those tokens (one window)
-do not stand for other text (another c4 window: 0.846). Measure on more tokens (``kl_tokens``) if at all.
+How additive the layers' damage is can be checked with ``experiments/additivity.py``; what this sensitivity measured
+against the Hessian and Fisher ones is in docs/experiments.md ("measured sensitivity").
 """
 from __future__ import annotations
 
@@ -26,6 +21,9 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from ..model.structure import block_prefix, blocks
+from ..pipeline.capture import block_inputs
 
 Progress = Callable[[str, int, int], None]
 
@@ -38,18 +36,17 @@ def scored_tokens(calib: mx.array, n_tokens: int) -> mx.array:
 
 def kl_after(model: nn.Module, tokens: mx.array, base_logits: mx.array) -> float:
     """Mean KL(p_base || p_model) over the positions of tokens [N, S]; base_logits [N, S, V] float32."""
-    from ..replicate.tune import kl_to_base
+    from ..tune.optim import kl_to_base
 
     return float(kl_to_base(model(tokens).astype(mx.float32), base_logits).item())
 
 
 def block_outputs(model: nn.Module, tokens: mx.array) -> list[mx.array]:
     """tokens [N, S] -> every block's float output [N, S, D], in order (what ``replay`` feeds back)."""
-    from .. import models, pipeline
 
-    x, mask = pipeline.block_inputs(model, tokens)
+    x, mask = block_inputs(model, tokens)
     outs = []
-    for block in models.blocks(model):
+    for block in blocks(model):
         x = block(x, mask)
         mx.eval(x)
         outs.append(x)
@@ -81,15 +78,14 @@ def measured_errors(model: nn.Module, tokens: mx.array, paths: list[str], option
     options(path) -> the choices to measure; quantize(path, w [out, in], choice) -> w_hat [out, in] (dequantized)."""
     from mlx.utils import tree_flatten
 
-    from .. import models, pipeline
 
     params = dict(tree_flatten(model.parameters()))
     missing = [p for p in paths if p not in params]
     if missing:
         raise KeyError(f"no such parameters: {missing[:3]}")
     mods = dict(model.named_modules())
-    blocks = models.blocks(model)
-    prefix = pipeline._block_prefix(model) + "."
+    bs = blocks(model)
+    prefix = block_prefix(model) + "."
     base = model(tokens).astype(mx.float32)  # [N, S, V]
     outs = block_outputs(model, tokens)
     mx.eval(base)
@@ -99,7 +95,7 @@ def measured_errors(model: nn.Module, tokens: mx.array, paths: list[str], option
         w = params[p]
         start = int(p[len(prefix):].split(".", 1)[0]) if p.startswith(prefix) else 0  # first block to compute
         res[p] = {}
-        with replay(blocks[:start], outs[:start]):
+        with replay(bs[:start], outs[:start]):
             for c in options(p):
                 setattr(mods[mod], name, quantize(p, w, c).astype(w.dtype))
                 try:

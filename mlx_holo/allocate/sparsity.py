@@ -3,9 +3,9 @@
 OWL (Yin et al. 2023, "Outlier Weighed Layerwise Sparsity", arXiv:2310.05175, Section 3 and the authors' code):
 each transformer block's outlier ratio D_l is the fraction of the Wanda scores |W_ij| * ||X_j||_2 of *all* its
 linears (one pool per block) above M times the pool's mean score, measured on the dense model; blocks with more
-outliers are pruned less (``prune.owl.owl_allocation``: spread 2 * lambda around the target, mean kept).
+outliers are pruned less (``allocate.owl.owl_allocation``: spread 2 * lambda around the target, mean kept).
 
-Zero-order (``prune.zero_order``, MeZO-style SPSA, Malladi et al. 2023): starts from the OWL allocation and moves
+Zero-order (``allocate.zero_order``, MeZO-style SPSA, Malladi et al. 2023): starts from the OWL allocation and moves
 the per-block sparsities along projected random directions, scoring each candidate by the mean next-token NLL of the
 model pruned with Wanda at those sparsities on a small fixed subset of the calibration windows. The budget is the
 parameter-weighted mean sparsity, so the total number of pruned weights stays fixed. The Wanda input norms come
@@ -22,6 +22,15 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from ..model.open import open_model
+from ..model.structure import block_prefix, blocks, linear_modules
+from ..pipeline.scan import scan
+from ..prune.masks import n_pruned
+from ..prune.wanda import wanda_score
+from ..recipe import RecipeError
+from .owl import owl_allocation
+from .zero_order import weighted_mean, zero_order_allocation
 
 OWL_LAMBDA = 0.08        # OWL's lambda: sparsities span [target - lam, target + lam] (the paper's default)
 OWL_M = 5.0              # OWL's M: a score is an outlier when above M x the block's mean score
@@ -51,9 +60,6 @@ def block_outlier_ratio(scores: list[mx.array], M: float = OWL_M) -> float:
 def scan_blocks(model: nn.Module, calib: mx.array, M: float = OWL_M, *, release: bool = True,
                 on_progress=None) -> BlockStats:
     """One pass of the unmodified model over calib [N, S] -> OWL ratio, size and input norms per block."""
-    from . import pipeline
-    from .prune.wanda import wanda_score
-
     stats = BlockStats([], [])
     pending: list[mx.array] = []
     current = [0]
@@ -75,7 +81,7 @@ def scan_blocks(model: nn.Module, calib: mx.array, M: float = OWL_M, *, release:
         stats.x_norms[path] = x_norm
         return path
 
-    pipeline.scan(model, calib, fn, release=release, on_progress=on_progress)
+    scan(model, calib, fn, release=release, on_progress=on_progress)
     close_block()
     return stats
 
@@ -85,8 +91,6 @@ def wanda_ranks(w: mx.array, x_norm: mx.array) -> mx.array:
 
     ``rank >= round(s * in)`` is exactly the keep-mask of ``wanda_prune(w, x_norm, s)`` (same argsort, same ties).
     """
-    from .prune.wanda import wanda_score
-
     out, n = w.shape
     dt = mx.uint16 if n <= 1 << 16 else mx.uint32
     order = mx.argsort(wanda_score(w, x_norm), axis=1)  # [out, in]
@@ -101,13 +105,11 @@ class WandaBlockPruner:
     """
 
     def __init__(self, model: nn.Module, x_norms: dict[str, mx.array]):
-        from . import models, pipeline
-
-        prefix = pipeline._block_prefix(model)
+        prefix = block_prefix(model)
         self.blocks: list[list[tuple[nn.Linear, mx.array, mx.array]]] = []
-        for i, block in enumerate(models.blocks(model)):
+        for i, block in enumerate(blocks(model)):
             entries = []
-            for path, lin in pipeline.linear_modules(block):
+            for path, lin in linear_modules(block):
                 w = lin.weight
                 r = wanda_ranks(w.astype(mx.float32), x_norms[f"{prefix}.{i}.{path}"])
                 mx.eval(r)
@@ -115,8 +117,6 @@ class WandaBlockPruner:
             self.blocks.append(entries)
 
     def apply(self, sparsities: list[float]) -> None:
-        from .prune.masks import n_pruned
-
         assert len(sparsities) == len(self.blocks), (len(sparsities), len(self.blocks))
         for s, entries in zip(sparsities, self.blocks):
             for lin, w, r in entries:
@@ -147,11 +147,6 @@ def allocate_sparsity(model_spec, calib: mx.array, recipe, *, on_progress=None, 
     sparsity, seconds; for zero-order also the OWL start, losses (per-step history), loss_uniform / loss_owl /
     loss_best (mean NLL on the search windows), evaluations and the search windows' shape.
     """
-    from . import models
-    from .prune.owl import owl_allocation
-    from .prune.zero_order import weighted_mean, zero_order_allocation
-    from .recipe import RecipeError
-
     if recipe.allocation not in ("owl", "zero-order"):
         raise RecipeError(f"allocate_sparsity handles owl and zero-order, not {recipe.allocation!r}")
     if recipe.nm:
@@ -160,7 +155,7 @@ def allocate_sparsity(model_spec, calib: mx.array, recipe, *, on_progress=None, 
         raise RecipeError(f"allocation {recipe.allocation} needs --sparsity in (0, 1)")
     t0 = time.perf_counter()
     zo = recipe.allocation == "zero-order"
-    model = models.open_model(model_spec, lazy=True, dequantize=True)[0]
+    model = open_model(model_spec, lazy=True, dequantize=True)[0]
     stats = scan_blocks(model, calib, M, release=not zo, on_progress=on_progress)
     owl = owl_allocation(stats.ratios, recipe.sparsity, lam)
     details: dict = {"method": recipe.allocation, "lam": lam, "M": M, "ratios": stats.ratios,

@@ -1,0 +1,52 @@
+"""mlx-holo eval (python -m mlx_holo.eval) --model DIR [--base M]: perplexity, KL, top-1 agreement, cos_min, determinism.
+
+Without --base, the base recorded in DIR/evidence.json is used when present (else only PPL and determinism).
+Prints a JSON object to stdout (and to --out); `mlx-holo validate` checks evidence files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..hardware import ensure_fast_blas
+from .common import progress_printer, run_guarded
+
+
+def main(argv=None) -> int:
+    ensure_fast_blas()
+    ap = argparse.ArgumentParser(prog="mlx-holo eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="compressed model folder (or any model spec)")
+    ap.add_argument("--base", default=None, help="base model spec for KL/top-1/cos ('default' = embedded model)")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--corpus", default="wiki", help="built-in corpus name or a text file")
+    ap.add_argument("--det-windows", type=int, default=1, help="windows run twice for determinism_delta")
+    ap.add_argument("--out", default=None, help="also write the metrics JSON here")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
+    args = ap.parse_args(argv)
+    return run_guarded(lambda: _main(args), args.debug)
+
+
+def _main(args) -> int:
+    from .. import evidence
+    from ..evaluation import evaluate
+
+    base = args.base
+    ev_path = Path(args.model) / "evidence.json"
+    if base is None and ev_path.exists():
+        base = evidence.load(ev_path)["model"].get("path") or None
+    res = evaluate(args.model, base, eval_tokens=args.eval_tokens, seq_len=args.seq_len, corpus=args.corpus,
+                   det_windows=args.det_windows, on_progress=progress_printer())
+    res["base"] = base
+    res["command"] = " ".join(sys.orig_argv)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

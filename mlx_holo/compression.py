@@ -1,0 +1,123 @@
+"""compress(): open a model, calibrate, compress it block by block, save an mlx-lm folder, evaluate, write evidence.
+
+The output folder opens with stock ``mlx_lm.load``; ``evidence.json`` beside the weights records what was done and
+measured, with gates and a GO/NO-GO verdict. Everything is written to a temp folder first and renamed at the end.
+The command line is ``python -m mlx_holo.compress`` or ``mlx-holo compress`` (``mlx_holo.cli.compress``).
+
+The stages, top down: calibration windows (``data``) -> allocation (mixed precision's bits, the pruners' per-block
+sparsity; ``allocate``) -> the block loop (``pipeline.run``) -> save (``model.save``) -> optional end-to-end tuning
+of the saved scales (``tune.e2e``) -> evaluation against the base (``evaluation``) -> evidence (``evidence``).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import data, evidence, hardware
+from .allocate.mixed import mixed_allocation
+from .allocate.sparsity import allocate_sparsity
+from .evaluation import compare
+from .model.open import open_model
+from .model.save import atomic_dir, replace_tensors, save_compressed
+from .options import PRUNE_METHODS
+from .pipeline.head import forward_head_inputs
+from .pipeline.run import run
+from .prune.report import sparsity_report
+from .recipe import Recipe
+from .tune.e2e import tune_folder
+
+
+def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = "", *, eval_tokens: int = 8192,
+             eval_seq_len: int = 512, eval_corpus: str = "wiki", gates: list[str] | None = None,
+             overwrite: bool = False, base_model=None, on_progress=None) -> dict:
+    """Compress ``model`` (a model spec, see ``model.open``) with ``recipe`` (default: ``Recipe()``, RTN 4-bit g64)
+    into the folder ``out`` -> evidence dict (also written to out/evidence.json).
+
+    eval_*: how the result is scored against the base (``eval_tokens`` 0 skips it; the gates then fail).
+    gates: GO/NO-GO gates (default ``evidence.DEFAULT_GATES``). base_model: an already opened float base
+    (``model.open_model(model)[0]``) to score against; reusing one object across calls lets ``evaluation.compare``
+    reuse its cached base outputs. on_progress(stage, done, total): progress of every long loop."""
+    if not out:
+        raise ValueError("compress needs an output folder (out)")
+    recipe = (recipe or Recipe()).validate()
+    t0 = time.perf_counter()
+    base, tok, config, info = open_model(model, lazy=True, dequantize=True)
+    calib = corpus_c = None
+    if recipe.needs_calibration():
+        corpus_c = data.load_corpus(recipe.calib_corpus)
+        calib = data.calibration_windows(tok, corpus_c, recipe.calib_tokens, recipe.calib_seq_len, recipe.seed)
+    details = {}
+    layer_bits = layer_sparsity = None
+    if recipe.method == "mixed":
+        layer_bits, details["allocation"] = mixed_allocation(model, calib, recipe, on_progress=on_progress)
+    if recipe.method in PRUNE_METHODS and recipe.allocation != "uniform":
+        layer_sparsity, details["allocation"] = allocate_sparsity(model, calib, recipe, on_progress=on_progress)
+    head_x_first = None
+    if recipe.embed_first and calib is not None:
+        head_x_first = forward_head_inputs(open_model(model, lazy=True, dequantize=True)[0], calib)
+    res = run(base, calib, recipe, layer_bits=layer_bits, layer_sparsity=layer_sparsity,
+                       head_x_first=head_x_first, on_progress=on_progress)
+    del head_x_first
+    if res.extra.get("group_fallback"):
+        fb = res.extra["group_fallback"]
+        kept = sorted(k for k, g in fb.items() if g is None)
+        print(f"note: group size {recipe.group_size} does not divide the input width of {len(fb)} layer(s): "
+              f"{len(fb) - len(kept)} take a smaller group size, {len(kept)} stay float "
+              f"(evidence: group_fallback)", file=sys.stderr)
+    compress_s = time.perf_counter() - t0
+    del base
+    mx.clear_cache()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        nbytes = save_compressed(res.floats, res.quantized, config, info.path, tmp,
+                                        default_bits=recipe.bits, default_group_size=max(recipe.group_size, 32)
+                                        if recipe.group_size != -1 else 128, mode=recipe.mode,
+                                        keep_float={r.name for r in res.layers if r.bits is None}
+                                        if recipe.bits is not None else None)
+        nbytes["original"] = 2 * info.n_params
+        layers = res.layer_dicts()
+        extra = dict(details, **res.extra)
+        if recipe.method in PRUNE_METHODS:
+            extra["sparsity"] = sparsity_report(tmp, layers, recipe.nm)
+        bm = base_model
+        e2e_s = 0.0
+        if recipe.e2e_steps > 0:
+            bm = bm if bm is not None else open_model(model)[0]
+            extra["e2e_tune"], tensors, _ = tune_folder(tmp, bm, calib, steps=recipe.e2e_steps, lr=recipe.e2e_lr,
+                                                     batch=recipe.e2e_batch, seed=recipe.seed, on_progress=on_progress)
+            if tensors:
+                replace_tensors(tmp, tensors)
+            e2e_s = extra["e2e_tune"]["seconds"]
+            mx.clear_cache()
+        t1 = time.perf_counter()
+        metrics: dict = {}
+        corpus_e = data.load_corpus(eval_corpus)
+        if eval_tokens > 0:
+            cm = open_model(str(tmp))[0]
+            bm = bm if bm is not None else open_model(model)[0]
+            wins = data.windows(data.tokenize(tok, corpus_e, eval_tokens), eval_seq_len)
+            metrics = compare(cm, bm, wins, on_progress=on_progress).to_dict()
+            del cm, bm
+        else:
+            wins = None
+            metrics = {k: None for k in ("ppl", "base_ppl", "delta_ppl_pct", "kl", "top1", "cos_min",
+                                         "determinism_delta")}
+        corpora = {"evaluation": corpus_e.record(int(wins.size) if wins is not None else 0)}
+        if corpus_c is not None:
+            corpora["calibration"] = corpus_c.record(int(calib.size))
+        n_quant = sum(q.shape[0] * q.shape[1] for q in res.quantized.values())
+        ev = evidence.build(
+            model={"id": info.id, "path": info.path, "hash": info.hash, "model_type": info.model_type,
+                   "n_params": info.n_params},
+            recipe=recipe.to_dict(), corpora=corpora, nbytes=nbytes, n_quant_params=n_quant, metrics=metrics,
+            environment=hardware.device_info(),
+            timings={"compress_s": compress_s, "e2e_tune_s": e2e_s, "eval_s": time.perf_counter() - t1,
+                     "total_s": time.perf_counter() - t0},
+            peak_memory_bytes=hardware.peak_rss(), gates=gates or evidence.DEFAULT_GATES, layers=layers,
+            output={"path": str(out)}, pipeline_peak_mlx_bytes=int(res.peak_memory_bytes),
+            command=" ".join(sys.orig_argv), **extra)
+        evidence.write(ev, tmp / "evidence.json")
+    return ev
+

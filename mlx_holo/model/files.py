@@ -1,0 +1,65 @@
+"""Reading a model folder: where the weights are, config.json, lazily loaded tensors, a content hash.
+
+A model folder is HF-format: ``config.json``, ``model*.safetensors`` (one file or mlx-lm/HF shards) and tokenizer
+files. Every error names the file and what is wrong (``ModelError``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be opened: missing path, unsupported architecture, corrupt or missing tensors."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MLX_HOLO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlx-holo")
+    return Path(root)
+
+
+def weight_files(path: Path) -> list[Path]:
+    return sorted(Path(path).glob("model*.safetensors"))
+
+
+def read_config(path: Path) -> dict:
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        raise ModelError(f"{path} has no config.json: not an HF-format model folder")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg} is not valid JSON: {e}") from e
+
+
+def load_weights(path: Path) -> dict[str, mx.array]:
+    """All tensors of a folder, lazily. Corrupt or missing files raise ModelError naming the file."""
+    files = weight_files(path)
+    if not files:
+        raise ModelError(f"{path} has no model*.safetensors weight files")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # noqa: BLE001 - mlx raises RuntimeError/ValueError on bad headers
+            raise ModelError(f"corrupt safetensors file {f}: {e}") from e
+    return weights
+
+
+def model_hash(path: Path) -> str:
+    """sha256 over config.json and each weight file's name, size and first 1 MiB (header + leading data)."""
+    h = hashlib.sha256((Path(path) / "config.json").read_bytes())
+    for f in weight_files(path):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()

@@ -1,0 +1,131 @@
+"""GGUF input: convert a llama-architecture GGUF file (any ggml quant type) into an HF-format float32 folder.
+
+The tensor names map from llama.cpp's (``blk.N.attn_q`` ...) to the HF/mlx-lm ones, llama.cpp's rotary row
+permutation of q/k is undone, and the GGUF's BPE vocabulary is rebuilt as a ``tokenizers`` tokenizer.json.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .files import ModelError
+from .save import replace_dir
+
+
+_GGUF_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's rotary row permutation of q/k: w [n_head * head_dim, in]."""
+    rows = w.shape[0]  # inverse of llama.cpp's permute: reshape(n_head, 2, rows/n_head/2).swapaxes(1, 2)
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tokenizer(fields: dict, out: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = fields["tokenizer.ggml.tokens"]
+    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    if fields.get("tokenizer.ggml.model") != "gpt2":
+        raise ModelError(f"unsupported GGUF tokenizer model {fields.get('tokenizer.ggml.model')!r} (need gpt2 BPE)")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == 3])
+    tok.save(str(out / "tokenizer.json"))
+
+    def name(key):
+        i = fields.get(key)
+        return tokens[i] if i is not None else None
+
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192, "add_bos_token": False,
+           "bos_token": name("tokenizer.ggml.bos_token_id"), "eos_token": name("tokenizer.ggml.eos_token_id"),
+           "unk_token": name("tokenizer.ggml.unknown_token_id"), "pad_token": name("tokenizer.ggml.padding_token_id"),
+           "clean_up_tokenization_spaces": False}
+    if "tokenizer.chat_template" in fields:
+        cfg["chat_template"] = fields["tokenizer.chat_template"]
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def convert_gguf(gguf_path: str | Path, out: str | Path) -> Path:
+    """Convert a llama-architecture GGUF (any ggml quant type) into an HF-format fp32 folder, atomically."""
+    import gguf
+
+    out = Path(out)
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except Exception as e:  # noqa: BLE001 - the reader raises many types on bad files
+        raise ModelError(f"cannot read GGUF file {gguf_path}: {e}") from e
+    fields = {}
+    for k, f in reader.fields.items():
+        try:
+            fields[k] = f.contents()
+        except Exception:  # noqa: BLE001 - some exotic field types; not needed
+            pass
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise ModelError(f"GGUF architecture {arch!r} is not supported for conversion (llama only)")
+    g = lambda k, d=None: fields.get(f"llama.{k}", d)  # noqa: E731
+    n_head, n_kv = g("attention.head_count"), g("attention.head_count_kv")
+    hidden = g("embedding_length")
+    tensors = {t.name: t for t in reader.tensors}
+    tied = "output.weight" not in tensors
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": g("feed_forward_length"), "num_hidden_layers": g("block_count"),
+        "num_attention_heads": n_head, "num_key_value_heads": n_kv, "head_dim": hidden // n_head,
+        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon")), "rope_theta": float(g("rope.freq_base", 10000.0)),
+        "max_position_embeddings": g("context_length"), "vocab_size": len(fields["tokenizer.ggml.tokens"]),
+        "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"), "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32", "mlx_holo_source": f"converted from {Path(gguf_path).name}",
+    }
+    weights = {}
+    for name, t in tensors.items():
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)]) if w.size == int(np.prod(t.shape)) else w
+        if name == "token_embd.weight":
+            key = "model.embed_tokens.weight"
+        elif name == "output_norm.weight":
+            key = "model.norm.weight"
+        elif name == "output.weight":
+            key = "lm_head.weight"
+        elif name.startswith("blk."):
+            _, i, part, _ = name.split(".")
+            if part not in _GGUF_NAMES:
+                continue
+            if part == "attn_q":
+                w = _unpermute(w, n_head)
+            elif part == "attn_k":
+                w = _unpermute(w, n_kv)
+            key = f"model.layers.{i}.{_GGUF_NAMES[part]}.weight"
+        else:
+            continue
+        weights[key] = mx.array(w)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _gguf_tokenizer(fields, tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,18 @@
+"""The choices a recipe offers, as plain tuples: importing this module pulls in neither MLX nor Textual (the TUI and
+the planner read it), and the quantizers check their own arguments against the same values."""
+from __future__ import annotations
+
+QUANT_METHODS = ("none", "rtn", "gptq", "awq", "mixed")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = QUANT_METHODS + PRUNE_METHODS
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)          # MLX's affine bit-widths
+GROUP_SIZES = (32, 64, 128)               # MLX's affine group sizes (-1: per-channel, stored as 128-groups)
+FLOAT_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}  # MLX's float modes -> (bits, group size)
+MODES = ("affine",) + tuple(FLOAT_MODES)
+FITS = ("mlx", "minmax", "lsq", "zlsq")   # how a group's scale/bias are chosen (quant/rtn.py)
+ROUNDINGS = ("nearest", "stochastic")
+SENSITIVITIES = ("hessian", "fisher", "kl")
+ALLOCATIONS = ("uniform", "owl", "zero-order")
+RECOVERS = ("admm",)
+AWQ_OBJECTIVES = ("layer", "module")
+CORPORA = ("wiki", "c4", "tiny", "code", "technical", "multilingual")  # built into exllamav2's calibration data

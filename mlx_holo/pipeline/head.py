@@ -1,0 +1,117 @@
+"""The layers outside the blocks: embeddings and the output head.
+
+The head's calibration inputs are the last block's outputs through the final norm (``head_inputs``); with them an
+untied lm_head or a tied embedding table is GPTQ'd (``gptq_head``) -- optionally before the blocks, on the float
+model's head inputs (``tied_table_first``), so that the blocks calibrate on the quantized input embedding. Other
+tables are rounded (RTN) at the recipe's bits, as ``mlx_lm.convert`` does.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..model.structure import (block_prefix, blocks, final_norm, get_module, head_module, outside_quantizable,
+                               release_block)
+from ..quant.formats import QuantizedWeight, float_quantize
+from ..quant.gptq import gptq_quantize
+from ..quant.rtn import quantize_rtn
+from ..recipe import Recipe
+from .capture import block_inputs, hessian, rel_error
+from .layer import LayerRecord, grid_fit, layer_format, qep_target
+
+
+def head_inputs(model: nn.Module, x: mx.array) -> mx.array | None:
+    """x [N, S, D] leaving the last (compressed) block -> the output head's input [N*S, D]: x through the final norm
+    (``model.structure.final_norm``); None where there is no such norm."""
+    norm = final_norm(model)
+    if norm is None:
+        return None
+    h = norm(x).reshape(-1, x.shape[-1])
+    mx.eval(h)
+    return h
+
+
+def forward_head_inputs(model: nn.Module, calib: mx.array, *, release: bool = True) -> mx.array | None:
+    """calib [N, S] -> ``model``'s head inputs [N*S, D] (final norm outputs), run block by block. ``release``: free
+    each block as it finishes (bounded memory; the model is then spent -- open a fresh lazy one to compress)."""
+    x, mask = block_inputs(model, calib)
+    for block in blocks(model):
+        mx.eval(block.parameters())
+        x = block(x, mask)
+        mx.eval(x)
+        if release:
+            release_block(block)
+    return head_inputs(model, x)
+
+
+def gptq_head(w: mx.array, H: mx.array, bits: int, group_size: int, recipe: Recipe) -> QuantizedWeight:
+    """The output head's GPTQ (an lm_head, or a tied table) on its inputs' H, with the head's damping."""
+    return gptq_quantize(w, H, bits, group_size, act_order=recipe.act_order, damp=recipe.head_damp,
+                         fit=grid_fit(recipe, bits, compensated=True), iters=recipe.gptq_iters)
+
+
+def tied_table_first(model: nn.Module, recipe: Recipe, layer_bits: dict | None, head_x: mx.array,
+                     fallback: dict) -> tuple[str, QuantizedWeight] | None:
+    """GPTQ of a tied embedding table on the float model's head inputs -> (module path, compact weight), or None
+    when the model has no quantized tied table (an untied lm_head is GPTQ'd after the blocks as usual)."""
+    for k, v in outside_quantizable(model, recipe):
+        mod = k.rsplit(".", 1)[0]
+        if isinstance(get_module(model, mod), nn.Embedding) and head_module(model, mod):
+            bits, g = layer_format(mod, v.shape[-1], layer_bits, recipe, fallback, recipe.embed_bits or recipe.bits)
+            if bits is None:  # mixed precision keeps the table float
+                return None
+            return mod, gptq_head(v.astype(mx.float32), hessian(head_x), bits, g, recipe).compact()
+    return None
+
+
+def finish_outside_blocks(model: nn.Module, recipe: Recipe, res,
+                           layer_bits: dict[str, int | None] | None = None, head_x: mx.array | None = None,
+                           head_x_fp: mx.array | None = None) -> None:
+    """Embeddings and lm_head: RTN at the recipe's bits (as mlx_lm.convert does) or at their entry in
+    ``layer_bits`` (mixed precision); everything else kept float.
+
+    head_x [n, D]: the head's calibration inputs (``head_inputs``). Given (and ``recipe.gptq_head``), the head's
+    weight -- an untied lm_head or a tied embedding -- is quantized by GPTQ on H = head_x^T head_x / n, so its
+    rounding is compensated where the logits see it; its record then carries that H-weighted error either way. A
+    tied table is also read row by row as the input embedding, an error GPTQ's objective does not see;
+    ``recipe.head_damp`` (a larger damping, i.e. a pull toward plain rounding) weighs that in.
+    head_x_fp [n, D]: the same tokens' head inputs in the float model; given, an untied GPTQ head aims at QEP's
+    corrected weight (a tied table is not corrected: the input embedding reads it too)."""
+    prefix = block_prefix(model)
+    quantized = dict(outside_quantizable(model, recipe))
+    for k, v in tree_flatten(model.parameters()):
+        if k.startswith(prefix + ".") or v.size == 0:
+            continue
+        if k not in quantized:
+            res.floats[k] = v
+            continue
+        mod = k.rsplit(".", 1)[0]
+        bits, g = layer_format(mod, v.shape[-1], layer_bits, recipe, res.fallback,
+                               recipe.embed_bits or recipe.bits)
+        if bits is None:  # mixed precision kept it float
+            res.floats[k] = v
+            res.layers.append(LayerRecord(mod, None, None, 0.0, None, 0.0))
+            continue
+        H = hessian(head_x) if head_x is not None and head_module(model, mod) else None
+        if mod in res.quantized:  # a tied table quantized before the blocks (``head_x_first``)
+            err = rel_error(v.astype(mx.float32), res.quantized[mod].dequantize(), H) if H is not None else None
+            res.layers.append(LayerRecord(mod, bits, g, 0.0, err, 0.0))
+            continue
+        err = None
+        if recipe.mode == "affine":
+            w = v.astype(mx.float32)
+            if H is not None and recipe.gptq_head:
+                target = w
+                if head_x_fp is not None and isinstance(get_module(model, mod), nn.Linear):
+                    target = qep_target(w, head_x_fp, head_x, recipe)
+                qw = gptq_head(target, H, bits, g, recipe)
+            else:
+                qw = quantize_rtn(w, bits, g, fit=grid_fit(recipe, bits, compensated=False))
+            if H is not None:
+                err = rel_error(w, qw.dequantize(), H)
+            res.quantized[mod] = qw.compact()
+        else:
+            res.quantized[mod] = float_quantize(v.astype(mx.float32), recipe.mode)
+            bits, g = recipe.bits, recipe.group_size
+        res.layers.append(LayerRecord(mod, bits, g, 0.0, err, 0.0))

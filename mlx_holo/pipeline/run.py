@@ -1,0 +1,184 @@
+"""Streaming block-by-block compression (the sequential convention of GPTQ, Frantar et al. 2022, sec. 3).
+
+Calibration windows enter block 0; for each transformer block in turn we record the inputs of its linear layers,
+compress those layers (RTN, GPTQ, AWQ, pruning, or a per-layer mix), and push the calibration activations through
+the *compressed* block to get the next block's inputs. A finished block's float weights are dropped at once, so
+peak memory is about one block in float32 plus the calibration activations, whatever the depth of the model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..model.experts import expert_modules
+from ..model.open import dequantize_model
+from ..model.structure import block_prefix, blocks, get_module, linear_modules, release_block
+from ..options import PRUNE_METHODS
+from ..quant import awq_fold
+from ..recipe import Recipe
+from ..tune.block import tune_block
+from .capture import block_inputs, capture_linear_inputs, hessian, rel_error
+from .head import finish_outside_blocks, head_inputs, tied_table_first
+from .layer import LayerRecord, compress_experts, compress_weight, layer_format
+
+
+@dataclass
+class PipelineResult:
+    quantized: dict = field(default_factory=dict)   # module path -> QuantizedWeight
+    floats: dict = field(default_factory=dict)      # parameter path -> float array (kept weights, norms, pruned)
+    layers: list = field(default_factory=list)      # LayerRecord
+    peak_memory_bytes: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)       # allocation details etc.
+    fallback: dict = field(default_factory=dict)    # layer -> fitted group size (None: kept float), see layer_format
+
+    def layer_dicts(self) -> list[dict]:
+        return [asdict(r) for r in self.layers]
+
+
+def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits: dict[str, int | None] | None = None,
+        layer_sparsity: list[float] | None = None, head_x_first: mx.array | None = None,
+        on_progress=None) -> PipelineResult:
+    """Compress ``model`` block by block with ``recipe``.
+
+    calib: [N, S] calibration token windows (None for data-free RTN / magnitude).
+    layer_bits: optional per-linear choice (full paths, e.g. from mixed precision): bits, (bits, group size), or
+    None = keep float.
+    layer_sparsity: optional per-block sparsity (OWL / zero-order allocation).
+    head_x_first: the float model's head inputs [n, D] (``forward_head_inputs``). Given, a tied embedding table is
+    GPTQ'd on them *before* the blocks and the compressed stream starts from the quantized table, so every block's
+    GPTQ (and QEP) sees, and can compensate, the input embedding's rounding (``recipe.embed_first``).
+    The model is consumed: its float weights are released as blocks finish.
+    """
+    t0 = time.perf_counter()
+    mx.reset_peak_memory()
+    res = PipelineResult()
+    dequantize_model(model)  # an already quantized input (e.g. re-compressing a 4-bit model) works on floats
+    bs = blocks(model)
+    # the quantizer that follows: mixed and SparseGPT use GPTQ (Hessians at hand), the other pruners RTN
+    quant_method = {"mixed": "gptq", "sparsegpt": "gptq", "magnitude": "rtn", "wanda": "rtn"}.get(recipe.method,
+                                                                                                 recipe.method)
+    pruning = recipe.method in PRUNE_METHODS
+    needs_data = (recipe.method not in ("rtn", "magnitude") or recipe.tune_steps > 0 or recipe.recover is not None
+                  or (recipe.clip_search and calib is not None))
+    x = mask = x_fp = None
+    qep = recipe.qep_alpha > 0 and quant_method == "gptq" and not pruning
+    if needs_data:
+        if calib is None:
+            raise ValueError(f"method {recipe.method} needs calibration data")
+        x, mask = block_inputs(model, calib)
+        mx.eval(x)
+        x_fp = x if qep else None  # QEP: the float model's own activations flow beside the compressed ones
+        if head_x_first is not None:
+            first = tied_table_first(model, recipe, layer_bits, head_x_first, res.fallback)
+            if first is not None:
+                path, qw = first
+                res.quantized[path] = qw
+                table = get_module(model, path)
+                w_float = table.weight
+                table.weight = qw.dequantize()
+                x, _ = block_inputs(model, calib)  # the compressed stream starts from the quantized table
+                mx.eval(x)
+                table.weight = w_float
+    prefix = block_prefix(model)
+    for i, block in enumerate(bs):
+        mx.eval(block.parameters())
+        X, X_fp, stages = {}, {}, []
+        y_float = None  # the still-float block's output on x
+        if x is not None:
+            y_float, X = capture_linear_inputs(block, x, mask, stages)
+        if recipe.method == "awq" or recipe.awq_scales:  # AWQ alone, or AWQ's scales then GPTQ (AWQ sec. 5)
+            alphas = awq_fold.apply(block, X, recipe, x, mask)
+            for key, n in (("awq_unscaled_groups", sum(a is None for a in alphas)),
+                           ("awq_alpha_zero_groups", sum(a == 0.0 for a in alphas)),
+                           ("awq_blocks_without_groups", int(not alphas))):
+                res.extra[key] = res.extra.get(key, 0) + n
+            X = {}
+            y_float, X = capture_linear_inputs(block, x, mask)  # inputs after the scale fold
+        if x_fp is not None:  # the block is still float here (a scale fold leaves its function unchanged)
+            x_fp, X_fp = capture_linear_inputs(block, x_fp, mask)
+        target = y_float if recipe.tune_steps else None  # what the block-wise tuning should reproduce
+        y_float = None
+        mods = dict(linear_modules(block))
+        staged = [p for st in stages for p in st]
+        recapture = {st[0] for st in stages[1:]} if recipe.true_sequential else set()  # first linear of a later stage
+        for path in staged + [p for p in mods if p not in staged]:
+            lin = mods[path]
+            if path in recapture:
+                X = {}  # drop the stale inputs first: a block's captures are the pipeline's largest arrays
+                _, X = capture_linear_inputs(block, x, mask)  # the inputs after the stages already compressed
+            full = f"{prefix}.{i}.{path}"
+            ts = time.perf_counter()
+            w = lin.weight.astype(mx.float32)
+            Xl = X.get(path)
+            H = hessian(Xl) if Xl is not None else None
+            bits, g = layer_format(full, w.shape[-1], layer_bits, recipe, res.fallback)
+            s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
+            q, w_hat, sparsity = compress_weight(w, Xl, H, X_fp.get(path), recipe, quant_method, bits, g, s)
+            if q is not None:
+                res.quantized[full] = q
+            else:
+                res.floats[f"{full}.weight"] = w_hat
+            lin.weight = w_hat  # later blocks see the compressed block (sequential calibration)
+            mx.eval(lin.weight)
+            err = rel_error(w, w_hat, H) if H is not None else None
+            res.layers.append(LayerRecord(full, bits, g if bits is not None else None, sparsity, err,
+                                          time.perf_counter() - ts))
+        for path, sw in expert_modules(block):
+            full = f"{prefix}.{i}.{path}"
+            bits, g = layer_format(full, sw.weight.shape[-1], layer_bits, recipe, res.fallback)
+            s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
+            record, q, w_hat = compress_experts(sw.weight, full, X.get(path, (None, None)), recipe, quant_method,
+                                                bits, g, s)
+            if q is not None:
+                res.quantized[full] = q
+            else:
+                res.floats[f"{full}.weight"] = w_hat
+            sw.weight = w_hat  # later blocks see the compressed experts
+            res.layers.append(record)
+        X = X_fp = {}
+        if target is not None:
+            _tune_block(block, i, prefix, x, mask, target, recipe, res, on_progress)
+            target = None
+        if x is not None:
+            x = block(x, mask)
+            mx.eval(x)
+        for k, v in tree_flatten(block.parameters()):
+            full = f"{prefix}.{i}.{k}"
+            # a quantized layer's weight is in res.quantized; everything else (its bias too) is saved as is
+            if not (k.endswith(".weight") and full[: -len(".weight")] in res.quantized) and full not in res.floats:
+                res.floats[full] = v
+        release_block(block)
+        res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
+        if on_progress:
+            on_progress("compress", i + 1, len(bs))
+    head_x = head_x_fp = None
+    if x is not None and quant_method == "gptq":
+        head_x = head_inputs(model, x)
+        if x_fp is not None:
+            head_x_fp = head_inputs(model, x_fp)
+    del x, x_fp
+    finish_outside_blocks(model, recipe, res, layer_bits, head_x, head_x_fp)
+    if res.fallback:
+        res.extra["group_fallback"] = res.fallback
+    res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _tune_block(block, i, prefix, x, mask, target, recipe, res, on_progress) -> None:
+    """Block-wise tuning of block i's quantized scales/biases (``tune.block``); updates res in place."""
+    qws = {p: q for p, _ in linear_modules(block)
+           if (q := res.quantized.get(f"{prefix}.{i}.{p}")) is not None and q.mode == "affine"}
+    if not qws:
+        return
+    new, tr = tune_block(block, qws, x, mask, target, steps=recipe.tune_steps, lr=recipe.tune_lr,
+                         seed=recipe.seed + i, on_progress=on_progress)
+    for p, qw in new.items():
+        res.quantized[f"{prefix}.{i}.{p}"] = qw.compact()
+    res.extra.setdefault("block_tune", []).append(
+        {"block": i, "loss_before": tr.loss_before, "loss_after": tr.loss_after, "kept": tr.kept})
