@@ -16,12 +16,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import data, evidence, hardware
+from . import data, evidence, hardware, preflight
 from .allocate.mixed import mixed_allocation
 from .allocate.sparsity import allocate_sparsity
-from .evaluation import compare
+from .evaluation import compare, stream_compare
 from .model.open import open_model
-from .model.save import atomic_dir, replace_tensors, save_compressed
+from .model.save import SHARD_BYTES, FolderWriter, atomic_dir, replace_tensors
 from .options import PRUNE_METHODS
 from .pipeline.head import forward_head_inputs
 from .pipeline.run import run
@@ -32,19 +32,26 @@ from .tune.e2e import tune_folder
 
 def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = "", *, eval_tokens: int = 8192,
              eval_seq_len: int = 512, eval_corpus: str = "wiki", gates: list[str] | None = None,
-             overwrite: bool = False, base_model=None, on_progress=None) -> dict:
+             overwrite: bool = False, base_model=None, shard_bytes: int = SHARD_BYTES,
+             max_memory_gb: float | None = None, on_progress=None) -> dict:
     """Compress ``model`` (a model spec, see ``model.open``) with ``recipe`` (default: ``Recipe()``, RTN 4-bit g64)
     into the folder ``out`` -> evidence dict (also written to out/evidence.json).
 
     eval_*: how the result is scored against the base (``eval_tokens`` 0 skips it; the gates then fail).
     gates: GO/NO-GO gates (default ``evidence.DEFAULT_GATES``). base_model: an already opened float base
     (``model.open_model(model)[0]``) to score against; reusing one object across calls lets ``evaluation.compare``
-    reuse its cached base outputs. on_progress(stage, done, total): progress of every long loop."""
+    reuse its cached base outputs; without it, the base and the result are scored block by block
+    (``evaluation.stream_compare``), neither held whole. shard_bytes: the output is written in shards of about this
+    size as the blocks finish. max_memory_gb: the memory the run may use (default: what the machine has
+    available); the pre-flight (``preflight.check``) refuses a run whose estimated peak exceeds it, before any work.
+    on_progress(stage, done, total): progress of every long loop."""
     if not out:
         raise ValueError("compress needs an output folder (out)")
     recipe = (recipe or Recipe()).validate()
     t0 = time.perf_counter()
-    base, tok, config, info = open_model(model, lazy=True, dequantize=True)
+    base, tok, config, info = open_model(model, lazy=True, dequantize=True)  # lazy: nothing read yet
+    memory = preflight.check(config, recipe, max_memory_gb=max_memory_gb, eval_tokens=eval_tokens,
+                             eval_seq_len=eval_seq_len, shard_bytes=shard_bytes)
     calib = corpus_c = None
     if recipe.needs_calibration():
         corpus_c = data.load_corpus(recipe.calib_corpus)
@@ -58,25 +65,24 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
     head_x_first = None
     if recipe.embed_first and calib is not None:
         head_x_first = forward_head_inputs(open_model(model, lazy=True, dequantize=True)[0], calib)
-    res = run(base, calib, recipe, layer_bits=layer_bits, layer_sparsity=layer_sparsity,
-                       head_x_first=head_x_first, on_progress=on_progress)
-    del head_x_first
-    if res.extra.get("group_fallback"):
-        fb = res.extra["group_fallback"]
-        kept = sorted(k for k, g in fb.items() if g is None)
-        print(f"note: group size {recipe.group_size} does not divide the input width of {len(fb)} layer(s): "
-              f"{len(fb) - len(kept)} take a smaller group size, {len(kept)} stay float "
-              f"(evidence: group_fallback)", file=sys.stderr)
-    compress_s = time.perf_counter() - t0
-    del base
-    mx.clear_cache()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        nbytes = save_compressed(res.floats, res.quantized, config, info.path, tmp,
-                                        default_bits=recipe.bits, default_group_size=max(recipe.group_size, 32)
-                                        if recipe.group_size != -1 else 128, mode=recipe.mode,
-                                        keep_float={r.name for r in res.layers if r.bits is None}
-                                        if recipe.bits is not None else None)
+        writer = FolderWriter(tmp, default_bits=recipe.bits, default_group_size=max(recipe.group_size, 32)
+                              if recipe.group_size != -1 else 128, mode=recipe.mode, shard_bytes=shard_bytes)
+        res = run(base, calib, recipe, layer_bits=layer_bits, layer_sparsity=layer_sparsity,
+                  head_x_first=head_x_first, sink=writer.add, on_progress=on_progress)
+        del head_x_first, base
+        nbytes = writer.close(config, info.path, {r.name for r in res.layers if r.bits is None}
+                              if recipe.bits is not None else None)
+        compress_s = time.perf_counter() - t0
+        if res.extra.get("group_fallback"):
+            fb = res.extra["group_fallback"]
+            kept = sorted(k for k, g in fb.items() if g is None)
+            print(f"note: group size {recipe.group_size} does not divide the input width of {len(fb)} layer(s): "
+                  f"{len(fb) - len(kept)} take a smaller group size, {len(kept)} stay float "
+                  f"(evidence: group_fallback)", file=sys.stderr)
+        mx.clear_cache()
         nbytes["original"] = 2 * info.n_params
+        shards = nbytes.pop("shards")
         layers = res.layer_dicts()
         extra = dict(details, **res.extra)
         if recipe.method in PRUNE_METHODS:
@@ -95,11 +101,13 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
         metrics: dict = {}
         corpus_e = data.load_corpus(eval_corpus)
         if eval_tokens > 0:
-            cm = open_model(str(tmp))[0]
-            bm = bm if bm is not None else open_model(model)[0]
             wins = data.windows(data.tokenize(tok, corpus_e, eval_tokens), eval_seq_len)
-            metrics = compare(cm, bm, wins, on_progress=on_progress).to_dict()
-            del cm, bm
+            if bm is not None:  # a base held in memory (benchmarks scoring many variants against it)
+                metrics = compare(open_model(str(tmp))[0], bm, wins, on_progress=on_progress).to_dict()
+            else:  # neither model is held whole
+                metrics = stream_compare(open_model(str(tmp), lazy=True)[0], open_model(model, lazy=True)[0], wins,
+                                         on_progress=on_progress).to_dict()
+            del bm
         else:
             wins = None
             metrics = {k: None for k in ("ppl", "base_ppl", "delta_ppl_pct", "kl", "top1", "cos_min",
@@ -107,7 +115,7 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
         corpora = {"evaluation": corpus_e.record(int(wins.size) if wins is not None else 0)}
         if corpus_c is not None:
             corpora["calibration"] = corpus_c.record(int(calib.size))
-        n_quant = sum(q.shape[0] * q.shape[1] for q in res.quantized.values())
+        n_quant = writer.n_quant_params
         ev = evidence.build(
             model={"id": info.id, "path": info.path, "hash": info.hash, "model_type": info.model_type,
                    "n_params": info.n_params},
@@ -116,7 +124,8 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
             timings={"compress_s": compress_s, "e2e_tune_s": e2e_s, "eval_s": time.perf_counter() - t1,
                      "total_s": time.perf_counter() - t0},
             peak_memory_bytes=hardware.peak_rss(), gates=gates or evidence.DEFAULT_GATES, layers=layers,
-            output={"path": str(out)}, pipeline_peak_mlx_bytes=int(res.peak_memory_bytes),
+            output={"path": str(out), "shards": shards}, pipeline_peak_mlx_bytes=int(res.peak_memory_bytes),
+            block_seconds=[round(t, 3) for t in res.block_seconds], memory_estimate=memory.to_dict(),
             command=" ".join(sys.orig_argv), **extra)
         evidence.write(ev, tmp / "evidence.json")
     return ev

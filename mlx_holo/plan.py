@@ -120,7 +120,7 @@ def _get(cfg: dict, *keys, default=None):
 
 
 @dataclass
-class _Arch:
+class Arch:
     hidden: int
     inter: int
     layers: int
@@ -138,7 +138,7 @@ class _Arch:
     shared_inter: int
 
 
-def _arch(config: dict) -> _Arch:
+def arch(config: dict) -> Arch:
     cfg = _text_config(config)
     mt = str(cfg.get("model_type", "")).lower()
     hidden = int(_get(cfg, "hidden_size", "n_embd", "d_model"))
@@ -146,7 +146,7 @@ def _arch(config: dict) -> _Arch:
     kv_heads = int(_get(cfg, "num_key_value_heads", default=heads))
     head_dim = int(cfg.get("head_dim") or hidden // heads)
     experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0)
-    a = _Arch(
+    a = Arch(
         hidden=hidden,
         inter=int(_get(cfg, "intermediate_size", "ffn_dim", default=4 * hidden)),
         layers=int(_get(cfg, "num_hidden_layers", "n_layer", "num_layers")),
@@ -182,7 +182,7 @@ def load_config(model: str) -> dict:
 
 def count_params(config: dict, group_size: int = 64) -> ParamCount:
     """Parameter count by component; `quantizable` = matrices MLX quantizes at this group size."""
-    a = _arch(config)
+    a = arch(config)
     quant, fp16 = 0, 0
 
     def linear(n_in: int, n_out: int, bias: bool = False) -> int:
@@ -231,7 +231,7 @@ def kv_cache_bytes(config: dict, context: int, batch: int = 1, kv_bits: int = 16
 
     kv_bits 16 = fp16 cache; 8 or 4 = mlx_lm's QuantizedKVCache (fp16 scale + bias per kv_group_size values).
     """
-    a = _arch(config)
+    a = arch(config)
     if kv_bits >= 16:
         per_elem = 2.0
     elif kv_bits in (4, 8):
@@ -245,7 +245,7 @@ def activation_bytes(config: dict, context: int, batch: int = 1) -> int:
     """Transient working set of a chunked prefill (fp16): the widest MLP activation (gate + up + product)
     and the residual/attention buffers for one prefill step of min(context, 2048) tokens, plus fp32 logits
     of one position per sequence. An estimate from the shapes, not a measurement."""
-    a = _arch(config)
+    a = arch(config)
     step = min(context, PREFILL_STEP)
     width = max(a.inter if not a.experts else a.moe_inter * max(a.top_k, 1), a.hidden)
     per_token = 3 * width + 4 * a.hidden + a.heads * a.head_dim + 2 * a.kv_heads * a.head_dim

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["compress", "eval", "bench", "validate", "plan", "tui"]
-SUBCOMMANDS = ["compress", "eval", "bench", "validate", "plan", "tune", "tui"]
+SUBCOMMANDS = ["compress", "eval", "bench", "validate", "plan", "tune", "synth", "tui"]
 SCRIPTS = sorted(f"{d}/{p.name}" for d in ("benchmarks", "experiments") for p in (ROOT / d).glob("*.py"))
 ENV = {**os.environ, "MLX_HOLO_NO_REEXEC": "1"}
 

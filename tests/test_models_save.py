@@ -72,7 +72,7 @@ def test_failure_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sys.modules["mlx_holo.compression"], "compare", boom)
+    monkeypatch.setattr(sys.modules["mlx_holo.compression"], "stream_compare", boom)  # evaluation fails
     with pytest.raises(KeyboardInterrupt):
         compress(str(tiny_model_dir), Recipe(bits=4), str(out), eval_tokens=256, eval_seq_len=128)
     assert not out.exists()

@@ -20,7 +20,9 @@ def input_errors() -> tuple[type, ...]:
     from ..model.files import ModelError
     from ..recipe import RecipeError
 
-    errors = [DataError, EvidenceError, ModelError, RecipeError, FileExistsError]
+    from ..preflight import PreflightError
+
+    errors = [DataError, EvidenceError, ModelError, RecipeError, FileExistsError, PreflightError]
     try:
         from ..allocate.bits import BudgetError
         errors.append(BudgetError)
@@ -68,9 +70,8 @@ def progress_printer(stream=None):
         width = 30
         fill = int(width * done / max(total, 1))
         el = now - started[stage]
-        eta = el / done * (total - done) if done else 0.0
-        stream.write(f"\r{stage:>10} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}  {_hms(el)} elapsed"
-                     + (f", {_hms(eta)} left" if done < total else "") + "   ")
+        eta = f", {_hms(el / done * (total - done))} left" if 0 < done < total and el > 0 else ""
+        stream.write(f"\r{stage:>10} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}  {_hms(el)} elapsed{eta}   ")
         if done >= total:
             stream.write("\n")
             started.pop(stage, None)

@@ -23,14 +23,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the PlanResult as JSON")
     args = ap.parse_args(argv)
     try:
-        res = plan(load_config(args.model), context=args.context, batch=args.batch, target_gb=args.target_gb,
+        config = load_config(args.model)
+        res = plan(config, context=args.context, batch=args.batch, target_gb=args.target_gb,
                    kv_bits=args.kv_bits, group_size=args.group_size, usable_fraction=args.usable_fraction,
                    min_uniform_bits=args.min_uniform_bits, model=args.model)
+        memory = compress_memory(config)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(json.dumps(res.to_dict(), indent=2) if args.json else format_plan(res))
+    if args.json:
+        print(json.dumps(dict(res.to_dict(), compress_memory=memory), indent=2))
+    else:
+        print(format_plan(res))
+        for name, est in memory.items():
+            print(f"compressing with {name} needs about {est['peak_bytes'] / 1e9:.1f} GB at its peak "
+                  f"({est['peak_phase']}; the pre-flight's estimate, `compress --max-memory-gb` sets the limit)")
     return 0
+
+
+def compress_memory(config: dict) -> dict:
+    """The pre-flight's estimate (``mlx_holo.preflight``) of compressing this model with the common recipes."""
+    from ..preflight import estimate
+    from ..recipe import Recipe
+
+    recipes = {"rtn 4-bit": Recipe(method="rtn"), "gptq 4-bit (8192 calibration tokens)": Recipe(method="gptq")}
+    return {name: estimate(config, r).to_dict() for name, r in recipes.items()}
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .files import TOKENIZER_FILES, ModelError, load_weights, weight_files
+from ..quant.formats import QuantizedWeight
+from .files import TOKENIZER_FILES, ModelError, weight_files
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -49,20 +50,42 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
         raise
 
 
-def save_compressed(floats: dict[str, mx.array], quantized: dict, config: dict, src: str | Path, out: str | Path, *,
-                    default_bits: int | None, default_group_size: int, mode: str = "affine",
-                    float_dtype=mx.float16, keep_float: set[str] | None = None) -> dict:
-    """Write an mlx-lm folder into ``out`` (an existing, empty folder: see ``atomic_dir``).
+SHARD_BYTES = 1 << 30  # a shard is written once this many bytes of finished tensors are pending
+INDEX_FILE = "model.safetensors.index.json"
 
-    floats: parameter path -> float tensor (stored in ``float_dtype``); quantized: module path -> QuantizedWeight
-    (affine or one of MLX's float modes). keep_float: module paths of layers
-    mlx-lm could quantize but we keep in floating point (written as ``False`` overrides).
-    Returns the bytes written per kind {codes, scales_biases, other, total}.
-    """
-    tensors = cast_items(floats.items(), float_dtype)
-    nbytes = {"codes": 0, "scales_biases": 0, "other": sum(v.nbytes for v in tensors.values())}
-    qcfg: dict = {"group_size": default_group_size, "bits": default_bits or 8, "mode": mode}
-    for mod, q in quantized.items():
+
+class FolderWriter:
+    """Streams an mlx-lm folder into ``out`` (an existing, empty folder: see ``atomic_dir``) as tensors become final.
+
+    ``add(floats, quantized)`` takes finished tensors -- floats: parameter path -> float tensor (stored in
+    ``float_dtype``); quantized: module path -> QuantizedWeight (affine or one of MLX's float modes) -- and writes a
+    shard whenever ``shard_bytes`` are pending, so finished blocks do not stay in memory. ``close`` writes the last
+    shard, names the shards as mlx-lm does (``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json``), config.json with the ``quantization`` block (default bits/group size,
+    per-layer overrides, ``False`` for layers kept float) and the tokenizer files of ``src``."""
+
+    def __init__(self, out: str | Path, *, default_bits: int | None, default_group_size: int, mode: str = "affine",
+                 float_dtype=mx.float16, shard_bytes: int = SHARD_BYTES):
+        self.out, self.float_dtype, self.shard_bytes = Path(out), float_dtype, shard_bytes
+        self.qcfg: dict = {"group_size": default_group_size, "bits": default_bits or 8, "mode": mode}
+        self.nbytes = {"codes": 0, "scales_biases": 0, "other": 0}
+        self.n_quant_params = 0  # weights stored quantized (for bits/weight)
+        self.any_quantized = False
+        self.pending: dict[str, mx.array] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []
+
+    def add(self, floats: dict[str, mx.array], quantized: dict | None = None) -> None:
+        tensors = cast_items(floats.items(), self.float_dtype)
+        self.nbytes["other"] += sum(v.nbytes for v in tensors.values())
+        for mod, q in (quantized or {}).items():
+            tensors.update(self._quantized(mod, q))
+        self.pending.update(tensors)
+        self.pending_bytes += sum(v.nbytes for v in tensors.values())
+        if self.pending_bytes >= self.shard_bytes:
+            self._flush()
+
+    def _quantized(self, mod: str, q: QuantizedWeight) -> dict[str, mx.array]:
         scales, biases, g = q.scales, q.biases, q.group_size
         if g == -1:  # per-channel: stored as 128/64/32-wide groups sharing one scale (loadable; bytes as stored)
             g = next(s for s in (128, 64, 32) if q.shape[1] % s == 0)
@@ -70,62 +93,132 @@ def save_compressed(floats: dict[str, mx.array], quantized: dict, config: dict, 
             scales, biases = mx.repeat(scales, reps, axis=1), mx.repeat(biases, reps, axis=1)
         wq = q.stored_shape(q.packed())
         if q.mode == "affine":
-            scales, biases = (q.stored_shape(a.astype(float_dtype)) for a in (scales, biases))
+            scales, biases = (q.stored_shape(a.astype(self.float_dtype)) for a in (scales, biases))
         else:  # MLX's float modes keep their own scale dtype (uint8 exponents) and have no biases
             scales = q.stored_shape(scales)
-        tensors.update({f"{mod}.weight": wq, f"{mod}.scales": scales})
+        out = {f"{mod}.weight": wq, f"{mod}.scales": scales}
         if biases is not None:
-            tensors[f"{mod}.biases"] = biases
+            out[f"{mod}.biases"] = biases
         entry = {"group_size": g, "bits": q.bits} | ({} if q.mode == "affine" else {"mode": q.mode})
-        nbytes["codes"] += wq.nbytes
-        nbytes["scales_biases"] += scales.nbytes + (biases.nbytes if biases is not None else 0)
-        if entry["bits"] != qcfg["bits"] or entry["group_size"] != qcfg["group_size"]:
-            qcfg[mod] = entry
-    nbytes["total"] = sum(nbytes.values())
-    cfg = {}
-    if quantized:
-        for mod in sorted(keep_float or ()):
-            qcfg[mod] = False
-        cfg = {"quantization": qcfg, "quantization_config": qcfg}
-    write_folder(out, tensors, config, cfg, float_dtype, src)
-    return nbytes
+        self.nbytes["codes"] += wq.nbytes
+        self.nbytes["scales_biases"] += scales.nbytes + (biases.nbytes if biases is not None else 0)
+        self.n_quant_params += q.shape[0] * q.shape[1]
+        self.any_quantized = True
+        if entry["bits"] != self.qcfg["bits"] or entry["group_size"] != self.qcfg["group_size"]:
+            self.qcfg[mod] = entry
+        return out
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        name = f".shard-{len(self.shards):05d}.safetensors"  # renamed by close(); not matched by weight_files
+        mx.save_safetensors(str(self.out / name), self.pending, metadata={"format": "mlx"})
+        self.shards.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self, config: dict, src: str | Path | None, keep_float: set[str] | None = None) -> dict:
+        """Finish the folder -> bytes written per kind {codes, scales_biases, other, total}."""
+        self._flush()
+        names = rename_shards(self.out, self.shards)
+        self.nbytes["total"] = sum(self.nbytes[k] for k in ("codes", "scales_biases", "other"))
+        cfg = {}
+        if self.any_quantized:
+            for mod in sorted(keep_float or ()):
+                self.qcfg[mod] = False
+            cfg = {"quantization": self.qcfg, "quantization_config": self.qcfg}
+        write_config(self.out, config, cfg, self.float_dtype, src)
+        return dict(self.nbytes, shards=len(names))
 
 
-def _with_replaced(folder: Path, tensors: dict[str, mx.array]) -> dict[str, mx.array]:
-    """All tensors of ``folder`` (lazy) with ``tensors`` put in, each cast to the dtype it had."""
-    weights = load_weights(folder)
-    unknown = sorted(set(tensors) - set(weights))
+def rename_shards(out: Path, shards: list[tuple[str, list[str]]]) -> list[str]:
+    """Give written shards mlx-lm's names (and an index when there are several) -> the final file names."""
+    if len(shards) == 1:
+        os.replace(out / shards[0][0], out / "model.safetensors")
+        return ["model.safetensors"]
+    weight_map, names = {}, []
+    for i, (tmp, keys) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(out / tmp, out / final)
+        weight_map.update({k: final for k in keys})
+        names.append(final)
+    total = sum((out / n).stat().st_size for n in names)
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                              "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    return names
+
+
+def save_compressed(floats: dict[str, mx.array], quantized: dict, config: dict, src: str | Path, out: str | Path, *,
+                    default_bits: int | None, default_group_size: int, mode: str = "affine",
+                    float_dtype=mx.float16, keep_float: set[str] | None = None,
+                    shard_bytes: int = SHARD_BYTES) -> dict:
+    """Write a whole compressed model at once with a ``FolderWriter`` (the pipeline streams into one instead) ->
+    bytes written per kind. keep_float: module paths of layers mlx-lm could quantize but we keep in floating point
+    (written as ``False`` overrides)."""
+    w = FolderWriter(out, default_bits=default_bits, default_group_size=default_group_size, mode=mode,
+                     float_dtype=float_dtype, shard_bytes=shard_bytes)
+    w.add(floats, quantized)
+    return w.close(config, src, keep_float)
+
+
+def _file_map(folder: Path) -> dict[str, Path]:
+    """tensor name -> the weight file holding it (read from the files' headers, lazily)."""
+    out = {}
+    for f in weight_files(folder):
+        out.update({k: f for k in load_weights_file(f)})
+    return out
+
+
+def load_weights_file(f: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(f))
+    except Exception as e:  # noqa: BLE001 - mlx raises RuntimeError/ValueError on bad headers
+        raise ModelError(f"corrupt safetensors file {f}: {e}") from e
+
+
+def _replaced_files(folder: Path, tensors: dict[str, mx.array]) -> dict[Path, dict[str, mx.array]]:
+    """The weight files of ``folder`` that hold any of ``tensors`` -> their full (lazy) contents with those
+    tensors put in, each cast to the dtype it had. One file's contents are read at a time by the callers."""
+    where = _file_map(folder)
+    unknown = sorted(set(tensors) - set(where))
     if unknown:
         raise ModelError(f"{folder} has no tensors {unknown[:3]}{' ...' if len(unknown) > 3 else ''}")
-    weights.update({k: v.astype(weights[k].dtype) for k, v in tensors.items()})
-    return weights
+    out: dict[Path, dict[str, mx.array]] = {}
+    for k in tensors:
+        out.setdefault(where[k], {})
+    return out
 
 
 def save_replaced(src: str | Path, out: str | Path, tensors: dict[str, mx.array], *, overwrite: bool = False) -> Path:
-    """Copy the model folder ``src`` to ``out`` (atomically) with some of its tensors replaced, each cast to the
-    dtype it had (e.g. tuned scales/biases of a compressed model). Its evidence.json, if any, is not copied: it
-    describes ``src``."""
+    """Copy the model folder ``src`` to ``out`` (atomically, one weight file at a time) with some of its tensors
+    replaced, each cast to the dtype it had (e.g. tuned scales/biases of a compressed model). Its evidence.json, if
+    any, is not copied: it describes ``src``."""
     src = Path(src)
-    weights = _with_replaced(src, tensors)
+    touched = _replaced_files(src, tensors)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         for f in src.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name != "evidence.json":
+            if f.name == "evidence.json" or not f.is_file():
+                continue
+            if f in touched:
+                _write_replaced(f, tmp / f.name, tensors)
+            else:
                 shutil.copy2(f, tmp / f.name)
     return Path(out)
 
 
+def _write_replaced(f: Path, dest: Path, tensors: dict[str, mx.array]) -> None:
+    weights = load_weights_file(f)
+    weights.update({k: v.astype(weights[k].dtype) for k, v in tensors.items() if k in weights})
+    mx.save_safetensors(str(dest), weights, metadata={"format": "mlx"})
+
+
 def replace_tensors(folder: str | Path, tensors: dict[str, mx.array]) -> None:
-    """Rewrite ``folder``'s weights in place with some tensors replaced (dtype kept): a new model.safetensors is
-    written under a temporary name, then the old weight files go and it is renamed."""
+    """Rewrite ``folder``'s weights in place with some tensors replaced (dtype kept), one weight file at a time:
+    each touched file is written under a temporary name, then renamed over the old one."""
     folder = Path(folder)
-    weights = _with_replaced(folder, tensors)
-    part = folder / ".replacing.safetensors"  # not matched by weight_files' model*.safetensors
-    mx.save_safetensors(str(part), weights, metadata={"format": "mlx"})
-    del weights
-    for f in weight_files(folder):
-        f.unlink()
-    os.replace(part, folder / "model.safetensors")
+    for f in _replaced_files(folder, tensors):
+        part = folder / f".replacing-{f.name}"  # not matched by weight_files' model*.safetensors
+        _write_replaced(f, part, tensors)
+        os.replace(part, f)
 
 
 def cast_items(items, float_dtype) -> dict[str, mx.array]:
@@ -133,16 +226,21 @@ def cast_items(items, float_dtype) -> dict[str, mx.array]:
     return {k: v.astype(float_dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in items}
 
 
-def write_folder(out: str | Path, tensors: dict[str, mx.array], config: dict, extra: dict, float_dtype,
-                  src: str | Path | None) -> None:
-    """The mlx-lm part of an output folder: model.safetensors, config.json (``config`` without its quantization
-    blocks, plus ``extra`` and torch_dtype) and the tokenizer files of ``src``."""
+def write_config(out: str | Path, config: dict, extra: dict, float_dtype, src: str | Path | None) -> None:
+    """config.json (``config`` without its quantization blocks, plus ``extra`` and torch_dtype) and the tokenizer
+    files of ``src``."""
     out = Path(out)
     cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     cfg.update(extra)
     cfg["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32"}[float_dtype]
-    mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2))
     for name in TOKENIZER_FILES if src is not None else ():
         if (Path(src) / name).exists():
             shutil.copy2(Path(src) / name, out / name)
+
+
+def write_folder(out: str | Path, tensors: dict[str, mx.array], config: dict, extra: dict, float_dtype,
+                 src: str | Path | None) -> None:
+    """The mlx-lm part of an output folder written at once: model.safetensors and ``write_config``'s files."""
+    mx.save_safetensors(str(Path(out) / "model.safetensors"), tensors, metadata={"format": "mlx"})
+    write_config(out, config, extra, float_dtype, src)

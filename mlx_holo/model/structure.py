@@ -104,3 +104,15 @@ def final_norm(model: nn.Module) -> nn.Module | None:
 def release_block(block: nn.Module) -> None:
     """Drop a finished block's tensors (each replaced by an empty array): what bounds memory to about one block."""
     block.update(tree_map(lambda a: mx.zeros((0,), a.dtype), block.parameters()))
+
+
+def drop_input_embedding(model: nn.Module) -> bool:
+    """Free the input embedding table of a model whose head has its own weight (an untied lm_head) once the block
+    inputs are computed: the table becomes a one-row stand-in (the forward still builds the lookup, which nothing
+    then evaluates). -> whether it was dropped."""
+    inner = getattr(model, "model", model)
+    emb = getattr(inner, "embed_tokens", None)
+    if not hasattr(model, "lm_head") or not isinstance(emb, nn.Embedding):
+        return False
+    emb.weight = mx.zeros((1, emb.weight.shape[-1]), emb.weight.dtype)
+    return True

@@ -121,3 +121,28 @@ def capture_block_outputs(model: nn.Module):
     finally:
         for layer, cls in zip(layers, originals):
             layer.__class__ = cls
+
+
+def run_head(model: nn.Module, tokens: mx.array, h: mx.array) -> mx.array:
+    """The model's own head -- final norm, lm_head or tied table, any logit scaling or soft-capping -- on hidden
+    states h [B, S, D] leaving the last block (of the windows tokens [B, S]) -> logits [B, S, V]. The model's forward
+    runs with its first block returning h and the others passing their input through, so nothing of the blocks is
+    read (their weights may already be released) and the embedding lookup, unused, is never computed."""
+    layers = blocks(model)
+    saved = []
+
+    def first(self, x, *a, **k):
+        return h
+
+    def skip(self, x, *a, **k):
+        return x
+
+    for j, layer in enumerate(layers):
+        cls = type(layer)
+        layer.__class__ = type("Head" + cls.__name__, (cls,), {"__call__": first if j == 0 else skip})
+        saved.append((layer, cls))
+    try:
+        return model(tokens)
+    finally:
+        for layer, cls in saved:
+            layer.__class__ = cls

@@ -35,13 +35,15 @@ class PipelineResult:
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)       # allocation details etc.
     fallback: dict = field(default_factory=dict)    # layer -> fitted group size (None: kept float), see layer_format
+    block_seconds: list = field(default_factory=list)  # wall time of each block
+    n_quant_params: int = 0                         # weights stored quantized, drained ones included
 
     def layer_dicts(self) -> list[dict]:
         return [asdict(r) for r in self.layers]
 
 
 def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits: dict[str, int | None] | None = None,
-        layer_sparsity: list[float] | None = None, head_x_first: mx.array | None = None,
+        layer_sparsity: list[float] | None = None, head_x_first: mx.array | None = None, sink=None,
         on_progress=None) -> PipelineResult:
     """Compress ``model`` block by block with ``recipe``.
 
@@ -52,6 +54,9 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     head_x_first: the float model's head inputs [n, D] (``forward_head_inputs``). Given, a tied embedding table is
     GPTQ'd on them *before* the blocks and the compressed stream starts from the quantized table, so every block's
     GPTQ (and QEP) sees, and can compensate, the input embedding's rounding (``recipe.embed_first``).
+    sink(floats, quantized): given (e.g. ``model.save.FolderWriter.add``), each finished block's tensors are handed
+    to it and dropped from the result (the embeddings and head at the end), so finished blocks do not stay in
+    memory; without it they accumulate in ``res.floats`` / ``res.quantized``.
     The model is consumed: its float weights are released as blocks finish.
     """
     t0 = time.perf_counter()
@@ -86,6 +91,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
                 table.weight = w_float
     prefix = block_prefix(model)
     for i, block in enumerate(bs):
+        tb = time.perf_counter()
         mx.eval(block.parameters())
         X, X_fp, stages = {}, {}, []
         y_float = None  # the still-float block's output on x
@@ -153,7 +159,10 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             if not (k.endswith(".weight") and full[: -len(".weight")] in res.quantized) and full not in res.floats:
                 res.floats[full] = v
         release_block(block)
+        if sink is not None:
+            _drain(res, f"{prefix}.{i}.", sink)
         res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
+        res.block_seconds.append(time.perf_counter() - tb)
         if on_progress:
             on_progress("compress", i + 1, len(bs))
     head_x = head_x_fp = None
@@ -163,11 +172,21 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             head_x_fp = head_inputs(model, x_fp)
     del x, x_fp
     finish_outside_blocks(model, recipe, res, layer_bits, head_x, head_x_fp)
+    if sink is not None:
+        _drain(res, "", sink)
     if res.fallback:
         res.extra["group_fallback"] = res.fallback
     res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _drain(res: PipelineResult, prefix: str, sink) -> None:
+    """Hand the finished tensors under ``prefix`` to ``sink`` and drop them from ``res``."""
+    floats = {k: res.floats.pop(k) for k in [k for k in res.floats if k.startswith(prefix)]}
+    quantized = {k: res.quantized.pop(k) for k in [k for k in res.quantized if k.startswith(prefix)]}
+    res.n_quant_params += sum(q.shape[0] * q.shape[1] for q in quantized.values())
+    sink(floats, quantized)
 
 
 def _tune_block(block, i, prefix, x, mask, target, recipe, res, on_progress) -> None:

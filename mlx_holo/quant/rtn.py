@@ -24,7 +24,10 @@ Plain min/max RTN is the baseline every paper compares against (e.g. Frantar et 
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
+import numpy as np
 
 from ..options import FITS
 from .formats import AFFINE_BITS, FormatError, QuantizedWeight
@@ -131,34 +134,70 @@ def _group_error(wg: mx.array, scale: mx.array, bias: mx.array, bits: int, imp: 
     return (err if imp is None else err * imp).sum(axis=2, keepdims=True)
 
 
+@lru_cache(maxsize=None)
+def _lsq_step(bits: int, weighted: bool, scale_dtype):
+    """One iteration of ``lsq_refine`` on a set of groups (rows [n, g]), compiled once for any n."""
+    n_levels = 2**bits - 1
+
+    def step(wg, a, scale, bias, sa, sw, best_err):
+        q = mx.clip(mx.round((wg - bias) / scale), 0, n_levels)  # [n, g]
+        aq = a * q if weighted else q
+        sq, sqq, sqw = _sum(aq), _sum(aq * q), _sum(aq * wg)
+        det = sa * sqq - sq * sq
+        ok = det > 1e-12 * mx.maximum(sa * sqq, 1e-30)  # codes not all equal: the regression is determined
+        s_new = mx.where(ok, (sa * sqw - sq * sw) / mx.where(ok, det, 1.0), scale)
+        b_new = mx.where(ok, (sw - s_new * sq) / mx.maximum(sa, 1e-30), bias)
+        s_new = mx.where(mx.abs(s_new) < 1e-7, scale, s_new)
+        s_new, b_new = s_new.astype(scale_dtype).astype(mx.float32), b_new.astype(scale_dtype).astype(mx.float32)
+        d = (mx.clip(mx.round((wg - b_new) / s_new), 0, n_levels) * s_new + b_new - wg) ** 2
+        err = _sum(d * a if weighted else d)
+        moved = ((s_new != scale) | (b_new != bias)).reshape(-1)
+        return s_new, b_new, err, err < best_err, moved
+    return mx.compile(step, shapeless=True)
+
+
+def _sum(x: mx.array) -> mx.array:
+    return x.sum(axis=-1, keepdims=True)
+
+
 def lsq_refine(wg: mx.array, scale: mx.array, bias: mx.array, bits: int, imp: mx.array | None = None,
                iters: int = 8, scale_dtype=mx.float16) -> tuple[mx.array, mx.array]:
     """Alternating least squares on each group's grid (see the module docstring, fit="lsq").
 
     wg [out, G, g]; scale/bias [out, G, 1] (already storage-rounded) -> refined (scale, bias), storage-rounded.
     imp [1, G, g] | None: per-weight importance of the squared error. The error of the returned grid is never above
-    the starting one: each iterate is kept only where it lowers the group's error.
+    the starting one: each iterate is kept only where it lowers the group's error. A group whose stored scale and
+    bias did not move is at a fixed point (its later iterates would be the same), so each iteration works on the
+    groups still moving only: the result is that of ``iters`` full iterations.
     """
-    a = mx.ones_like(wg) if imp is None else mx.broadcast_to(imp, wg.shape)  # [out, G, g]
-    best_err = _group_error(wg, scale, bias, bits, imp)
-    best_s, best_b = scale, bias
-    sa = a.sum(axis=2, keepdims=True)
-    sw = (a * wg).sum(axis=2, keepdims=True)
+    shape, g = scale.shape, wg.shape[2]
+    weighted = imp is not None
+    w2 = wg.reshape(-1, g)                                               # [N, g], N = out * G groups
+    a2 = mx.broadcast_to(imp, wg.shape).reshape(-1, g) if weighted else mx.array(1.0)
+    best_err = _group_error(wg, scale, bias, bits, imp).reshape(-1, 1)   # [N, 1]
+    best_s, best_b = scale.reshape(-1, 1), bias.reshape(-1, 1)
+    sa = _sum(a2) if weighted else mx.full(best_s.shape, g, mx.float32)
+    sw = _sum(a2 * w2) if weighted else _sum(w2)
+    step = _lsq_step(bits, weighted, scale_dtype)
+    cur_s, cur_b = best_s, best_b
+    idx = None                                                           # None: every group
     for _ in range(iters):
-        q = round_codes(wg, scale, bias, bits)  # [out, G, g]
-        sq, sqq, sqw = (a * q).sum(2, keepdims=True), (a * q * q).sum(2, keepdims=True), (a * q * wg).sum(2, keepdims=True)
-        det = sa * sqq - sq * sq
-        ok = det > 1e-12 * mx.maximum(sa * sqq, 1e-30)  # codes not all equal: the regression is determined
-        s_new = mx.where(ok, (sa * sqw - sq * sw) / mx.where(ok, det, 1.0), scale)
-        b_new = mx.where(ok, (sw - s_new * sq) / mx.maximum(sa, 1e-30), bias)
-        s_new = mx.where(mx.abs(s_new) < 1e-7, scale, s_new)
-        scale, bias = s_new.astype(scale_dtype).astype(mx.float32), b_new.astype(scale_dtype).astype(mx.float32)
-        err = _group_error(wg, scale, bias, bits, imp)
-        better = err < best_err
-        best_err = mx.where(better, err, best_err)
-        best_s, best_b = mx.where(better, scale, best_s), mx.where(better, bias, best_b)
-        mx.eval(best_err, best_s, best_b, scale, bias)
-    return best_s, best_b
+        take = (lambda x: x) if idx is None else (lambda x: x[idx])
+        s_new, b_new, err, better, moved = step(take(w2), take(a2) if weighted else a2, take(cur_s), take(cur_b),
+                                                take(sa), take(sw), take(best_err))
+        upd = lambda old, new: mx.where(better, new, take(old))  # noqa: E731
+        if idx is None:
+            best_err, best_s, best_b = upd(best_err, err), upd(best_s, s_new), upd(best_b, b_new)
+            cur_s, cur_b = s_new, b_new
+        else:
+            best_err[idx], best_s[idx], best_b[idx] = upd(best_err, err), upd(best_s, s_new), upd(best_b, b_new)
+            cur_s[idx], cur_b[idx] = s_new, b_new
+        mx.eval(best_err, best_s, best_b, cur_s, cur_b, moved)
+        keep = np.flatnonzero(np.array(moved))
+        if keep.size == 0:
+            break
+        idx = mx.array(keep.astype(np.int32)) if idx is None else idx[mx.array(keep.astype(np.int32))]
+    return best_s.reshape(shape), best_b.reshape(shape)
 
 
 def zlsq_refine(wg: mx.array, scale: mx.array, bias: mx.array, bits: int, imp: mx.array | None = None,
