@@ -121,8 +121,8 @@ def table(rows: list[dict]) -> str:
         gb = lambda b: f"{b / 1e9:.2f}" if b else "-"  # noqa: E731
         blocks = (f"{r['block_s_first']:.1f}/{r['block_s_median']:.1f}/{r['block_s_last']:.1f}"
                   if "block_s_first" in r else "-")
-        note = "killed at the memory cap" if r.get("killed_at_cap") else ("failed" if r["rc"] else
-                                                                        r.get("verdict", ""))
+        note = ("killed at the memory cap" if r.get("killed_at_cap") else r.get("verdict")
+                or ("failed" if r["rc"] else ""))  # compress exits 1 on NO-GO: a random model misses the gates
         lines.append(f"{r['preset']:14s} {r['method']:12s} {gb(r['peak_rss_bytes']):>8s} "
                      f"{gb(r.get('estimate_bytes')):>7s} {blocks:>23s} {r.get('compress_s', 0):>10.0f} "
                      f"{r.get('eval_s', 0):>7.0f} {r.get('total_s', r['seconds']):>8.0f} "

@@ -26,6 +26,7 @@ from .plan import arch, count_params
 
 GB = 1e9
 RUNTIME_BYTES = int(0.6 * GB)
+RTN_CHUNK = 1 << 24  # quant.rtn.CHUNK_ELEMENTS (kept here: this module stays MLX-free)
 F32 = 4
 
 # what lowers each phase, for the error message
@@ -96,12 +97,14 @@ def estimate(config: dict, recipe, *, eval_tokens: int = 8192, eval_seq_len: int
     # each distinct linear input (q/k/v, o, gate/up, down) plus the stream entering and leaving the block
     captured = tokens * F32 * (2 * D + q_out + inter * (a.top_k or 1))
     stream = tokens * D * F32
-    blocks = {"block_float32": block * F32, "layer_copies": 2 * largest * F32,
+    work = min(largest, RTN_CHUNK) * F32 * 8             # the grid fit's work arrays (quant.rtn slices rows)
+    blocks = {"block_float32": block * F32, "layer_copies": 2 * largest * F32, "fit_work": work,
               "hessian": (largest_in ** 2) * (F32 + 16) if calib else 0,  # H float32 + float64 inverse, factor
               "calibration": (stream * 2 + captured) * (2 if qep else 1), "output_shard": shard,
               "runtime": RUNTIME_BYTES}
     head_rows = V
     head = {"head_float32": head_rows * D * F32 * 2,  # the weight and its compressed copy
+            "fit_work": min(head_rows * D, RTN_CHUNK) * F32 * 8,
             "head_inputs": tokens * D * F32 * (2 if qep and not a.tied else 1) if gptq_like and recipe.gptq_head
             else 0,
             "hessian": D * D * (F32 + 16) if gptq_like and recipe.gptq_head else 0, "output_shard": shard,

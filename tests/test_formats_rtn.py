@@ -236,3 +236,19 @@ def test_lsq_active_set_equals_full_iterations(bits, weighted):
     want = _lsq_reference(wg, s0, b0, bits, imp)
     assert all(mx.array_equal(g, w_).item() for g, w_ in zip(got, want))
     assert not mx.array_equal(got[0], s0).item()  # the refinement did move the grids
+
+
+@pytest.mark.parametrize("fit", ["lsq", "zlsq", "mlx"])
+def test_rtn_in_row_slices_equals_whole(monkeypatch, fit):
+    """A large matrix is quantized in slices of rows (bounded work arrays): the same codes, scales and biases."""
+    from mlx_holo import preflight
+    from mlx_holo.quant import rtn
+
+    assert preflight.RTN_CHUNK == rtn.CHUNK_ELEMENTS  # the pre-flight counts the same slices
+    mx.random.seed(1)
+    w = mx.random.normal((300, 256))
+    whole = quantize_rtn(w, 3, 64, fit=fit)
+    monkeypatch.setattr(rtn, "CHUNK_ELEMENTS", 256 * 64)  # 64-row slices, the last one shorter
+    sliced = quantize_rtn(w, 3, 64, fit=fit)
+    for a, b in ((whole.codes, sliced.codes), (whole.scales, sliced.scales), (whole.biases, sliced.biases)):
+        assert mx.array_equal(a, b).item()

@@ -143,3 +143,17 @@ def test_preflight_scales_with_the_model():
     assert 0 < small.peak_bytes < big.peak_bytes < 32e9  # an 8B run fits a 32 GB machine, block by block
     e2e = estimate(preset("llama3-8b").hf_config(), Recipe(method="gptq", e2e_steps=10), eval_tokens=512)
     assert e2e.peak_phase == "tuning" and e2e.peak_bytes > 2 * 8e9 * 4  # end-to-end tuning holds two fp32 models
+
+
+@pytest.mark.slow
+def test_gguf_conversion_is_written_in_shards_and_equals_the_one_file_conversion(tmp_path, embedded_dir):
+    from mlx_holo.model.gguf import convert_gguf
+    from mlx_holo.model.open import embedded_gguf
+
+    out = convert_gguf(embedded_gguf(), tmp_path / "conv", shard_bytes=100 << 20)
+    files = sorted(out.glob("model-*.safetensors"))
+    assert len(files) >= 3 and (out / "model.safetensors.index.json").exists()
+    ref = models.load_weights(embedded_dir)
+    got = models.load_weights(out)
+    assert set(got) == set(ref)
+    assert all(mx.array_equal(got[k], ref[k]).item() for k in ref)

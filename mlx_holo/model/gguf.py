@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from .files import ModelError
-from .save import replace_dir
+from .save import rename_shards, replace_dir
 
 
 _GGUF_NAMES = {
@@ -63,8 +63,29 @@ def _gguf_tokenizer(fields: dict, out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def convert_gguf(gguf_path: str | Path, out: str | Path) -> Path:
-    """Convert a llama-architecture GGUF (any ggml quant type) into an HF-format fp32 folder, atomically."""
+def _hf_name(name: str) -> str | None:
+    """A GGUF tensor name -> its HF / mlx-lm name (None: not a tensor the model reads)."""
+    if name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if name == "output_norm.weight":
+        return "model.norm.weight"
+    if name == "output.weight":
+        return "lm_head.weight"
+    if name.startswith("blk."):
+        _, i, part, _ = name.split(".")
+        return f"model.layers.{i}.{_GGUF_NAMES[part]}.weight" if part in _GGUF_NAMES else None
+    return None
+
+
+def _write_shard(folder: Path, k: int, tensors: dict) -> tuple[str, list[str]]:
+    name = f".shard-{k:05d}.safetensors"
+    mx.save_safetensors(str(folder / name), tensors, metadata={"format": "mlx"})
+    return name, list(tensors)
+
+
+def convert_gguf(gguf_path: str | Path, out: str | Path, *, shard_bytes: int = 2 << 30) -> Path:
+    """Convert a llama-architecture GGUF (any ggml quant type) into an HF-format fp32 folder, atomically, one tensor
+    at a time (shards of about ``shard_bytes``, so a large GGUF never sits in memory whole)."""
     import gguf
 
     out = Path(out)
@@ -96,32 +117,28 @@ def convert_gguf(gguf_path: str | Path, out: str | Path) -> Path:
         "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"), "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32", "mlx_holo_source": f"converted from {Path(gguf_path).name}",
     }
-    weights = {}
-    for name, t in tensors.items():
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        w = w.reshape([int(d) for d in reversed(t.shape)]) if w.size == int(np.prod(t.shape)) else w
-        if name == "token_embd.weight":
-            key = "model.embed_tokens.weight"
-        elif name == "output_norm.weight":
-            key = "model.norm.weight"
-        elif name == "output.weight":
-            key = "lm_head.weight"
-        elif name.startswith("blk."):
-            _, i, part, _ = name.split(".")
-            if part not in _GGUF_NAMES:
-                continue
-            if part == "attn_q":
-                w = _unpermute(w, n_head)
-            elif part == "attn_k":
-                w = _unpermute(w, n_kv)
-            key = f"model.layers.{i}.{_GGUF_NAMES[part]}.weight"
-        else:
-            continue
-        weights[key] = mx.array(w)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        pending, size, shards = {}, 0, []
+        for name, t in tensors.items():  # one tensor dequantized at a time, a shard written every shard_bytes
+            key = _hf_name(name)
+            if key is None:
+                continue
+            w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            w = w.reshape([int(d) for d in reversed(t.shape)]) if w.size == int(np.prod(t.shape)) else w
+            if name.endswith("attn_q.weight"):
+                w = _unpermute(w, n_head)
+            elif name.endswith("attn_k.weight"):
+                w = _unpermute(w, n_kv)
+            pending[key] = mx.array(w)
+            size += w.nbytes
+            if size >= shard_bytes:
+                shards.append(_write_shard(tmp, len(shards), pending))
+                pending, size = {}, 0
+        if pending or not shards:
+            shards.append(_write_shard(tmp, len(shards), pending))
+        rename_shards(tmp, shards)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _gguf_tokenizer(fields, tmp)
         replace_dir(tmp, out)

@@ -118,7 +118,7 @@ def _tensor(shape, kind: str, rng: np.random.Generator, outliers: np.ndarray, ro
     if kind == "bias":
         return mx.array(0.1 * rng.standard_normal(shape, np.float32)).astype(mx.bfloat16)
     rows, cols = shape
-    std = 1.0 if kind == "embedding" else 1.0 / math.sqrt(cols)
+    std = 0.02 if kind == "embedding" else 1.0 / math.sqrt(cols)  # 0.02: HF's initializer_range (a tied head reads it)
     col = np.ones(cols, np.float32)
     if kind == "reader":  # the channels the norm amplifies feed it: smaller weights there keep its output scale
         col[outliers] = 1.0 / outlier_scale ** 0.5

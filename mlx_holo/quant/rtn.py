@@ -227,7 +227,8 @@ def zlsq_refine(wg: mx.array, scale: mx.array, bias: mx.array, bits: int, imp: m
     return best_s, best_b
 
 
-REFINES = {"lsq": lsq_refine, "zlsq": zlsq_refine}  # refined fits -> their refinement step
+REFINES = {"lsq": lsq_refine, "zlsq": zlsq_refine}
+CHUNK_ELEMENTS = 1 << 24  # quantize_rtn works on at most this many weights at once  # refined fits -> their refinement step
 
 
 def start_fits(fit: str) -> tuple[str, ...]:
@@ -244,7 +245,8 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
 
     importance: optional [in] per-input-channel weights for the clip-search / lsq error (e.g. E[x^2]).
     exact_zero: stored grids hold 0 exactly, so zeros (pruned weights) dequantize to exactly 0 (no grid offset,
-    fit "mlx").
+    fit "mlx"). A matrix of more than ``CHUNK_ELEMENTS`` weights is quantized in slices of rows (the same result;
+    stochastic rounding draws each slice from its own seed).
     fit: "mlx" | "minmax" | "lsq" | "zlsq" (module docstring). "lsq" starts from the better of the "mlx" and
     "minmax" grids per group (so it is never worse than either), "zlsq" from the "mlx" grid; with ``clip_search``
     both start from the best clipped range.
@@ -253,6 +255,16 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    rows = max(1, CHUNK_ELEMENTS // w.shape[1])
+    if w.shape[0] > rows:  # rows are independent: a large layer (an LM head) in slices bounds the work arrays
+        kw = dict(clip_search=clip_search, clip_grid=clip_grid, clip_min=clip_min, importance=importance,
+                  grid_offset=grid_offset, rounding=rounding, scale_dtype=scale_dtype, exact_zero=exact_zero, fit=fit)
+        parts = [quantize_rtn(w[r:r + rows], bits, group_size, seed=seed + k, **kw)
+                 for k, r in enumerate(range(0, w.shape[0], rows))]
+        for q in parts:
+            mx.eval(q.codes, q.scales, q.biases)
+        return QuantizedWeight(mx.concatenate([q.codes for q in parts]), mx.concatenate([q.scales for q in parts]),
+                               mx.concatenate([q.biases for q in parts]), bits, parts[0].group_size)
     wg, g = split_groups(w, group_size)  # [out, G, g]
     lo, hi = wg.min(axis=2, keepdims=True), wg.max(axis=2, keepdims=True)  # [out, G, 1]
     key = mx.random.key(seed)
