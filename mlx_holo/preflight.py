@@ -149,3 +149,12 @@ def check(config: dict, recipe, *, max_memory_gb: float | None = None, **kw) -> 
             f"{est.limit_bytes / GB:.1f} GB of {est.limit_source}; lower it with {LOWER[est.peak_phase]}, or set "
             "--max-memory-gb if more memory is free than reported")
     return est
+
+
+def compress_memory(config: dict) -> dict:
+    """The estimate for compressing this model with the common recipes (what ``plan`` and the TUI's planner show):
+    {recipe name: MemoryEstimate.to_dict()}."""
+    from .recipe import Recipe
+
+    recipes = {"rtn 4-bit": Recipe(method="rtn"), "gptq 4-bit (8192 calibration tokens)": Recipe(method="gptq")}
+    return {name: estimate(config, r).to_dict() for name, r in recipes.items()}

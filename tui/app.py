@@ -30,6 +30,7 @@ from textual_plotext import PlotextPlot
 
 from mlx_holo import options
 from mlx_holo import plan as planner
+from mlx_holo.preflight import compress_memory
 
 from . import charts
 
@@ -635,6 +636,8 @@ class PlannerPane(Vertical):
         msg.set_class(res.fits is True, "go")
         msg.set_class(res.fits is False, "nogo")
         text = res.message + (f"\nrecipe: {json.dumps(res.recipe)}" if res.recipe else "")
+        for name, est in compress_memory(planner.load_config(os.path.expanduser(model))).items():
+            text += f"\ncompressing with {name}: about {est['peak_bytes'] / 1e9:.1f} GB at its peak ({est['peak_phase']})"
         msg.update(Text(text))
         p = res.params
         self.query_one("#pl_params", Label).update(Text(

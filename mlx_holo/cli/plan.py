@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..plan import DEFAULT_USABLE_FRACTION, PlanError, format_plan, load_config, plan
+from ..preflight import compress_memory
 from .common import EXIT_BAD_INPUT
 
 
@@ -39,15 +40,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compressing with {name} needs about {est['peak_bytes'] / 1e9:.1f} GB at its peak "
                   f"({est['peak_phase']}; the pre-flight's estimate, `compress --max-memory-gb` sets the limit)")
     return 0
-
-
-def compress_memory(config: dict) -> dict:
-    """The pre-flight's estimate (``mlx_holo.preflight``) of compressing this model with the common recipes."""
-    from ..preflight import estimate
-    from ..recipe import Recipe
-
-    recipes = {"rtn 4-bit": Recipe(method="rtn"), "gptq 4-bit (8192 calibration tokens)": Recipe(method="gptq")}
-    return {name: estimate(config, r).to_dict() for name, r in recipes.items()}
 
 
 if __name__ == "__main__":
