@@ -70,6 +70,20 @@ class Metrics:
         return asdict(self)
 
 
+def _metrics(n: int, s: int, nll: float, base_nll: float, kl: float, top1: float, cos: list | None) -> Metrics:
+    """Sums over the n * (s - 1) predictions of n windows of s tokens -> Metrics (base figures when cos is given)."""
+    count = n * (s - 1)
+    m = Metrics(tokens=int(n * s), windows=int(n), seq_len=int(s))
+    m.ppl = float(mx.exp(mx.array(nll / count)).item())
+    if cos is not None:
+        m.base_ppl = float(mx.exp(mx.array(base_nll / count)).item())
+        m.delta_ppl_pct = 100.0 * (m.ppl - m.base_ppl) / m.base_ppl
+        m.kl, m.top1 = kl / count, top1 / count
+        m.cos_per_layer = cos
+        m.cos_min = min(cos) if cos else None
+    return m
+
+
 _BASE_CACHE: dict = {}          # (id(base), windows digest) -> per-window (logits [S, V], block outputs)
 BASE_CACHE_MAX_BYTES = 2 << 30  # keep one base reference in memory when it fits (benchmarks score many variants)
 
@@ -130,16 +144,8 @@ def compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_
             first_logits.append(logits)
         if on_progress:
             on_progress("evaluate", i + 1, n)
-    count = n * (s - 1)
-    m = Metrics(tokens=int(n * s), windows=int(n), seq_len=int(s))
-    m.ppl = float(mx.exp(mx.array(nll_t / count)).item())
-    if base is not None:
-        m.base_ppl = float(mx.exp(mx.array(base_nll_t / count)).item())
-        m.delta_ppl_pct = 100.0 * (m.ppl - m.base_ppl) / m.base_ppl
-        m.kl = kl_t / count
-        m.top1 = top1_t / count
-        m.cos_per_layer = [float(c) for c in (cos_sum / n).tolist()]
-        m.cos_min = min(m.cos_per_layer)
+    m = _metrics(n, s, nll_t, base_nll_t, kl_t, top1_t,
+                 [float(c) for c in (cos_sum / n).tolist()] if base is not None else None)
     if det_windows:
         delta = 0.0
         for i, ref in enumerate(first_logits):
@@ -225,16 +231,7 @@ def stream_compare(model: nn.Module, base: nn.Module | None, windows: mx.array, 
             delta = max(delta, parts[-1].item())
     if on_progress:
         on_progress("evaluate", len(bc_list) + 1, len(bc_list) + 1)
-    count = n * (s - 1)
-    m = Metrics(tokens=int(n * s), windows=int(n), seq_len=int(s))
-    m.ppl = float(mx.exp(mx.array(nll_t / count)).item())
-    if base is not None:
-        m.base_ppl = float(mx.exp(mx.array(base_nll_t / count)).item())
-        m.delta_ppl_pct = 100.0 * (m.ppl - m.base_ppl) / m.base_ppl
-        m.kl = kl_t / count
-        m.top1 = top1_t / count
-        m.cos_per_layer = cos
-        m.cos_min = min(cos) if cos else None
+    m = _metrics(n, s, nll_t, base_nll_t, kl_t, top1_t, cos if base is not None else None)
     if det_windows:
         m.determinism_delta = float(delta)
     m.eval_s = time.perf_counter() - t0
