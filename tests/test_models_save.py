@@ -136,3 +136,21 @@ def test_replace_tensors_in_place(tiny_model_dir, tmp_path):
     with pytest.raises(models.ModelError, match="no tensors"):
         models.replace_tensors(folder, {"model.nope.weight": new})
     assert [p.name for p in folder.iterdir() if p.suffix == ".safetensors"] == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_folder_asking_to_run_its_own_code_is_refused(tiny_model_dir, tmp_path, where):
+    """A folder with an auto_map (custom Python classes) is refused before any code could run or any prompt appear."""
+    import shutil
+
+    d = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / where).read_text())
+    cfg["auto_map"] = {"AutoTokenizer": "tok.MyTokenizer", "AutoModelForCausalLM": "model.MyModel"}
+    (d / where).write_text(json.dumps(cfg))
+    (d / "tok.py").write_text("raise SystemExit('custom code ran')\n")
+    with pytest.raises(models.ModelError, match="never runs code from a model folder"):
+        models.open_model(str(d))
+    r = subprocess.run([sys.executable, "-m", "mlx_holo.eval", "--model", str(d)], capture_output=True, text=True,
+                       input="y\n", env={**__import__("os").environ, "MLX_HOLO_NO_REEXEC": "1"}, timeout=120)
+    assert r.returncode == 2 and "never runs code" in r.stderr and r.stdout == ""

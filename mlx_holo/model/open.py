@@ -11,6 +11,7 @@ A model spec is one of:
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ def open_model(spec: str | None, *, dtype=mx.float32, dequantize: bool | None = 
 
     mid, path = resolve(spec)
     config = read_config(path)
+    refuse_custom_code(path, config)
     mt = check_architecture(config)
     load_weights(path)  # header check with clear errors before mlx-lm sees the files
     try:
@@ -123,11 +125,28 @@ def open_model(spec: str | None, *, dtype=mx.float32, dequantize: bool | None = 
     if not lazy:
         mx.eval(model.parameters())
     try:
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, tokenizer_config_extra={"trust_remote_code": False})
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{path}: cannot load tokenizer: {e}") from e
     n = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.endswith(("scales", "biases")))
     return model, tokenizer, config, ModelInfo(mid, str(path), mt, model_hash(path), int(n))
+
+
+def refuse_custom_code(path: Path, config: dict) -> None:
+    """mlx-holo never runs code from a model folder: a config or tokenizer config that maps classes to the folder's
+    own Python files (``auto_map``) is refused with a clear error, before transformers could ask to run it."""
+    files = {"config.json": config}
+    tc = Path(path) / "tokenizer_config.json"
+    if tc.is_file():
+        try:
+            files["tokenizer_config.json"] = json.loads(tc.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{tc} is not valid JSON: {e}") from None
+    for name, d in files.items():
+        if isinstance(d, dict) and d.get("auto_map"):
+            raise ModelError(f"{Path(path) / name} asks to run the folder's own Python code (auto_map: "
+                             f"{sorted(d['auto_map'])}); mlx-holo never runs code from a model folder -- use a "
+                             "model whose architecture mlx-lm implements and whose tokenizer is a standard one")
 
 
 def cast_floats(model: nn.Module, dtype) -> None:
