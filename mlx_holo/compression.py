@@ -116,6 +116,7 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
         if corpus_c is not None:
             corpora["calibration"] = corpus_c.record(int(calib.size))
         n_quant = writer.n_quant_params
+        files = evidence.file_hashes(tmp)  # what validate --folder checks the folder against
         ev = evidence.build(
             model={"id": info.id, "path": info.path, "hash": info.hash, "model_type": info.model_type,
                    "n_params": info.n_params},
@@ -125,7 +126,7 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
                      "total_s": time.perf_counter() - t0},
             peak_memory_bytes=hardware.peak_rss(), gates=gates or evidence.DEFAULT_GATES, layers=layers,
             output={"path": str(out), "shards": shards}, pipeline_peak_mlx_bytes=int(res.peak_memory_bytes),
-            block_seconds=[round(t, 3) for t in res.block_seconds], memory_estimate=memory.to_dict(),
+            block_seconds=[round(t, 3) for t in res.block_seconds], memory_estimate=memory.to_dict(), files=files,
             command=" ".join(sys.orig_argv), **extra)
         evidence.write(ev, tmp / "evidence.json")
     return ev

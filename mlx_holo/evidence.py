@@ -1,8 +1,17 @@
 """Evidence: build the record of a run, validate it against schemas/, apply gates -> GO/NO-GO (fail closed).
 
-A gate is ``metric op threshold`` (e.g. ``cos_min>=0.9``). A gate whose metric is missing or null fails. The verdict
-is GO only when the evidence validates, there is at least one gate, and every gate passes. ``apply_gates``
-recomputes every gate from the metrics, so an edited ``passed`` flag or verdict cannot turn a failure into a pass.
+A gate is ``metric op threshold`` (e.g. ``cos_min>=0.9``). A gate whose metric is missing or null fails. Gates are
+policy, not data: ``apply_gates`` checks the gates it is given (by default ``DEFAULT_GATES``), never the thresholds
+recorded in the file under test, so raising a threshold or replacing the recorded gate list in the file changes
+nothing. The verdict is GO only when the evidence validates, every figure that can be re-derived from others agrees
+with them and is possible (``contradictions``), and every policy gate passes; an edited ``passed`` flag or verdict
+cannot turn a failure into a pass. ``file_hashes`` / ``check_folder``: the content hash of every output file,
+recorded at the end of a run and checked against a folder.
+
+What this proves, and what it cannot (the threat model): a file that validates is internally consistent and meets
+the policy; with ``--folder`` its weights are the ones it describes. It cannot prove that the recorded metrics were
+measured on those weights -- a consistent forgery of ppl, base_ppl and delta_ppl_pct together stays consistent --
+which only re-measuring does (``validate --rescore``: the folder is scored again against the recorded base).
 """
 from __future__ import annotations
 
@@ -79,10 +88,66 @@ def _non_finite(x, path="") -> list[str]:
     return []
 
 
-def apply_gates(evidence: dict) -> tuple[str, list[str]]:
-    """-> (verdict, failures). Re-derives each gate from the metrics; schema errors are failures too."""
-    failures = [f"schema: {e}" for e in validate(evidence)]
-    gates = evidence.get("gates") or []
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _close(a: float, b: float, rel: float = 1e-6, abs_: float = 1e-9) -> bool:
+    return abs(a - b) <= max(abs_, rel * max(abs(a), abs(b)))
+
+
+def contradictions(evidence: dict) -> list[str]:
+    """Figures that disagree with the figures they derive from, and impossible values (empty when consistent):
+    delta_ppl_pct from ppl and base_ppl, ratio from the bytes, the byte total from its parts, bits/weight from the
+    quantized bytes and ``n_quant_params``, cos_min from cos_per_layer; ppl >= 1, kl >= 0, top-1 in [0, 1],
+    cosines in [-1, 1], determinism_delta >= 0."""
+    out = []
+    m = evidence.get("metrics") if isinstance(evidence.get("metrics"), dict) else {}
+    ppl, base = m.get("ppl"), m.get("base_ppl")
+    if _num(ppl) and _num(base) and base > 0:
+        want = 100.0 * (ppl - base) / base
+        if not _num(m.get("delta_ppl_pct")) or not _close(m["delta_ppl_pct"], want, 1e-6, 1e-6):
+            out.append(f"delta_ppl_pct {m.get('delta_ppl_pct')!r} is not 100 * (ppl - base_ppl) / base_ppl = {want:.6g}")
+    b = evidence.get("bytes") if isinstance(evidence.get("bytes"), dict) else {}
+    if all(_num(b.get(k)) for k in ("original", "total")) and b["total"] > 0:
+        want = b["original"] / b["total"]
+        if not _num(evidence.get("ratio")) or not _close(evidence["ratio"], want):
+            out.append(f"ratio {evidence.get('ratio')!r} is not bytes.original / bytes.total = {want:.6g}")
+    if all(_num(b.get(k)) for k in ("codes", "scales_biases", "other", "total")) \
+            and b["total"] != b["codes"] + b["scales_biases"] + b["other"]:
+        out.append("bytes.total is not codes + scales_biases + other")
+    n_q = evidence.get("n_quant_params")
+    if _num(n_q) and n_q > 0 and all(_num(b.get(k)) for k in ("codes", "scales_biases")):
+        want = 8.0 * (b["codes"] + b["scales_biases"]) / n_q
+        if not _num(evidence.get("bits_per_weight")) or not _close(evidence["bits_per_weight"], want):
+            out.append(f"bits_per_weight {evidence.get('bits_per_weight')!r} is not 8 * (codes + scales_biases) / "
+                       f"n_quant_params = {want:.6g}")
+    cos = m.get("cos_per_layer")
+    if isinstance(cos, list) and cos and all(_num(c) for c in cos):
+        if not _num(m.get("cos_min")) or not _close(m["cos_min"], min(cos)):
+            out.append(f"cos_min {m.get('cos_min')!r} is not min(cos_per_layer) = {min(cos):.6g}")
+        if any(not -1.0 - 1e-6 <= c <= 1.0 + 1e-6 for c in cos):
+            out.append("a per-layer cosine is outside [-1, 1]")
+    bounds = {"ppl": (1.0, None), "base_ppl": (1.0, None), "kl": (-1e-6, None), "top1": (0.0, 1.0),
+              "cos_min": (-1.0 - 1e-6, 1.0 + 1e-6), "determinism_delta": (0.0, None), "delta_ppl_pct": (-100.0, None)}
+    for k, (lo, hi) in bounds.items():
+        v = m.get(k)
+        if _num(v) and (v < lo or (hi is not None and v > hi)):
+            out.append(f"{k} = {v!r} is impossible (must be >= {lo:g}{'' if hi is None else f' and <= {hi:g}'})")
+    for k, lo in (("ratio", 0.0), ("bits_per_weight", 0.0)):
+        v = evidence.get(k)
+        if _num(v) and not v > lo:
+            out.append(f"{k} = {v!r} is impossible (must be > {lo:g})")
+    return out
+
+
+def apply_gates(evidence: dict, gates=None) -> tuple[str, list[str]]:
+    """-> (verdict, failures) under the policy ``gates`` (default DEFAULT_GATES; the gates recorded in the file are
+    never read): schema errors, contradictions (``contradictions``) and failed gates are failures."""
+    if not isinstance(evidence, dict):
+        return "NO-GO", [f"evidence must be a JSON object, got {type(evidence).__name__}"]
+    failures = [f"schema: {e}" for e in validate(evidence)] + [f"inconsistent: {c}" for c in contradictions(evidence)]
+    gates = DEFAULT_GATES if gates is None else list(gates)
     if not gates:
         failures.append("no gates: nothing was checked")
     try:
@@ -109,20 +174,53 @@ def build(*, model: dict, recipe: dict, corpora: dict, nbytes: dict, n_quant_par
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": model, "recipe": recipe, "corpora": corpora, "bytes": nbytes, "ratio": ratio,
         "bits_per_weight": 8.0 * q_bytes / n_quant_params if n_quant_params else 16.0,
+        "n_quant_params": int(n_quant_params),
         "metrics": metrics, "environment": environment, "timings": timings,
         "peak_memory_bytes": int(peak_memory_bytes), **extra,
     }
     ev["gates"] = gate_results(ev, gates)
     ev["verdict"] = "NO-GO"
-    ev["verdict"], _ = apply_gates(ev)
+    ev["verdict"], _ = apply_gates(ev, gates)
     return ev
 
 
 def load(path: str | Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EvidenceError(f"cannot read evidence {path}: {e}") from e
+        ev = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise EvidenceError(f"cannot read evidence {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ev, dict):
+        raise EvidenceError(f"{path} is not an evidence object (a JSON {type(ev).__name__})")
+    return ev
+
+
+def file_hashes(folder: str | Path) -> dict[str, str]:
+    """{file name: sha256 of its contents} of every file of an output folder but evidence.json (read in 8 MiB
+    pieces: a model's shards are never held)."""
+    import hashlib
+
+    out = {}
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file() and f.name != "evidence.json":
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(8 << 20), b""):
+                    h.update(chunk)
+            out[f.name] = h.hexdigest()
+    return out
+
+
+def check_folder(evidence: dict, folder: str | Path) -> list[str]:
+    """Differences between the output files recorded in ``evidence["files"]`` and the files of ``folder``."""
+    recorded = evidence.get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        return ["the evidence records no file hashes (written before they were recorded): nothing to check"]
+    actual = file_hashes(folder)
+    out = [f"{name}: missing from {folder}" for name in sorted(set(recorded) - set(actual))]
+    out += [f"{name}: not described by the evidence" for name in sorted(set(actual) - set(recorded))]
+    out += [f"{name}: content differs from the recorded hash" for name in sorted(set(recorded) & set(actual))
+            if recorded[name] != actual[name]]
+    return out
 
 
 def write(evidence: dict, path: str | Path) -> None:

@@ -463,19 +463,16 @@ class JsonTree(DirectoryTree):
 
 
 def load_evidence(path: str) -> tuple[dict, str, list[str], str]:
-    """-> (evidence, verdict, failures, note). Gates are re-applied by mlx_holo.evidence (fail closed) and
-    evidence["gates"] is replaced by the recomputed gate rows."""
+    """-> (evidence, verdict, failures, note). The project's default gates are applied by mlx_holo.evidence (fail
+    closed; the thresholds recorded in the file are not used) and evidence["gates"] shows those gate rows."""
     try:
         ev_mod = importlib.import_module("mlx_holo.evidence")
     except ImportError:
         ev_mod = None
     if ev_mod is not None:
         ev = ev_mod.load(path)
-        verdict, failures = ev_mod.apply_gates(ev)
-        try:
-            ev["gates"] = ev_mod.gate_results(ev, ev.get("gates") or [])
-        except (ValueError, KeyError, TypeError):
-            pass  # malformed gates are already among the failures
+        verdict, failures = ev_mod.apply_gates(ev)  # the project's gates: policy, not the file's thresholds
+        ev["gates"] = ev_mod.gate_results(ev, ev_mod.DEFAULT_GATES)
         note = ""
         if ev.get("verdict") not in (None, verdict):
             note = f"recorded verdict {ev.get('verdict')} differs from the gates' {verdict}"
