@@ -26,7 +26,8 @@ from .plan import arch, count_params
 
 GB = 1e9
 RUNTIME_BYTES = int(0.6 * GB)
-RTN_CHUNK = 1 << 24  # quant.rtn.CHUNK_ELEMENTS (kept here: this module stays MLX-free)
+RTN_CHUNK = 1 << 24   # quant.rtn.CHUNK_ELEMENTS (kept here: this module stays MLX-free)
+GPTQ_CHUNK = 1 << 25  # quant.gptq.CHUNK_ELEMENTS
 F32 = 4
 
 # what lowers each phase, for the error message
@@ -97,14 +98,17 @@ def estimate(config: dict, recipe, *, eval_tokens: int = 8192, eval_seq_len: int
     # each distinct linear input (q/k/v, o, gate/up, down) plus the stream entering and leaving the block
     captured = tokens * F32 * (2 * D + q_out + inter * (a.top_k or 1))
     stream = tokens * D * F32
-    work = min(largest, RTN_CHUNK) * F32 * 8             # the grid fit's work arrays (quant.rtn slices rows)
-    blocks = {"block_float32": block * F32, "layer_copies": 2 * largest * F32, "fit_work": work,
+    def work(n: int, gptq: bool) -> int:  # a layer's work arrays: GPTQ holds ~13 [out, in] copies, the grid fit ~8
+        return (13 * min(n, GPTQ_CHUNK) if gptq else 8 * min(n, RTN_CHUNK)) * F32
+
+    blocks = {"block_float32": block * F32, "layer_copies": 2 * largest * F32,
+              "layer_work": work(largest, gptq_like and recipe.bits is not None),
               "hessian": (largest_in ** 2) * (F32 + 16) if calib else 0,  # H float32 + float64 inverse, factor
               "calibration": (stream * 2 + captured) * (2 if qep else 1), "output_shard": shard,
               "runtime": RUNTIME_BYTES}
     head_rows = V
     head = {"head_float32": head_rows * D * F32 * 2,  # the weight and its compressed copy
-            "fit_work": min(head_rows * D, RTN_CHUNK) * F32 * 8,
+            "layer_work": work(head_rows * D, gptq_like and recipe.gptq_head),
             "head_inputs": tokens * D * F32 * (2 if qep and not a.tied else 1) if gptq_like and recipe.gptq_head
             else 0,
             "hessian": D * D * (F32 + 16) if gptq_like and recipe.gptq_head else 0, "output_shard": shard,

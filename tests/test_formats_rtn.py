@@ -244,7 +244,10 @@ def test_rtn_in_row_slices_equals_whole(monkeypatch, fit):
     from mlx_holo import preflight
     from mlx_holo.quant import rtn
 
+    from mlx_holo.quant import gptq
+
     assert preflight.RTN_CHUNK == rtn.CHUNK_ELEMENTS  # the pre-flight counts the same slices
+    assert preflight.GPTQ_CHUNK == gptq.CHUNK_ELEMENTS
     mx.random.seed(1)
     w = mx.random.normal((300, 256))
     whole = quantize_rtn(w, 3, 64, fit=fit)

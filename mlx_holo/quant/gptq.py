@@ -39,6 +39,9 @@ from .rtn import REFINES, quantize_rtn
 Progress = Callable[[str, int, int], None]
 
 
+CHUNK_ELEMENTS = 1 << 25  # gptq_quantize works on at most this many weights at once (larger: slices of rows)
+
+
 def inverse_cholesky(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
     """H [in, in] (dead inputs already fixed) -> upper U [in, in] with U^T U = (H + damp * mean(diag H) I)^-1.
 
@@ -259,6 +262,19 @@ def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_o
     objective (module docstring; skipped with ``keep``). ``iters``: GPTQ passes alternated with the refit, each
     on the last refitted grid, while the layer objective goes down (module docstring).
     """
-    return gptq_pass(w, H, bits, group_size, act_order=act_order, damp=damp, block_size=block_size,
-                 scale_dtype=scale_dtype, clip_search=clip_search, static_groups=static_groups, keep=keep,
-                 on_progress=on_progress, fit=fit, refit=refit, iters=iters)[0]
+    kw = dict(act_order=act_order, damp=damp, block_size=block_size, scale_dtype=scale_dtype,
+              clip_search=clip_search, static_groups=static_groups, on_progress=on_progress, fit=fit, refit=refit,
+              iters=iters)
+    rows = max(1, CHUNK_ELEMENTS // w.shape[1])
+    if w.shape[0] <= rows:
+        return gptq_pass(w, H, bits, group_size, keep=keep, **kw)[0]
+    # Rows are independent given H (each row's errors feed only its own later columns): a large matrix (an LM head)
+    # in slices of rows bounds the dozen [out, in] work copies the pass holds. (With iters > 1 each slice decides
+    # its own passes.)
+    parts = []
+    for r in range(0, w.shape[0], rows):
+        q = gptq_pass(w[r:r + rows], H, bits, group_size, keep=None if keep is None else keep[r:r + rows], **kw)[0]
+        mx.eval(q.codes, q.scales, q.biases)
+        parts.append(q)
+    return QuantizedWeight(mx.concatenate([q.codes for q in parts]), mx.concatenate([q.scales for q in parts]),
+                           mx.concatenate([q.biases for q in parts]), bits, group_size)
