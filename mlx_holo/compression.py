@@ -17,11 +17,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import data, evidence, hardware, preflight
+from .data import DataError
 from .allocate.mixed import mixed_allocation
 from .allocate.sparsity import allocate_sparsity
 from .evaluation import compare, stream_compare
 from .model.open import open_model
-from .model.save import SHARD_BYTES, FolderWriter, atomic_dir, replace_tensors
+from .model.save import SHARD_BYTES, FolderWriter, atomic_dir, check_out, replace_tensors
 from .options import PRUNE_METHODS
 from .pipeline.head import forward_head_inputs
 from .pipeline.run import run
@@ -48,6 +49,10 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
     if not out:
         raise ValueError("compress needs an output folder (out)")
     recipe = (recipe or Recipe()).validate()
+    check_out(out, overwrite)  # before any work: an existing or unwritable --out is refused now, not at the end
+    if eval_tokens < 0 or (0 < eval_tokens < eval_seq_len):
+        raise DataError(f"--eval-tokens {eval_tokens} gives no {eval_seq_len}-token window: use 0 (no evaluation) or "
+                        f">= {eval_seq_len}")
     t0 = time.perf_counter()
     base, tok, config, info = open_model(model, lazy=True, dequantize=True)  # lazy: nothing read yet
     memory = preflight.check(config, recipe, max_memory_gb=max_memory_gb, eval_tokens=eval_tokens,
@@ -118,14 +123,14 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
         n_quant = writer.n_quant_params
         files = evidence.file_hashes(tmp)  # what validate --folder checks the folder against
         ev = evidence.build(
-            model={"id": info.id, "path": info.path, "hash": info.hash, "model_type": info.model_type,
+            model={"id": info.id, "path": str(Path(info.path).resolve()), "hash": info.hash, "model_type": info.model_type,
                    "n_params": info.n_params},
             recipe=recipe.to_dict(), corpora=corpora, nbytes=nbytes, n_quant_params=n_quant, metrics=metrics,
             environment=hardware.device_info(),
             timings={"compress_s": compress_s, "e2e_tune_s": e2e_s, "eval_s": time.perf_counter() - t1,
                      "total_s": time.perf_counter() - t0},
             peak_memory_bytes=hardware.peak_rss(), gates=gates or evidence.DEFAULT_GATES, layers=layers,
-            output={"path": str(out), "shards": shards}, pipeline_peak_mlx_bytes=int(res.peak_memory_bytes),
+            output={"path": str(Path(out).resolve()), "shards": shards}, pipeline_peak_mlx_bytes=int(res.peak_memory_bytes),
             block_seconds=[round(t, 3) for t in res.block_seconds], memory_estimate=memory.to_dict(), files=files,
             command=" ".join(sys.orig_argv), **extra)
         evidence.write(ev, tmp / "evidence.json")

@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import data
+from .model.files import ModelError
 from .model.open import open_model
 from .model.structure import blocks, drop_input_embedding, release_block
 from .pipeline.capture import block_inputs, capture_block_outputs, run_head
@@ -128,6 +129,7 @@ def compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_
         blogits = None
         if base is not None:
             blogits, hb = _base_outputs(base, windows, i)
+            same_vocab(logits, blogits)
             cos = _cosines(hc, hb)
             cos_sum = cos if cos_sum is None else cos_sum + cos
         nll, kl, top1 = _nll_kl_top1(logits[:-1], x[0, 1:], None if blogits is None else blogits[:-1])
@@ -154,6 +156,13 @@ def compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_
         m.determinism_delta = float(delta)
     m.eval_s = time.perf_counter() - t0
     return m
+
+
+def same_vocab(logits: mx.array, base_logits: mx.array) -> None:
+    """A base with another vocabulary cannot be compared token by token: a clear error, not a broadcast failure."""
+    if logits.shape[-1] != base_logits.shape[-1]:
+        raise ModelError(f"the model has {logits.shape[-1]} output tokens and the base {base_logits.shape[-1]}: "
+                         "KL and top-1 need the same vocabulary (is --base the model it was compressed from?)")
 
 
 def _block_cos(x: mx.array, y: mx.array) -> mx.array:
@@ -213,6 +222,8 @@ def stream_compare(model: nn.Module, base: nn.Module | None, windows: mx.array, 
         tok = windows[j:j + 1]
         logits = run_head(model, tok, xc[j:j + 1])[0].astype(mx.float32)  # [S, V]
         blogits = run_head(base, tok, xb[j:j + 1])[0].astype(mx.float32) if base is not None else None
+        if blogits is not None:
+            same_vocab(logits, blogits)
         nll, kl, top1 = _nll_kl_top1(logits[:-1], tok[0, 1:], None if blogits is None else blogits[:-1])
         parts = [nll]
         if blogits is not None:

@@ -139,6 +139,17 @@ class Arch:
 
 
 def arch(config: dict) -> Arch:
+    """The shape of a model from its config.json (PlanError naming the problem when a value is missing or not a
+    positive whole number)."""
+    if not isinstance(config, dict):
+        raise PlanError(f"a config is a JSON object, got {type(config).__name__}")
+    try:
+        return _arch(config)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise PlanError(f"config has a value that is not a positive whole number: {type(e).__name__}: {e}") from None
+
+
+def _arch(config: dict) -> Arch:
     cfg = _text_config(config)
     mt = str(cfg.get("model_type", "")).lower()
     hidden = int(_get(cfg, "hidden_size", "n_embd", "d_model"))
@@ -174,8 +185,14 @@ def load_config(model: str) -> dict:
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
     if not os.path.isfile(path):
         raise PlanError(f"no config.json at {path!r}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise PlanError(f"{path} is not a readable JSON config: {type(e).__name__}: {e}") from None
+    if not isinstance(config, dict):
+        raise PlanError(f"{path} holds a JSON {type(config).__name__}, not a config object")
+    return config
 
 
 # ----------------------------------------------------------------------------------------------- counts
@@ -271,6 +288,8 @@ def plan(config: dict, *, context: int = 4096, batch: int = 1, target_gb: float 
     """
     if context <= 0 or batch <= 0:
         raise PlanError("context and batch must be positive")
+    if target_gb is not None and not (math.isfinite(target_gb) and target_gb > 0):
+        raise PlanError(f"target_gb must be a positive number of GB, got {target_gb}")
     if not 0 < usable_fraction <= 1:
         raise PlanError(f"usable_fraction must be in (0, 1], got {usable_fraction}")
     if group_size not in (32, 64, 128):

@@ -121,6 +121,10 @@ class Recipe:
             raise RecipeError(f"group_size={self.group_size} is not supported; choose one of {GROUP_SIZES} or -1")
         if not 0.0 <= self.sparsity < 1.0:
             raise RecipeError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.method not in PRUNE_METHODS and (self.sparsity or self.nm or self.recover
+                                                 or self.allocation != "uniform"):
+            raise RecipeError(f"sparsity, nm, recover and allocation are for the pruners {PRUNE_METHODS}; method "
+                              f"{self.method} would ignore them (use e.g. --method sparsegpt --bits 4)")
         if self.method in PRUNE_METHODS and self.sparsity == 0.0 and not self.nm:
             raise RecipeError(f"method {self.method} needs --sparsity or --nm")
         if self.nm:
@@ -185,6 +189,10 @@ class Recipe:
             raise RecipeError(f"qep_damp must be > 0, got {self.qep_damp}")
         if self.calib_tokens < 0 or self.calib_seq_len <= 0:
             raise RecipeError("calib_tokens must be >= 0 and calib_seq_len > 0")
+        if self.needs_calibration() and self.calib_tokens < self.calib_seq_len:
+            raise RecipeError(f"calib_tokens={self.calib_tokens} is less than one {self.calib_seq_len}-token window; "
+                              f"method {self.method} calibrates on whole windows: give --calib-tokens >= "
+                              f"{self.calib_seq_len} (or a shorter --calib-seq-len)")
         if not isinstance(self.calib_corpus, str) or not self.calib_corpus:
             raise RecipeError("calib_corpus must be a corpus name or a text file")
         return self

@@ -185,6 +185,6 @@ def allocate_sparsity(model_spec, calib: mx.array, recipe, *, on_progress=None, 
     details.update({"sparsities": [float(s) for s in sparsities], "mean_sparsity": float(np.mean(sparsities)),
                     "weighted_mean_sparsity": weighted_mean(sparsities, stats.n_params),
                     "seconds": time.perf_counter() - t0})
-    del model
+    model = None  # the dense model is spent: drop it before the pipeline opens its own
     mx.clear_cache()
     return [float(s) for s in sparsities], details

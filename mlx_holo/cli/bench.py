@@ -29,6 +29,12 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"error: --bits must be a comma list of integers, got {args.bits!r}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.prompt_tokens < 1 or args.gen_tokens < 1:
+        print("error: --prompt-tokens and --gen-tokens must be >= 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.group_size not in (32, 64, 128):
+        print(f"error: --group-size must be 32, 64 or 128, got {args.group_size}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     bad = [b for b in bits if b not in (2, 3, 4, 5, 6, 8, 16)]
     if bad:
         print(f"error: unsupported bits {bad}; choose from 2,3,4,5,6,8,16", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import time
 
@@ -37,7 +38,12 @@ def input_errors() -> tuple[type, ...]:
 
 
 def run_guarded(fn, debug: bool = False) -> int:
-    """Call fn() -> exit code; bad input -> 2 with its message, anything unexpected -> 3 (traceback with debug)."""
+    """Call fn() -> exit code; bad input -> 2 with its message, anything unexpected -> 3 (traceback with debug).
+    SIGTERM (what ``kill`` and ``timeout`` send) is handled like Ctrl-C: the run unwinds and leaves no output."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         return fn()
     except KeyboardInterrupt:
@@ -45,6 +51,9 @@ def run_guarded(fn, debug: bool = False) -> int:
         return 130
     except input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # disk full, permissions, a path that is a file: the environment, not a bug
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, a hint, exit 3
         if debug:

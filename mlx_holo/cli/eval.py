@@ -29,6 +29,23 @@ def main(argv=None) -> int:
     return run_guarded(lambda: _main(args), args.debug)
 
 
+def recorded_base(ev: dict, ev_path: Path) -> str | None:
+    """The base model an evidence file names, checked against its recorded hash (a different model at that path
+    would be scored silently otherwise); a relative path (older evidence) is tried from the working folder."""
+    from ..model.files import ModelError, model_hash
+
+    rec = ev.get("model") if isinstance(ev.get("model"), dict) else {}
+    path, want = rec.get("path"), rec.get("hash")
+    if not isinstance(path, str) or not path:
+        return None
+    if not Path(path).is_dir():
+        raise ModelError(f"the base recorded in {ev_path} ({path}) is not a folder here; pass --base")
+    if want and model_hash(Path(path)) != want:
+        raise ModelError(f"the base recorded in {ev_path} ({path}) is not the model it was compressed from (its "
+                         "hash differs); pass --base to score against another model")
+    return path
+
+
 def _main(args) -> int:
     from .. import evidence
     from ..evaluation import evaluate
@@ -36,7 +53,7 @@ def _main(args) -> int:
     base = args.base
     ev_path = Path(args.model) / "evidence.json"
     if base is None and ev_path.exists():
-        base = evidence.load(ev_path)["model"].get("path") or None
+        base = recorded_base(evidence.load(ev_path), ev_path)
     res = evaluate(args.model, base, eval_tokens=args.eval_tokens, seq_len=args.seq_len, corpus=args.corpus,
                    det_windows=args.det_windows, on_progress=progress_printer())
     res["base"] = base

@@ -35,9 +35,12 @@ def read_config(path: Path) -> dict:
     if not cfg.exists():
         raise ModelError(f"{path} has no config.json: not an HF-format model folder")
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{cfg} is not valid JSON: {e}") from e
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelError(f"{cfg} is not valid JSON: {type(e).__name__}: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{cfg} holds a JSON {type(config).__name__}, not a config object")
+    return config
 
 
 def load_weights(path: Path) -> dict[str, mx.array]:

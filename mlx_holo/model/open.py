@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def resolve(spec: str | None) -> tuple[str, Path]:
     if p.exists():
         if not p.is_dir():
             if p.suffix == ".gguf":
-                out = cache_dir() / ("gguf-" + hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:12])
+                out = cache_dir() / ("gguf-" + gguf_key(p))
                 return spec, out if (out / "config.json").exists() else convert_gguf(p, out)
             raise ModelError(f"{spec} is a file, not a model folder (expected config.json + *.safetensors)")
         return spec, p
@@ -86,10 +87,24 @@ def resolve(spec: str | None) -> tuple[str, Path]:
     return spec, Path(path)
 
 
+def gguf_key(p: Path) -> str:
+    """The conversion cache's key of a GGUF file: its path, size, modification time and first and last MiB, so a
+    changed file (even one of the same name) is converted again."""
+    st = p.stat()
+    h = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, st.st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 def check_architecture(config: dict) -> str:
     mt = config.get("model_type")
     if not mt:
         raise ModelError("config.json has no model_type")
+    if not isinstance(mt, str) or not mt.isidentifier() or mt.startswith("_"):
+        raise ModelError(f"config.json's model_type {mt!r} is not an architecture name")
     try:
         from mlx_lm.utils import MODEL_REMAPPING
         mt_mod = MODEL_REMAPPING.get(mt, mt)
@@ -97,6 +112,9 @@ def check_architecture(config: dict) -> str:
         mt_mod = mt
     if importlib.util.find_spec(f"mlx_lm.models.{mt_mod}") is None:
         raise ModelError(f"unsupported architecture model_type={mt!r}: mlx-lm has no mlx_lm.models.{mt_mod}")
+    module = importlib.import_module(f"mlx_lm.models.{mt_mod}")  # mlx-lm's own code, never the folder's
+    if not (hasattr(module, "Model") and hasattr(module, "ModelArgs")):
+        raise ModelError(f"model_type={mt!r} names mlx-lm's helper module mlx_lm.models.{mt_mod}, not an architecture")
     return mt
 
 
@@ -111,6 +129,7 @@ def open_model(spec: str | None, *, dtype=mx.float32, dequantize: bool | None = 
     mid, path = resolve(spec)
     config = read_config(path)
     refuse_custom_code(path, config)
+    refuse_outside_links(path)
     mt = check_architecture(config)
     load_weights(path)  # header check with clear errors before mlx-lm sees the files
     try:
@@ -147,6 +166,22 @@ def refuse_custom_code(path: Path, config: dict) -> None:
             raise ModelError(f"{Path(path) / name} asks to run the folder's own Python code (auto_map: "
                              f"{sorted(d['auto_map'])}); mlx-holo never runs code from a model folder -- use a "
                              "model whose architecture mlx-lm implements and whose tokenizer is a standard one")
+
+
+def refuse_outside_links(path: Path) -> None:
+    """A model folder's files may be symlinks only into the folder itself (or, for a Hugging Face cache snapshot,
+    into that repository's ``blobs``): a link elsewhere -- copied into the output with the tokenizer, or read as
+    weights -- is refused."""
+    folder = Path(path).resolve()
+    roots = [folder]
+    if folder.parent.name == "snapshots":
+        roots.append(folder.parent.parent / "blobs")
+    for f in Path(path).iterdir():
+        if f.is_symlink():
+            target = f.resolve()
+            if not any(target == r or r in target.parents for r in roots):
+                raise ModelError(f"{f} is a link to {target}, outside the model folder; copy the file into the "
+                                 "folder instead (mlx-holo does not follow links out of a model folder)")
 
 
 def cast_floats(model: nn.Module, dtype) -> None:

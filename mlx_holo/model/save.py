@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,24 +22,74 @@ from .files import TOKENIZER_FILES, ModelError, weight_files
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temp folder into place; an existing folder is swapped out only after success."""
-    if out.exists():
+    """Move a finished temp folder into place; an existing folder (or file) is swapped out only after success."""
+    if out.exists() or out.is_symlink():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
         os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
     else:
         os.rename(tmp, out)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(parent: Path, name: str) -> list[Path]:
+    """Remove what a killed earlier run into ``parent/name`` left: its temp folder (``.NAME.tmp-PID-*``) or the
+    swapped-out old copy (``.NAME.old-PID``) of a process that no longer runs -> the paths removed."""
+    removed = []
+    for p in parent.glob(f".{name}.*"):
+        rest = p.name[len(name) + 2:]
+        kind, _, tail = rest.partition("-")
+        pid = tail.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def check_out(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an output path that cannot be written, before any work: an existing file or non-empty folder
+    (without ``overwrite``), a parent that is a file or not writable."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        if not out.is_dir():
+            raise FileExistsError(f"{out} is an existing file (pass --overwrite to replace it)")
+        if any(out.iterdir()):
+            raise FileExistsError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileExistsError(f"cannot create {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FileExistsError(f"cannot create {out}: {parent} is not writable")
+    return out
+
+
 @contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False):
-    """Yield a temp folder beside ``out``; on success it becomes ``out``, on any failure it is removed."""
-    out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    """Yield a temp folder beside ``out``; on success it becomes ``out``, on any failure it is removed. What a killed
+    earlier run left beside ``out`` is removed first (``clean_stale``) and said on stderr."""
+    out = check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    for p in clean_stale(out.parent, out.name):
+        print(f"note: removed {p}, left by an earlier run that was killed", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
@@ -235,8 +286,9 @@ def write_config(out: str | Path, config: dict, extra: dict, float_dtype, src: s
     cfg["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32"}[float_dtype]
     (out / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2))
     for name in TOKENIZER_FILES if src is not None else ():
-        if (Path(src) / name).exists():
-            shutil.copy2(Path(src) / name, out / name)
+        f = Path(src) / name
+        if f.is_file():  # a link out of the folder was refused when it was opened (open.refuse_outside_links)
+            shutil.copyfile(f, out / name)
 
 
 def write_folder(out: str | Path, tensors: dict[str, mx.array], config: dict, extra: dict, float_dtype,

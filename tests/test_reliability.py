@@ -1,0 +1,150 @@
+"""Bad input gets a clear message and exit 2, before any work where it can be; nothing half-written survives a kill;
+no code or link from a model folder is followed."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mlx_holo import model as models
+from mlx_holo.recipe import Recipe, RecipeError
+
+ENV = {**os.environ, "MLX_HOLO_NO_REEXEC": "1"}
+
+
+def cli(*args, timeout=300, **kw):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=ENV, timeout=timeout, **kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(method="rtn", sparsity=0.5), "for the pruners"),
+    (dict(method="gptq", nm="2:4"), "for the pruners"),
+    (dict(method="gptq", calib_tokens=300), "less than one 512-token window"),
+    (dict(method="wanda", sparsity=0.5, calib_tokens=0), "less than one"),
+])
+def test_recipes_that_would_be_ignored_or_recorded_wrongly_are_refused(kw, match):
+    with pytest.raises(RecipeError, match=match):
+        Recipe(**kw).validate()
+    assert Recipe(method="rtn", calib_tokens=0).validate()  # data-free RTN needs no calibration
+
+
+def test_out_is_checked_before_any_work(tiny_model_dir, tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    t = time.perf_counter()
+    r = cli("mlx_holo.compress", "--model", str(tiny_model_dir), "--method", "gptq", "--out", str(f))
+    assert r.returncode == 2 and "is an existing file" in r.stderr
+    r = cli("mlx_holo.compress", "--model", str(tiny_model_dir), "--out", str(f / "sub"))
+    assert r.returncode == 2 and "is a file, not a folder" in r.stderr
+    r = cli("mlx_holo.compress", "--model", str(tiny_model_dir), "--eval-tokens", "100", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no 512-token window" in r.stderr
+    r = cli("mlx_holo.compress", "--model", str(tiny_model_dir), "--eval-tokens", "-5", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert time.perf_counter() - t < 120 and not (tmp_path / "o").exists()
+
+
+def test_sigterm_leaves_no_output_and_a_sigkill_leftover_is_cleaned(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "o"
+    args = [sys.executable, "-m", "mlx_holo.compress", "--model", str(tiny_model_dir), "--method", "gptq",
+            "--calib-corpus", str(text_file), "--calib-tokens", "4096", "--calib-seq-len", "128",
+            "--eval-corpus", str(text_file), "--eval-tokens", "4096", "--eval-seq-len", "128", "--out", str(out)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        p = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(tmp_path.glob(".o.tmp-*")):  # wait until it writes
+            time.sleep(0.05)
+        p.send_signal(sig)
+        p.wait(timeout=120)
+        assert not out.exists()
+        left = list(tmp_path.glob(".o.tmp-*"))
+        if sig == signal.SIGTERM:
+            assert p.returncode == 130 and left == [], (p.returncode, left)
+        else:
+            assert left  # nothing can clean up after SIGKILL ... until the next run into the same folder
+    r = cli("mlx_holo.compress", "--model", str(tiny_model_dir), "--eval-tokens", "0", "--out", str(out))
+    assert "left by an earlier run that was killed" in r.stderr
+    assert not list(tmp_path.glob(".o.*")) and (out / "config.json").exists()
+
+
+def test_overwrite_onto_a_file_leaves_nothing_behind(tiny_model_dir, tmp_path):
+    f = tmp_path / "target"
+    f.write_text("old")
+    r = cli("mlx_holo.compress", "--model", str(tiny_model_dir), "--eval-tokens", "0", "--overwrite", "--out", str(f))
+    assert r.returncode in (0, 1), r.stderr
+    assert f.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+@pytest.mark.parametrize("config,match", [
+    ([1, 2], "not a config object"),
+    ({"model_type": 7}, "not an architecture name"),
+    ({"model_type": "../etc"}, "not an architecture name"),
+    ({"model_type": "cache"}, "helper module"),
+])
+def test_bad_configs_are_clear_errors(tiny_model_dir, tmp_path, config, match):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(models.ModelError, match=match):
+        models.open_model(str(d))
+    r = cli("mlx_holo.eval", "--model", str(d))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_links_out_of_the_model_folder_are_refused(tiny_model_dir, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "tokenizer.model").symlink_to(secret)
+    with pytest.raises(models.ModelError, match="outside the model folder"):
+        models.open_model(str(d))
+    (d / "tokenizer.model").unlink()
+    (d / "tokenizer.model").symlink_to(d / "tokenizer.json")  # a link inside the folder is fine
+    models.open_model(str(d), lazy=True)
+
+
+def test_a_changed_gguf_is_converted_again(tmp_path):
+    from mlx_holo.model.open import gguf_key
+
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + b"\0" * 100)
+    k1 = gguf_key(f)
+    f.write_bytes(b"GGUF" + b"\1" * 100)
+    assert gguf_key(f) != k1
+    r = cli("mlx_holo.eval", "--model", str(f))
+    assert r.returncode == 2 and "cannot read GGUF" in r.stderr
+
+
+@pytest.mark.parametrize("args", [["--target-gb", "nan"], ["--target-gb", "0"], ["--target-gb", "-1"],
+                                  ["--model", "/nonexistent/config.json"]])
+def test_plan_bad_values(args):
+    r = cli("mlx_holo.plan", *args)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [["--prompt-tokens", "0"], ["--group-size", "100"], ["--bits", "7"]])
+def test_bench_bad_values(args):
+    r = cli("mlx_holo.bench", *args)
+    assert r.returncode == 2 and r.stderr.startswith("error:")
+
+
+def test_eval_checks_the_recorded_base(tiny_model_dir, tmp_path):
+    from conftest import make_tiny_model
+
+    out = tmp_path / "q"
+    r = cli("mlx_holo.compress", "--model", str(tiny_model_dir), "--eval-tokens", "0", "--out", str(out))
+    ev = json.loads((out / "evidence.json").read_text())
+    assert os.path.isabs(ev["model"]["path"]) and os.path.isabs(ev["output"]["path"])
+    other = make_tiny_model(tmp_path / "other", seed=5)  # same shape, other weights
+    ev["model"]["path"] = str(other)
+    (out / "evidence.json").write_text(json.dumps(ev))
+    r = cli("mlx_holo.eval", "--model", str(out), "--eval-tokens", "0")
+    assert r.returncode == 2 and "hash differs" in r.stderr
+    wide = make_tiny_model(tmp_path / "wide", {"vocab_size": 384})
+    r = cli("mlx_holo.eval", "--model", str(out), "--base", str(wide), "--eval-tokens", "512", "--seq-len", "128",
+            "--corpus", str(tiny_model_dir / "config.json"))
+    assert r.returncode == 2 and "same vocabulary" in r.stderr, r.stderr[-500:]
