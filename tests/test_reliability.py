@@ -148,3 +148,18 @@ def test_eval_checks_the_recorded_base(tiny_model_dir, tmp_path):
     r = cli("mlx_holo.eval", "--model", str(out), "--base", str(wide), "--eval-tokens", "512", "--seq-len", "128",
             "--corpus", str(tiny_model_dir / "config.json"))
     assert r.returncode == 2 and "same vocabulary" in r.stderr, r.stderr[-500:]
+
+
+def test_validate_rescore_measures_again(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "q"
+    cli("mlx_holo.compress", "--model", str(tiny_model_dir), "--eval-tokens", "512", "--eval-seq-len", "128",
+        "--eval-corpus", str(text_file), "--out", str(out))
+    r = cli("mlx_holo.validate", str(out / "evidence.json"), "--folder", str(out), "--rescore", "--gate", "kl>=0")
+    assert r.returncode == 0, r.stdout
+    ev = json.loads((out / "evidence.json").read_text())
+    ev["metrics"]["kl"] *= 0.5  # a forged KL, consistent with everything else
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(ev))
+    assert cli("mlx_holo.validate", str(forged), "--gate", "kl>=0").returncode == 0  # only re-measuring sees it
+    r = cli("mlx_holo.validate", str(forged), "--folder", str(out), "--rescore", "--gate", "kl>=0")
+    assert r.returncode == 1 and "rescore: kl" in r.stdout

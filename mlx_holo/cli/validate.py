@@ -3,8 +3,10 @@
 Gates are policy: the ones given here (--gate, repeatable, or --policy FILE), by default the project's defaults --
 never the thresholds recorded in the file. Every file must match the schema, every figure that can be re-derived
 (delta_ppl_pct, ratio, bits/weight, cos_min, the byte total) must agree, and every value must be possible.
---folder DIR also checks the output files against the hashes the evidence recorded. Exit 0 only when every file is
-GO; 1 when any is NO-GO; 2 on bad usage.
+--folder DIR also checks the output files against the hashes the evidence recorded; --rescore (with --folder)
+measures the folder again against the recorded base on the recorded evaluation text and compares every metric
+within RESCORE_TOLERANCE (different machines round differently: about 0.5% in PPL has been seen). Exit 0 only when
+every file is GO; 1 when any is NO-GO; 2 on bad usage.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ import sys
 from pathlib import Path
 
 from .. import evidence
+
+# metric -> relative tolerance of a re-measurement (another machine's arithmetic, not another model)
+RESCORE_TOLERANCE = {"ppl": 0.01, "base_ppl": 0.01, "kl": 0.05, "top1": 0.01, "cos_min": 0.005}
 
 
 def policy_gates(args) -> list[str]:
@@ -36,6 +41,26 @@ def policy_gates(args) -> list[str]:
     return gates
 
 
+def rescore(ev: dict, folder: str) -> list[str]:
+    """Measure ``folder`` again against the recorded base on the recorded evaluation corpus and tokens -> the metrics
+    that moved beyond RESCORE_TOLERANCE (the base's hash is checked first)."""
+    from ..evaluation import evaluate
+    from .eval import recorded_base
+
+    base = recorded_base(ev, Path(folder) / "evidence.json")
+    corpus = (ev.get("corpora") or {}).get("evaluation") or {}
+    m = ev.get("metrics") or {}
+    if not base or not corpus.get("name") or not m.get("seq_len"):
+        return ["the evidence does not say which base and text it was scored on: cannot rescore"]
+    new = evaluate(folder, base, eval_tokens=int(corpus["tokens"]), seq_len=int(m["seq_len"]), corpus=corpus["name"])
+    out = []
+    for k, tol in RESCORE_TOLERANCE.items():
+        a, b = m.get(k), new.get(k)
+        if a is None or b is None or abs(a - b) > tol * max(abs(a), abs(b), 1e-12):
+            out.append(f"rescore: {k} recorded {a!r}, measured {b!r} (tolerance {tol:.1%})")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mlx-holo validate", description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", help="evidence JSON files")
@@ -43,15 +68,16 @@ def main(argv=None) -> int:
                     help="a policy gate (repeatable), e.g. --gate cos_min>=0.95; default: the project's gates")
     ap.add_argument("--policy", default=None, help="a file of gates: a JSON list, or {\"gates\": [...]} (JSON/TOML)")
     ap.add_argument("--folder", default=None, help="check the output files against the recorded hashes (one "
-                    "evidence file; default with a single file: none)")
+                    "evidence file)")
+    ap.add_argument("--rescore", action="store_true", help="with --folder: measure the metrics again and compare")
     args = ap.parse_args(argv)
     try:
         gates = policy_gates(args)
     except (evidence.EvidenceError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.folder and len(args.files) != 1:
-        print("error: --folder checks one evidence file", file=sys.stderr)
+    if (args.folder and len(args.files) != 1) or (args.rescore and not args.folder):
+        print("error: --folder checks one evidence file; --rescore needs --folder", file=sys.stderr)
         return 2
     bad = 0
     for f in args.files:
@@ -60,10 +86,14 @@ def main(argv=None) -> int:
             verdict, failures = evidence.apply_gates(ev, gates)
             if args.folder:
                 diffs = evidence.check_folder(ev, args.folder)
+                if args.rescore and not diffs:
+                    diffs = rescore(ev, args.folder)
                 failures += [f"folder: {d}" for d in diffs]
                 verdict = "NO-GO" if diffs else verdict
-        except evidence.EvidenceError as e:
+        except (evidence.EvidenceError, OSError) as e:
             verdict, failures = "NO-GO", [str(e)]
+        except Exception as e:  # noqa: BLE001 - a model that cannot be opened for --rescore, say
+            verdict, failures = "NO-GO", [f"{type(e).__name__}: {e}"]
         bad += verdict != "GO"
         print(f"{verdict}  {f}")
         for msg in failures:
