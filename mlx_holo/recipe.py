@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,10 @@ class Recipe:
 
 
     def validate(self) -> "Recipe":
+        for f in dataclasses.fields(self):  # NaN and inf pass every comparison below: refuse them first
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise RecipeError(f"{f.name} must be a finite number, got {v}")
         if self.method not in METHODS:
             raise RecipeError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.mode != "affine":
@@ -235,7 +240,10 @@ class Recipe:
                                                               for x in v):
                     raise RecipeError(f"{k} must be a list of integers, got {v!r}")
                 v = tuple(v)
-            elif v is not None:
+            elif v is None:
+                if fields[k].default is not None:
+                    raise RecipeError(f"{k} cannot be null (it has no unset value)")
+            else:
                 want = meta["type"]
                 ok = isinstance(v, want) and (want is bool or not isinstance(v, bool))
                 if want is float and isinstance(v, int) and not isinstance(v, bool):

@@ -163,3 +163,58 @@ def test_validate_rescore_measures_again(tiny_model_dir, text_file, tmp_path):
     assert cli("mlx_holo.validate", str(forged), "--gate", "kl>=0").returncode == 0  # only re-measuring sees it
     r = cli("mlx_holo.validate", str(forged), "--folder", str(out), "--rescore", "--gate", "kl>=0")
     assert r.returncode == 1 and "rescore: kl" in r.stdout
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    return st.recursive(st.none() | st.booleans() | st.floats(allow_nan=True, allow_infinity=True)
+                        | st.integers(min_value=-10**30, max_value=10**30) | st.text(max_size=8),
+                        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                        max_leaves=8)
+
+
+def test_fuzzed_configs_give_plan_errors_never_tracebacks():
+    """Property: the planner and the pre-flight either answer or raise PlanError, for any config.json content."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from mlx_holo import plan, preflight
+
+    keys = st.sampled_from(["hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+                            "vocab_size", "intermediate_size", "head_dim", "num_local_experts", "text_config",
+                            "tie_word_embeddings", "model_type"])
+    good = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 100,
+            "intermediate_size": 128}
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.dictionaries(keys, _json_values(), max_size=6) | _json_values())
+    def check(patch):
+        config = dict(good, **patch) if isinstance(patch, dict) else patch
+        try:
+            plan.plan(config, target_gb=16)
+            preflight.estimate(config, Recipe(method="gptq"))
+        except plan.PlanError:
+            pass
+
+    check()
+
+
+def test_fuzzed_recipes_give_recipe_errors_never_tracebacks():
+    """Property: Recipe.from_dict accepts a valid recipe or raises RecipeError, for any dict."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    import dataclasses
+
+    names = st.sampled_from([f.name for f in dataclasses.fields(Recipe)] + ["nonsense"])
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.dictionaries(names, _json_values(), max_size=5) | _json_values())
+    def check(d):
+        try:
+            r = Recipe.from_dict(d)
+        except RecipeError:
+            return
+        assert r.validate() is r
+
+    check()

@@ -560,3 +560,46 @@ def test_real_compress_through_the_ui(tmp_path):
     ev = json.loads((out / "evidence.json").read_text())
     assert ev["recipe"]["bits"] == 4 and abs(ev["ratio"] - float(row[2])) < 0.01
     assert ev["metrics"]["ppl"] > 0
+
+
+def test_pareto_skips_hostile_json_and_labels_odd_recipes(tmp_path):
+    from mlx_holo.tui import charts
+
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    (tmp_path / "odd.json").write_text(json.dumps({"ratio": 3.0, "metrics": {"ppl": 20.0}, "recipe": [1, 2]}))
+    (tmp_path / "odd2.json").write_text(json.dumps({"ratio": 3.0, "metrics": {}, "recipe": {"bits": "four",
+                                                                                           "sparsity": "half"}}))
+    pts = charts.evidence_points(str(tmp_path))
+    assert sorted(p["label"] for p in pts) == ["?", "?"]
+
+
+def test_empty_number_fields_and_zero_heads_are_named_errors(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 0, "num_hidden_layers": 2, "vocab_size": 9}))
+
+    async def flow():
+        from textual.widgets import Input, RichLog, Static
+
+        app = new_app(initial_tab="planner")
+        async with app.run_test(size=(100, 30)) as pilot:
+            planner = app.query_one("#planner_pane")
+            planner.query_one("#pl_model", Input).value = str(cfg)
+            planner.compute()
+            await pilot.pause()
+            assert "error: config has a value" in str(planner.query_one("#pl_message", Static).render())
+            planner.query_one("#pl_model", Input).value = "default"
+            planner.query_one("#pl_context", Input).value = ""
+            planner.compute()
+            await pilot.pause()
+            assert "pl context: enter a whole number" in str(planner.query_one("#pl_message", Static).render())
+            pane = app.query_one("#compress_pane")
+            pane.query_one("#out", Input).value = str(tmp_path / "o")
+            pane.query_one("#eval_tokens", Input).value = ""
+            app.action_tab("compress")
+            await pilot.pause()
+            await click_run(pilot, pane)
+            await pilot.pause()
+            log = " ".join(" ".join(line.text for line in pane.query_one(RichLog).lines).split())
+            assert "eval tokens: enter a whole number" in log and pane.worker is None
+
+    run(flow())

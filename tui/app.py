@@ -48,6 +48,18 @@ class FormError(ValueError):
     """A form field the UI thread rejects before starting a worker."""
 
 
+def number(pane, wid: str, kind=int, default=None):
+    """The value of the number field #wid of pane as ``kind``; an empty or malformed field is a FormError naming it."""
+    text = pane.query_one(f"#{wid}", Input).value.strip()
+    if not text and default is not None:
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise FormError(f"{wid.replace('_', ' ')}: enter {what} (got {text!r})") from None
+
+
 def fmt(v, digits: int = 4) -> str:
     if v is None:
         return "-"
@@ -279,7 +291,7 @@ class CompressPane(JobPane):
         method = self.query_one("#method", Select).value
         bits = self.query_one("#bits", Select).value
         group = int(self.query_one("#group", Select).value)
-        sparsity = float(self.query_one("#sparsity", Input).value or 0)
+        sparsity = number(self, "sparsity", float, 0.0)
         bpw_text = self.query_one("#bpw", Input).value.strip()
         out = self.query_one("#out", Input).value.strip()
         if not out:
@@ -295,11 +307,11 @@ class CompressPane(JobPane):
         if method == "mixed":
             if not bpw_text:
                 raise FormError("mixed needs a bits-per-weight budget")
-            recipe["bits_per_weight"] = float(bpw_text)
+            recipe["bits_per_weight"] = number(self, "bpw", float)
         from mlx_holo.recipe import Recipe
         Recipe(**recipe).validate()  # a recipe that cannot run (e.g. a budget below mixed's floor) starts nothing
         args = {"model": check_model(self.query_one("#model", Input).value), "recipe": recipe, "out": out,
-                "eval_tokens": int(self.query_one("#eval_tokens", Input).value), "gates": gates or None}
+                "eval_tokens": number(self, "eval_tokens"), "gates": gates or None}
         if overwrite:
             args["overwrite"] = True
         return args
@@ -371,8 +383,7 @@ class EvaluatePane(JobPane):
             raise FormError("choose a model folder to evaluate")
         base = self.query_one("#base", Input).value.strip()
         return {"model": check_model(model), "base": check_model(base) if base else None,
-                "eval_tokens": int(self.query_one("#eval_tokens", Input).value),
-                "seq_len": int(self.query_one("#seq_len", Input).value)}
+                "eval_tokens": number(self, "eval_tokens"), "seq_len": number(self, "seq_len")}
 
     def call(self, args: dict, on_progress) -> dict:
         evaluate = backend("mlx_holo.evaluation", "evaluate")
@@ -415,8 +426,7 @@ class BenchPane(JobPane):
         if not bits:
             raise FormError("give at least one bit-width, e.g. 4 or 2,3,4,8")
         return {"model": check_model(self.query_one("#model", Input).value), "bits_list": bits,
-                "prompt_tokens": int(self.query_one("#prompt_tokens", Input).value),
-                "gen_tokens": int(self.query_one("#gen_tokens", Input).value),
+                "prompt_tokens": number(self, "prompt_tokens"), "gen_tokens": number(self, "gen_tokens"),
                 "save": self.query_one("#save_json", Input).value.strip()}
 
     def call(self, args: dict, on_progress) -> dict:
@@ -619,15 +629,14 @@ class PlannerPane(Vertical):
             model = self.query_one("#pl_model", Input).value.strip() or "default"
             target = self.query_one("#pl_target", Input).value.strip()
             res = planner.plan(planner.load_config(os.path.expanduser(model)),
-                               context=int(self.query_one("#pl_context", Input).value),
-                               batch=int(self.query_one("#pl_batch", Input).value),
+                               context=number(self, "pl_context"), batch=number(self, "pl_batch"),
                                target_gb=float(target) if target else None,
                                kv_bits=self.query_one("#pl_kv", Select).value,
                                group_size=self.query_one("#pl_group", Select).value,
-                               usable_fraction=float(self.query_one("#pl_usable", Input).value), model=model)
+                               usable_fraction=number(self, "pl_usable", float), model=model)
         except (planner.PlanError, ValueError, OSError) as e:
             msg.set_classes("verdict nogo")
-            msg.update(Text(f"error: {e}"))
+            msg.update(Text(f"error: {e}" if str(e) else "error: fill in every number"))
             return
         self.result = res
         msg.set_class(res.fits is True, "go")
@@ -694,6 +703,13 @@ class HoloApp(App):
             self.call_after_refresh(first[0].focus)
         if name == "pareto":
             self.query_one(ParetoPane).refresh_chart()
+
+    async def action_quit(self) -> None:
+        """Quit at once: every running job is cancelled first (its worker stops at its next progress step) instead
+        of the screen waiting, blank, for a long evaluation to end."""
+        for job in self.query(JobPane):
+            job.cancel_event.set()
+        self.exit()
 
     def _active_job(self) -> JobPane | None:
         pane = self.query_one(TabbedContent).active_pane

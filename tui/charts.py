@@ -49,19 +49,19 @@ def evidence_points(folder: str) -> list[dict]:
                 continue
             path = os.path.join(root, name)
             try:
-                with open(path) as f:
+                with open(path, encoding="utf-8") as f:
                     ev = json.load(f)
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):  # unreadable, not JSON, too deeply nested
                 continue
             if not isinstance(ev, dict) or "ratio" not in ev or not isinstance(ev.get("metrics"), dict):
                 continue
-            m, r = ev["metrics"], ev.get("recipe") or {}
-            label = r.get("method", "?")
-            if r.get("bits"):
+            m, r = ev["metrics"], ev.get("recipe") if isinstance(ev.get("recipe"), dict) else {}
+            label = str(r.get("method", "?"))
+            if isinstance(r.get("bits"), int):
                 label += f"{r['bits']}"
-            if r.get("sparsity"):
+            if isinstance(r.get("sparsity"), (int, float)) and r["sparsity"]:
                 label += f"s{r['sparsity']:g}"
-            if r.get("method") == "mixed" and r.get("bits_per_weight"):
+            if r.get("method") == "mixed" and isinstance(r.get("bits_per_weight"), (int, float)):
                 label += f"@{r['bits_per_weight']:g}"
             pts.append({"label": label, "path": path, "ratio": ev.get("ratio"), "ppl": m.get("ppl"),
                         "delta_ppl_pct": m.get("delta_ppl_pct"), "kl": m.get("kl"), "verdict": ev.get("verdict")})
