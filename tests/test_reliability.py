@@ -218,3 +218,11 @@ def test_fuzzed_recipes_give_recipe_errors_never_tracebacks():
         assert r.validate() is r
 
     check()
+
+
+def test_missing_tokenizer_is_named(tiny_model_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(models.ModelError, match="has no tokenizer"):
+        models.open_model(str(d))

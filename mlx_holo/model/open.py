@@ -143,6 +143,9 @@ def open_model(spec: str | None, *, dtype=mx.float32, dequantize: bool | None = 
     cast_floats(model, dtype)
     if not lazy:
         mx.eval(model.parameters())
+    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelError(f"{path} has no tokenizer (none of tokenizer.json, tokenizer.model, vocab.json): copy the "
+                         "tokenizer files of the model it came from into the folder")
     try:
         tokenizer = load_tokenizer(path, tokenizer_config_extra={"trust_remote_code": False})
     except Exception as e:  # noqa: BLE001
