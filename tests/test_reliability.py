@@ -226,3 +226,16 @@ def test_missing_tokenizer_is_named(tiny_model_dir, tmp_path):
     (d / "tokenizer.json").unlink()
     with pytest.raises(models.ModelError, match="has no tokenizer"):
         models.open_model(str(d))
+
+
+def test_an_internal_error_is_exit_3_with_one_line_and_a_hint(tiny_model_dir, tmp_path, monkeypatch):
+    from mlx_holo.cli import common
+
+    def boom():
+        raise ZeroDivisionError("a bug")
+
+    assert common.run_guarded(boom) == 3
+    with pytest.raises(ZeroDivisionError):
+        common.run_guarded(boom, debug=True)
+    r = cli("mlx_holo.eval", "--model", str(tiny_model_dir), "--out", str(tmp_path / "missing" / "m.json"))
+    assert r.returncode == 2 and "does not exist" in r.stderr

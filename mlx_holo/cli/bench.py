@@ -7,11 +7,15 @@ import sys
 
 from ..bench import chart, run_bench, table
 from ..hardware import ensure_fast_blas
-from .common import EXIT_BAD_INPUT, progress_printer
+from .common import EXIT_BAD_INPUT, progress_printer, run_guarded
 
 
 def main(argv=None) -> int:
     ensure_fast_blas()
+    return run_guarded(lambda: _main(argv))
+
+
+def _main(argv) -> int:
     ap = argparse.ArgumentParser(prog="mlx-holo bench", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--bits", default="16,8,6,4,3,2", help="comma list; 16 = float16 weights")

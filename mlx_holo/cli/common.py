@@ -14,27 +14,21 @@ import time
 EXIT_GO, EXIT_NOGO, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
+INPUT_ERRORS = {  # module -> the exception types of it that mean "bad input" (exit 2), each naming the problem
+    "mlx_holo.data": ("DataError",), "mlx_holo.evidence": ("EvidenceError",), "mlx_holo.model.files": ("ModelError",),
+    "mlx_holo.recipe": ("RecipeError",), "mlx_holo.preflight": ("PreflightError",), "mlx_holo.plan": ("PlanError",),
+    "mlx_holo.allocate.bits": ("BudgetError",),
+}
+
+
 def input_errors() -> tuple[type, ...]:
-    """The exception types that mean "bad input" (exit 2): each carries a message naming the problem."""
-    from ..data import DataError
-    from ..evidence import EvidenceError
-    from ..model.files import ModelError
-    from ..recipe import RecipeError
-
-    from ..preflight import PreflightError
-
-    errors = [DataError, EvidenceError, ModelError, RecipeError, FileExistsError, PreflightError]
-    try:
-        from ..allocate.bits import BudgetError
-        errors.append(BudgetError)
-    except ImportError:  # MLX missing: the allocator cannot load, and cannot have raised
-        pass
-    try:
-        from ..plan import PlanError
-        errors.append(PlanError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    """The "bad input" exception types of the modules loaded so far (a module never loaded raised nothing; looking
+    them up this way keeps the MLX-free commands free of MLX)."""
+    found = [FileExistsError]
+    for mod, names in INPUT_ERRORS.items():
+        if mod in sys.modules:
+            found += [getattr(sys.modules[mod], n) for n in names]
+    return tuple(found)
 
 
 def run_guarded(fn, debug: bool = False) -> int:

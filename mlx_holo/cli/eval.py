@@ -50,6 +50,8 @@ def _main(args) -> int:
     from .. import evidence
     from ..evaluation import evaluate
 
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise FileExistsError(f"cannot write {args.out}: its folder {Path(args.out).resolve().parent} does not exist")
     base = args.base
     ev_path = Path(args.model) / "evidence.json"
     if base is None and ev_path.exists():

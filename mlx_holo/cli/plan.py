@@ -7,10 +7,14 @@ import sys
 
 from ..plan import DEFAULT_USABLE_FRACTION, PlanError, format_plan, load_config, plan
 from ..preflight import compress_memory
-from .common import EXIT_BAD_INPUT
+from .common import EXIT_BAD_INPUT, run_guarded
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_guarded(lambda: _main(argv))
+
+
+def _main(argv) -> int:
     ap = argparse.ArgumentParser(prog="mlx-holo plan", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="config.json, a model folder, or 'default'")
     ap.add_argument("--context", type=int, default=4096)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .. import evidence
+from .common import run_guarded
 
 # metric -> relative tolerance of a re-measurement (another machine's arithmetic, not another model)
 RESCORE_TOLERANCE = {"ppl": 0.01, "base_ppl": 0.01, "kl": 0.05, "top1": 0.01, "cos_min": 0.005}
@@ -62,6 +63,10 @@ def rescore(ev: dict, folder: str) -> list[str]:
 
 
 def main(argv=None) -> int:
+    return run_guarded(lambda: _main(argv))
+
+
+def _main(argv) -> int:
     ap = argparse.ArgumentParser(prog="mlx-holo validate", description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", help="evidence JSON files")
     ap.add_argument("--gate", action="append", default=None,
