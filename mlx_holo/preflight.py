@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from .plan import arch, count_params
 
 GB = 1e9
-RUNTIME_BYTES = int(0.6 * GB)
+RUNTIME_BYTES = int(1.0 * GB)  # measured: the RSS of the process before its first block, on the shapes above
 RTN_CHUNK = 1 << 24   # quant.rtn.CHUNK_ELEMENTS (kept here: this module stays MLX-free)
 GPTQ_CHUNK = 1 << 25  # quant.gptq.CHUNK_ELEMENTS
 F32 = 4
@@ -107,7 +107,8 @@ def estimate(config: dict, recipe, *, eval_tokens: int = 8192, eval_seq_len: int
               "calibration": (stream * 2 + captured) * (2 if qep else 1), "output_shard": shard,
               "runtime": RUNTIME_BYTES}
     head_rows = V
-    head = {"head_float32": head_rows * D * F32 * 2,  # the weight and its compressed copy
+    tables = 1 if a.tied else 2  # an untied model has the input table and the head, both quantized here
+    head = {"head_float32": tables * head_rows * D * F32 * 2,  # each table and its compressed copy
             "layer_work": work(head_rows * D, gptq_like and recipe.gptq_head),
             "head_inputs": tokens * D * F32 * (2 if qep and not a.tied else 1) if gptq_like and recipe.gptq_head
             else 0,
