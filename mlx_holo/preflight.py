@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from .plan import arch, count_params
 
 GB = 1e9
-RUNTIME_BYTES = int(1.0 * GB)  # measured: the RSS of the process before its first block, on the shapes above
+RUNTIME_BYTES = int(1.0 * GB)  # Python, MLX, tokenizer and allocator slack (fitted to the scale table, docs/results.md)
 RTN_CHUNK = 1 << 24   # quant.rtn.CHUNK_ELEMENTS (kept here: this module stays MLX-free)
 GPTQ_CHUNK = 1 << 25  # quant.gptq.CHUNK_ELEMENTS
 F32 = 4
