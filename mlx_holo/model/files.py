@@ -50,11 +50,16 @@ def load_weights(path: Path) -> dict[str, mx.array]:
         raise ModelError(f"{path} has no model*.safetensors weight files")
     weights = {}
     for f in files:
-        try:
-            weights.update(mx.load(str(f)))
-        except Exception as e:  # noqa: BLE001 - mlx raises RuntimeError/ValueError on bad headers
-            raise ModelError(f"corrupt safetensors file {f}: {e}") from e
+        weights.update(load_file(f))
     return weights
+
+
+def load_file(f: Path) -> dict[str, mx.array]:
+    """One safetensors file's tensors, lazily; a corrupt file raises ModelError naming it."""
+    try:
+        return mx.load(str(f))
+    except Exception as e:  # noqa: BLE001 - mlx raises RuntimeError/ValueError on bad headers
+        raise ModelError(f"corrupt safetensors file {f}: {e}") from e
 
 
 def model_hash(path: Path) -> str:

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from .files import ModelError
-from .save import rename_shards, replace_dir
+from .save import rename_shards, replace_dir, write_shard
 
 
 _GGUF_NAMES = {
@@ -77,12 +77,6 @@ def _hf_name(name: str) -> str | None:
     return None
 
 
-def _write_shard(folder: Path, k: int, tensors: dict) -> tuple[str, list[str]]:
-    name = f".shard-{k:05d}.safetensors"
-    mx.save_safetensors(str(folder / name), tensors, metadata={"format": "mlx"})
-    return name, list(tensors)
-
-
 def convert_gguf(gguf_path: str | Path, out: str | Path, *, shard_bytes: int = 2 << 30) -> Path:
     """Convert a llama-architecture GGUF (any ggml quant type) into an HF-format fp32 folder, atomically, one tensor
     at a time (shards of about ``shard_bytes``, so a large GGUF never sits in memory whole)."""
@@ -134,10 +128,10 @@ def convert_gguf(gguf_path: str | Path, out: str | Path, *, shard_bytes: int = 2
             pending[key] = mx.array(w)
             size += w.nbytes
             if size >= shard_bytes:
-                shards.append(_write_shard(tmp, len(shards), pending))
+                shards.append(write_shard(tmp, len(shards), pending))
                 pending, size = {}, 0
         if pending or not shards:
-            shards.append(_write_shard(tmp, len(shards), pending))
+            shards.append(write_shard(tmp, len(shards), pending))
         rename_shards(tmp, shards)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _gguf_tokenizer(fields, tmp)

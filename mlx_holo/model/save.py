@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..quant.formats import QuantizedWeight
-from .files import TOKENIZER_FILES, ModelError, weight_files
+from .files import TOKENIZER_FILES, ModelError, load_file, weight_files
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -162,9 +162,7 @@ class FolderWriter:
     def _flush(self) -> None:
         if not self.pending:
             return
-        name = f".shard-{len(self.shards):05d}.safetensors"  # renamed by close(); not matched by weight_files
-        mx.save_safetensors(str(self.out / name), self.pending, metadata={"format": "mlx"})
-        self.shards.append((name, list(self.pending)))
+        self.shards.append(write_shard(self.out, len(self.shards), self.pending))
         self.pending, self.pending_bytes = {}, 0
 
     def close(self, config: dict, src: str | Path | None, keep_float: set[str] | None = None) -> dict:
@@ -179,6 +177,14 @@ class FolderWriter:
             cfg = {"quantization": self.qcfg, "quantization_config": self.qcfg}
         write_config(self.out, config, cfg, self.float_dtype, src)
         return dict(self.nbytes, shards=len(names))
+
+
+def write_shard(folder: Path, k: int, tensors: dict[str, mx.array], fmt: str = "mlx") -> tuple[str, list[str]]:
+    """Write shard k under a temporary name (not matched by ``weight_files``; ``rename_shards`` names it) ->
+    (file name, its tensor names)."""
+    name = f".shard-{k:05d}.safetensors"
+    mx.save_safetensors(str(Path(folder) / name), tensors, metadata={"format": fmt})
+    return name, list(tensors)
 
 
 def rename_shards(out: Path, shards: list[tuple[str, list[str]]]) -> list[str]:
@@ -211,32 +217,13 @@ def save_compressed(floats: dict[str, mx.array], quantized: dict, config: dict, 
     return w.close(config, src, keep_float)
 
 
-def _file_map(folder: Path) -> dict[str, Path]:
-    """tensor name -> the weight file holding it (read from the files' headers, lazily)."""
-    out = {}
-    for f in weight_files(folder):
-        out.update({k: f for k in load_weights_file(f)})
-    return out
-
-
-def load_weights_file(f: Path) -> dict[str, mx.array]:
-    try:
-        return mx.load(str(f))
-    except Exception as e:  # noqa: BLE001 - mlx raises RuntimeError/ValueError on bad headers
-        raise ModelError(f"corrupt safetensors file {f}: {e}") from e
-
-
-def _replaced_files(folder: Path, tensors: dict[str, mx.array]) -> dict[Path, dict[str, mx.array]]:
-    """The weight files of ``folder`` that hold any of ``tensors`` -> their full (lazy) contents with those
-    tensors put in, each cast to the dtype it had. One file's contents are read at a time by the callers."""
-    where = _file_map(folder)
+def _files_holding(folder: Path, tensors: dict[str, mx.array]) -> list[Path]:
+    """The weight files of ``folder`` that hold any of ``tensors`` (read from the files' headers, lazily)."""
+    where = {k: f for f in weight_files(folder) for k in load_file(f)}
     unknown = sorted(set(tensors) - set(where))
     if unknown:
         raise ModelError(f"{folder} has no tensors {unknown[:3]}{' ...' if len(unknown) > 3 else ''}")
-    out: dict[Path, dict[str, mx.array]] = {}
-    for k in tensors:
-        out.setdefault(where[k], {})
-    return out
+    return sorted({where[k] for k in tensors})
 
 
 def save_replaced(src: str | Path, out: str | Path, tensors: dict[str, mx.array], *, overwrite: bool = False) -> Path:
@@ -244,7 +231,7 @@ def save_replaced(src: str | Path, out: str | Path, tensors: dict[str, mx.array]
     replaced, each cast to the dtype it had (e.g. tuned scales/biases of a compressed model). Its evidence.json, if
     any, is not copied: it describes ``src``."""
     src = Path(src)
-    touched = _replaced_files(src, tensors)
+    touched = _files_holding(src, tensors)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for f in src.iterdir():
             if f.name == "evidence.json" or not f.is_file():
@@ -257,7 +244,7 @@ def save_replaced(src: str | Path, out: str | Path, tensors: dict[str, mx.array]
 
 
 def _write_replaced(f: Path, dest: Path, tensors: dict[str, mx.array]) -> None:
-    weights = load_weights_file(f)
+    weights = load_file(f)
     weights.update({k: v.astype(weights[k].dtype) for k, v in tensors.items() if k in weights})
     mx.save_safetensors(str(dest), weights, metadata={"format": "mlx"})
 
@@ -266,7 +253,7 @@ def replace_tensors(folder: str | Path, tensors: dict[str, mx.array]) -> None:
     """Rewrite ``folder``'s weights in place with some tensors replaced (dtype kept), one weight file at a time:
     each touched file is written under a temporary name, then renamed over the old one."""
     folder = Path(folder)
-    for f in _replaced_files(folder, tensors):
+    for f in _files_holding(folder, tensors):
         part = folder / f".replacing-{f.name}"  # not matched by weight_files' model*.safetensors
         _write_replaced(f, part, tensors)
         os.replace(part, f)

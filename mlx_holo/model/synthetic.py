@@ -1,5 +1,5 @@
 """Synthetic checkpoints of real shapes, for scale work: an HF-format llama / qwen2 / mixtral-style folder of any
-config, written shard by shard in bounded memory as bf16 safetensors + ``model.safetensors.index.json``, with a
+config, written shard by shard in bounded memory as bf16 safetensors (mlx-lm's shard names and index), with a
 tokenizer copied from a given folder (by default the embedded model's).
 
 The weights are random but not white noise, so that calibrated quantizers have something to do: every linear is
@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from .files import TOKENIZER_FILES, ModelError
+from .save import rename_shards, write_shard
 
 SHARD_BYTES = 2 << 30  # bf16 bytes per shard file
 
@@ -148,33 +149,18 @@ def write_synthetic(out: str | Path, cfg: SyntheticConfig, *, seed: int = 0, tok
     rng = np.random.default_rng(seed)
     outliers = _outliers(cfg.hidden_size, outlier_frac, rng)
     specs = tensor_specs(cfg)
-    shards, pending, size, total = [], {}, 0, 0
-
-    def flush():
-        nonlocal pending, size
-        if pending:
-            name = f"shard-{len(shards):05d}.safetensors"
-            mx.save_safetensors(str(out / name), pending, metadata={"format": "pt"})
-            shards.append((name, list(pending)))
-            pending, size = {}, 0
-
+    shards, pending, size = [], {}, 0
     for k, (name, shape, kind) in enumerate(specs):
         t = _tensor(shape, kind, rng, outliers, row_spread, outlier_scale)
         if size and size + t.nbytes > shard_bytes:
-            flush()
+            shards.append(write_shard(out, len(shards), pending, fmt="pt"))
+            pending, size = {}, 0
         pending[name] = t
         size += t.nbytes
-        total += t.nbytes
         if on_progress:
             on_progress("synthesize", k + 1, len(specs))
-    flush()
-    weight_map = {}
-    for i, (name, keys) in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        (out / name).rename(out / final)
-        weight_map.update({k: final for k in keys})
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    shards.append(write_shard(out, len(shards), pending, fmt="pt"))
+    rename_shards(out, shards)
     (out / "config.json").write_text(json.dumps(cfg.hf_config(), indent=2))
     src = Path(tokenizer_from) if tokenizer_from is not None else embedded_default_dir()
     for f in TOKENIZER_FILES:
