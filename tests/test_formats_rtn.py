@@ -248,6 +248,9 @@ def test_rtn_in_row_slices_equals_whole(monkeypatch, fit):
 
     assert preflight.RTN_CHUNK == rtn.CHUNK_ELEMENTS  # the pre-flight counts the same slices
     assert preflight.GPTQ_CHUNK == gptq.CHUNK_ELEMENTS
+    from mlx_holo.quant import rtn_cpu
+
+    monkeypatch.setattr(rtn_cpu, "FITS", ())  # the MLX face (the CPU face slices by rows on its own)
     mx.random.seed(1)
     w = mx.random.normal((300, 256))
     whole = quantize_rtn(w, 3, 64, fit=fit)
@@ -255,3 +258,65 @@ def test_rtn_in_row_slices_equals_whole(monkeypatch, fit):
     sliced = quantize_rtn(w, 3, 64, fit=fit)
     for a, b in ((whole.codes, sliced.codes), (whole.scales, sliced.scales), (whole.biases, sliced.biases)):
         assert mx.array_equal(a, b).item()
+
+
+def _group_errors(qw, w, imp=None):
+    d = (np.array(qw.dequantize()) - w) ** 2 * (1.0 if imp is None else imp[None, :])
+    return d.reshape(w.shape[0], -1, qw.group_size).sum(-1)
+
+
+@pytest.mark.parametrize("fit", ["mlx", "minmax", "lsq"])
+@pytest.mark.parametrize("bits,g,weighted", [(4, 64, False), (3, 32, True), (2, 128, False), (8, 64, True),
+                                             (5, 32, False), (6, 64, False)])
+def test_cpu_face_equals_the_mlx_face(monkeypatch, fit, bits, g, weighted):
+    """rtn_cpu (NumPy, threads) and rtn's MLX ops are one algorithm: the closed-form grids bit for bit, lsq's
+    iterates the same up to float summation order (a few groups' fp16 scale may land one ulp apart): nearly every
+    group's error equal, the total within 1%, and no group worse than its starting grid."""
+    from mlx_holo.quant import rtn_cpu
+
+    rng = np.random.default_rng(10 * bits + g)
+    w = (rng.standard_normal((96, 512)) * np.exp(0.5 * rng.standard_normal((96, 1)))).astype(np.float32)
+    w[:, 7] *= 6.0  # an outlier input channel
+    imp = (np.abs(rng.standard_normal(512)) + 0.1).astype(np.float32) if weighted else None
+    kw = dict(fit=fit, importance=None if imp is None else mx.array(imp))
+    cpu = quantize_rtn(mx.array(w), bits, g, **kw)
+    monkeypatch.setattr(rtn_cpu, "FITS", ())
+    ref = quantize_rtn(mx.array(w), bits, g, **kw)
+    same = (np.array(cpu.scales) == np.array(ref.scales)).mean()
+    if fit == "lsq":  # one ulp apart, two local searches may part ways: per group, neither face dominates
+        assert same > 0.98
+        e_cpu, e_ref = _group_errors(cpu, w, imp), _group_errors(ref, w, imp)
+        assert np.isclose(e_cpu, e_ref, rtol=1e-5).mean() > 0.97
+        assert abs(e_cpu.sum() / e_ref.sum() - 1) < 0.01
+        start = np.minimum(*(_group_errors(quantize_rtn(mx.array(w), bits, g, fit=f), w, imp)
+                             for f in ("mlx", "minmax")))
+        assert np.all(e_cpu <= start * (1 + 1e-5) + 1e-9)  # never worse than its start, as the MLX face
+    else:
+        assert same == 1.0
+        assert mx.array_equal(cpu.codes, ref.codes).item() and mx.array_equal(cpu.biases, ref.biases).item()
+
+
+def test_cpu_face_threads_and_slices_do_not_change_the_result(monkeypatch):
+    """Rows are independent: one thread on the whole matrix and two threads on 3-row slices agree bit for bit."""
+    from mlx_holo.quant import rtn_cpu
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((50, 256)).astype(np.float32)
+    one = rtn_cpu.quantize_rows(w, 4, 64, "lsq", workers=1)
+    monkeypatch.setattr(rtn_cpu, "SLICE_ELEMENTS", 3 * 256)
+    two = rtn_cpu.quantize_rows(w, 4, 64, "lsq", workers=2)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="zlsq"):
+        rtn_cpu.quantize_rows(w, 4, 64, "zlsq")
+
+
+@pytest.mark.parametrize("bits", AFFINE_BITS)
+def test_pack_round_trips_wide_matrices(bits):
+    """pack/unpack on many rows and a width that is not a power of two, against mx.quantize's own words."""
+    mx.random.seed(bits)
+    w = mx.random.normal((40, 96 * 8))
+    wq, _, _ = mx.quantize(w, 32, bits)
+    codes = unpack(wq, bits, w.shape[1])
+    assert mx.array_equal(pack(codes, bits), wq).item()
+    assert mx.array_equal(pack(np.array(codes), bits), wq).item()  # a NumPy input packs the same

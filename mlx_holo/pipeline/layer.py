@@ -107,7 +107,7 @@ def compress_weight(w: mx.array, X: mx.array | None, H: mx.array | None, X_fp: m
                     quant_method: str, bits: int | None, g: int, sparsity: float
                     ) -> tuple[QuantizedWeight | None, mx.array, float]:
     """One weight w [out, in] (float32) with its calibration input X [n, in] / Hessian H (None: data-free) ->
-    (compact QuantizedWeight, or None when kept float; w_hat [out, in]; measured sparsity).
+    (compact QuantizedWeight, or None when kept float; w_hat [out, in], lazy; measured sparsity).
     X_fp: the float model's input (QEP)."""
     pruned = 0.0
     w_new, keep = w, None
@@ -127,8 +127,7 @@ def compress_weight(w: mx.array, X: mx.array | None, H: mx.array | None, X_fp: m
         w_new = qep_target(w_new, X_fp, X, recipe)
     method = quant_method if X is not None else "rtn"
     qw = quantize_weight(w_new, X, H, recipe, bits, method, keep, g)
-    w_hat = qw.dequantize()
-    mx.eval(w_hat)
+    w_hat = qw.dequantize()  # lazy: a data-free caller that needs no w_hat never computes it
     return qw.compact(), w_hat, pruned  # hold packed codes only: bits/8 bytes per weight
 
 

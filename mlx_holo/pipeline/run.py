@@ -129,9 +129,11 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
                 res.quantized[full] = q
             else:
                 res.floats[f"{full}.weight"] = w_hat
-            lin.weight = w_hat  # later blocks see the compressed block (sequential calibration)
-            mx.eval(lin.weight)
+            if q is None or x is not None:  # data-free: no later step reads the dequantized weight
+                lin.weight = w_hat  # later blocks see the compressed block (sequential calibration)
+                mx.eval(lin.weight)
             err = rel_error(w, w_hat, H) if H is not None else None
+            w = w_hat = None
             res.layers.append(LayerRecord(full, bits, g if bits is not None else None, sparsity, err,
                                           time.perf_counter() - ts))
         for path, sw in expert_modules(block):

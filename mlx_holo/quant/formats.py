@@ -39,27 +39,48 @@ def fit_group(width: int, group_size: int) -> int | None:
     return next((g for g in sorted(GROUP_SIZES, reverse=True) if g <= group_size and width % g == 0), None)
 
 
-def pack(codes: mx.array, bits: int) -> mx.array:
-    """codes: [out, in] integers in [0, 2**bits) -> packed uint32 [out, in * bits // 32]."""
-    q = np.asarray(codes, dtype=np.uint32)
+def pack(codes: mx.array | np.ndarray, bits: int) -> mx.array:
+    """codes: [out, in] integers in [0, 2**bits) -> packed uint32 [out, in * bits // 32].
+
+    Eight codes fill ``bits`` bytes of the little-endian bitstream, so they are packed as one uint64 each (code i
+    at bit i * bits) whose low ``bits`` bytes are kept; whole-byte widths skip the uint64."""
+    q = np.asarray(codes)
     assert q.ndim == 2 and (q.shape[1] * bits) % 32 == 0, (q.shape, bits)
     assert int(q.max(initial=0)) < 2**bits, "code out of range"
-    if 32 % bits == 0:  # whole codes per word: shift-or, cheap
-        per = 32 // bits
-        q = q.reshape(q.shape[0], -1, per)
-        shifts = (np.arange(per, dtype=np.uint32) * bits)[None, None, :]
-        return mx.array(np.bitwise_or.reduce(q << shifts, axis=2).astype(np.uint32))
-    planes = ((q[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)  # [out, in, bits]
-    packed = np.packbits(planes.reshape(q.shape[0], -1), axis=1, bitorder="little")
-    return mx.array(np.ascontiguousarray(packed).view(np.uint32))
+    q = q.astype(np.uint8, copy=False)
+    rows = q.shape[0]
+    if bits == 8:
+        return mx.array(np.ascontiguousarray(q).view(np.uint32))
+    if 8 % bits == 0:  # 2 or 4 codes per byte
+        per = 8 // bits
+        q = q.reshape(rows, -1, per)
+        byte = q[..., 0].copy()
+        for i in range(1, per):
+            byte |= q[..., i] << np.uint8(i * bits)
+        return mx.array(byte.view(np.uint32))
+    q = q.reshape(rows, -1, 8).astype(np.uint64)  # [out, in / 8, 8]
+    word = q[..., 0].copy()
+    for i in range(1, 8):
+        word |= q[..., i] << np.uint64(i * bits)
+    packed = word[..., None].view(np.uint8)[..., :bits]  # [out, in / 8, bits] (little-endian)
+    return mx.array(np.ascontiguousarray(packed).reshape(rows, -1).view(np.uint32))
 
 
-def unpack(packed: mx.array, bits: int, in_features: int) -> mx.array:
-    """packed uint32 [out, in * bits // 32] -> codes uint8 [out, in]."""
+def unpack(packed: mx.array | np.ndarray, bits: int, in_features: int) -> mx.array:
+    """packed uint32 [out, in * bits // 32] -> codes uint8 [out, in] (``pack``'s inverse)."""
     p = np.ascontiguousarray(np.asarray(packed, dtype=np.uint32))
-    planes = np.unpackbits(p.view(np.uint8), axis=1, bitorder="little")[:, : in_features * bits]
-    planes = planes.reshape(p.shape[0], in_features, bits).astype(np.uint32)
-    return mx.array((planes << np.arange(bits, dtype=np.uint32)).sum(axis=2).astype(np.uint8))
+    rows, mask = p.shape[0], (1 << bits) - 1
+    b = p.view(np.uint8)
+    if 8 % bits == 0:
+        per = 8 // bits
+        out = np.stack([(b >> np.uint8(i * bits)) & np.uint8(mask) for i in range(per)], axis=-1)
+        return mx.array(out.reshape(rows, -1)[:, :in_features])
+    b = b.reshape(rows, -1, bits)  # [out, in / 8, bits]
+    word = np.zeros((rows, b.shape[1], 8), np.uint8)
+    word[..., :bits] = b
+    word = word.view(np.uint64)[..., 0]  # [out, in / 8]
+    out = np.stack([(word >> np.uint64(i * bits)) & np.uint64(mask) for i in range(8)], axis=-1)
+    return mx.array(out.astype(np.uint8).reshape(rows, -1)[:, :in_features])
 
 
 def dequantize(codes: mx.array, scales: mx.array, biases: mx.array, group_size: int | None = None) -> mx.array:

@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..options import FITS
+from . import rtn_cpu
 from .formats import AFFINE_BITS, FormatError, QuantizedWeight
 
 
@@ -255,6 +256,16 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
         raise FormatError(f"bits={bits} is not supported; choose one of {AFFINE_BITS}")
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    fit = "mlx" if exact_zero else fit
+    if (fit in rtn_cpu.FITS and not (clip_search or exact_zero or grid_offset) and rounding == "nearest"
+            and scale_dtype == mx.float16 and mx.default_device() == mx.cpu):  # the same fit, fast on a CPU
+        g = w.shape[1] if group_size in (-1, 0, None) else group_size
+        if w.shape[1] % g:
+            raise FormatError(f"input width {w.shape[1]} is not a multiple of group_size={g}")
+        imp = None if importance is None else np.asarray(importance.astype(mx.float32))
+        codes, scales, biases = rtn_cpu.quantize_rows(np.asarray(w.astype(mx.float32)), bits, g, fit, imp)
+        return QuantizedWeight(mx.array(codes), mx.array(scales), mx.array(biases), bits,
+                               g if group_size not in (-1, 0, None) else -1)
     rows = max(1, CHUNK_ELEMENTS // w.shape[1])
     if w.shape[0] > rows:  # rows are independent: a large layer (an LM head) in slices bounds the work arrays
         kw = dict(clip_search=clip_search, clip_grid=clip_grid, clip_min=clip_min, importance=importance,
@@ -269,7 +280,6 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
     lo, hi = wg.min(axis=2, keepdims=True), wg.max(axis=2, keepdims=True)  # [out, G, 1]
     key = mx.random.key(seed)
     imp = None if importance is None else importance.astype(mx.float32).reshape(1, -1, g)
-    fit = "mlx" if exact_zero else fit
     starts = start_fits(fit)
     best_s, best_b = affine_params(lo, hi, bits, scale_dtype, fit=starts[0])
     best_lo, best_hi = lo, hi
