@@ -370,20 +370,23 @@ def test_evaluate_flow(monkeypatch, tmp_path):
 
 
 def test_bench_flow_and_chart(monkeypatch, tmp_path):
-    def fake_bench(model, bits_list, *, prompt_tokens=128, gen_tokens=32, on_progress=None):
+    seen = {}
+
+    def fake_bench(model, bits_list, *, folders=None, prompt_tokens=128, gen_tokens=32, on_progress=None):
+        seen["folders"] = folders
         rows = []
         for i, b in enumerate(bits_list):
             on_progress("bench", i + 1, len(bits_list))
-            rows.append({"bits": b, "prefill_tps": 900.0 / b, "decode_tps": 40.0 * b, "ttft_s": 0.05,
-                         "peak_mem_bytes": 300 * 2**20, "model_bytes": b * 17 * 2**20,
-                         "bytes_per_token": b * 17 * 2**20, "bw_util": 0.08 * b})
-        return {"rows": rows}
+            rows.append({"label": f"q{b}", "bits": b, "bits_per_weight": b + 0.5, "prefill_tps": 900.0 / b,
+                         "decode_tps": 40.0 * b, "ttft_s": 0.05, "peak_mem_bytes": 300 * 2**20,
+                         "model_bytes": b * 17 * 2**20, "bytes_per_token": b * 17 * 2**20, "bw_util": 0.08 * b})
+        return {"rows": rows, "note": "CPU backend: test note"}
 
     patch_backend(monkeypatch, "mlx_holo.bench", "run_bench", fake_bench)
     saved = tmp_path / "bench.json"
 
     async def flow():
-        from textual.widgets import DataTable, Input
+        from textual.widgets import DataTable, Input, RichLog
 
         app = new_app(initial_tab="bench")
         async with app.run_test(size=(100, 30)) as pilot:
@@ -393,14 +396,16 @@ def test_bench_flow_and_chart(monkeypatch, tmp_path):
             await pilot.press("ctrl+r")
             await wait_job(pilot, pane)
             table = pane.query_one("#bench_rows", DataTable)
-            assert [r[0] for r in cells(table)] == ["2", "4", "8"]
-            assert cells(table)[1][-1] == "32" and cells(table)[1][5] == "68"     # 4 bits: 32 % BW, 68 MB
+            assert [r[0] for r in cells(table)] == ["q2", "q4", "q8"]
+            assert cells(table)[1][-1] == "32" and cells(table)[1][6] == "68"     # 4 bits: 32 % BW, 68 MB/token
+            assert cells(table)[1][1] == "4.5" and seen["folders"] == []
+            assert any("test note" in str(line) for line in pane.query_one(RichLog).lines)
             await wait_for(pilot, lambda: "decode bandwidth utilisation" in screen_text(app))
             table.clear()
             await type_into(pilot, pane.query_one("#bench_json", Input), str(saved))
             await pilot.press("enter")
             await pilot.pause()
-            assert [r[0] for r in cells(table)] == ["2", "4", "8"]
+            assert [r[0] for r in cells(table)] == ["q2", "q4", "q8"]
 
     run(flow())
     assert [r["bits"] for r in json.loads(saved.read_text())["rows"]] == [2, 4, 8]

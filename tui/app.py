@@ -403,8 +403,10 @@ class BenchPane(JobPane):
     TITLE = "bench"
 
     def compose_form(self) -> ComposeResult:
-        yield from field("Model", Input("default", id="model", suggester=PathSuggester(), compact=True))
-        yield from field("Bits", Input("2,3,4,8", id="bits_list", compact=True))
+        yield from field("Folders", Input("", placeholder="saved folders to bench, comma-separated (optional)",
+                                          id="folders", suggester=PathSuggester(), compact=True))
+        yield from field("Sweep model", Input("default", id="model", suggester=PathSuggester(), compact=True))
+        yield from field("Sweep bits", Input("16,8,4,3,2", id="bits_list", compact=True))
         yield from field("Prompt tok", Input("128", type="integer", id="prompt_tokens", compact=True))
         yield from field("Gen tok", Input("32", type="integer", id="gen_tokens", compact=True))
         yield from field("Bench JSON", Input("", placeholder="load a saved bench JSON + Enter", id="bench_json",
@@ -414,7 +416,7 @@ class BenchPane(JobPane):
 
     def compose_results(self) -> ComposeResult:
         table = DataTable(id="bench_rows", zebra_stripes=True, cursor_type="row")
-        table.add_columns("bits", "prefill tok/s", "decode tok/s", "TTFT s", "peak MB", "model MB", "bytes/tok", "BW %")
+        table.add_columns("entry", "bits/w", "prefill tok/s", "decode tok/s", "TTFT s", "peak MB", "MB/tok", "BW %")
         yield table
         yield PlotextPlot(id="bwplot")
 
@@ -422,17 +424,24 @@ class BenchPane(JobPane):
         charts.draw_bandwidth(self.query_one("#bwplot", PlotextPlot).plt, [])
 
     def read_form(self) -> dict:
-        bits = [int(b) for b in self.query_one("#bits_list", Input).value.replace(" ", "").split(",") if b]
-        if not bits:
-            raise FormError("give at least one bit-width, e.g. 4 or 2,3,4,8")
-        return {"model": check_model(self.query_one("#model", Input).value), "bits_list": bits,
+        try:
+            bits = [int(b) for b in self.query_one("#bits_list", Input).value.replace(" ", "").split(",") if b]
+        except ValueError:
+            raise FormError("sweep bits must be a comma list of integers, e.g. 16,8,4") from None
+        folders = [check_model(f.strip()) for f in self.query_one("#folders", Input).value.split(",") if f.strip()]
+        if not bits and not folders:
+            raise FormError("give folders to bench or sweep bits, e.g. 16,8,4,3,2")
+        bad = [b for b in bits if b not in (2, 3, 4, 5, 6, 8, 16)]
+        if bad:
+            raise FormError(f"unsupported sweep bits {bad}: choose from 2,3,4,5,6,8,16")
+        return {"model": check_model(self.query_one("#model", Input).value), "bits_list": bits, "folders": folders,
                 "prompt_tokens": number(self, "prompt_tokens"), "gen_tokens": number(self, "gen_tokens"),
                 "save": self.query_one("#save_json", Input).value.strip()}
 
     def call(self, args: dict, on_progress) -> dict:
         run_bench = backend("mlx_holo.bench", "run_bench")
-        res = run_bench(args["model"], args["bits_list"], prompt_tokens=args["prompt_tokens"],
-                        gen_tokens=args["gen_tokens"], on_progress=on_progress)
+        res = run_bench(args["model"], args["bits_list"], folders=args["folders"],
+                        prompt_tokens=args["prompt_tokens"], gen_tokens=args["gen_tokens"], on_progress=on_progress)
         if args["save"]:
             Path(args["save"]).parent.mkdir(parents=True, exist_ok=True)
             Path(args["save"]).write_text(json.dumps(res, indent=2, default=str))
@@ -445,10 +454,12 @@ class BenchPane(JobPane):
         mb = lambda b: None if b is None else b / 2**20  # noqa: E731
         for r in rows:
             bw = r.get("bw_util")
-            table.add_row(fmt(r.get("bits")), fmt(r.get("prefill_tps"), 4), fmt(r.get("decode_tps"), 4),
-                          fmt(r.get("ttft_s"), 3), fmt(mb(r.get("peak_mem_bytes")), 4),
-                          fmt(mb(r.get("model_bytes")), 4), fmt(r.get("bytes_per_token")),
+            table.add_row(str(r.get("label", r.get("bits"))), fmt(r.get("bits_per_weight"), 3),
+                          fmt(r.get("prefill_tps"), 4), fmt(r.get("decode_tps"), 4), fmt(r.get("ttft_s"), 3),
+                          fmt(mb(r.get("peak_mem_bytes")), 4), fmt(mb(r.get("bytes_per_token")), 4),
                           fmt(None if bw is None else 100 * bw, 3))
+        if res.get("note"):
+            self.log_line(escape(res["note"]))
         plot = self.query_one("#bwplot", PlotextPlot)
         charts.draw_bandwidth(plot.plt, rows)
         plot.refresh()

@@ -88,14 +88,17 @@ def draw_pareto(plt, points: list[dict], y_key: str = "delta_ppl_pct") -> list[b
 
 
 def draw_bandwidth(plt, rows: list[dict]) -> None:
-    """Bandwidth utilisation (%) per bit-width from bench rows ({bits, bw_util (fraction)})."""
-    rows = sorted((r for r in rows if _finite(r.get("bits")) and _finite(r.get("bw_util"))), key=lambda r: r["bits"])
+    """Bandwidth utilisation (%) vs bits/weight from bench rows ({bits_per_weight (or bits), bw_util (fraction),
+    label}), one labelled point per entry."""
+    def x_of(r):
+        return r.get("bits_per_weight") if _finite(r.get("bits_per_weight")) else r.get("bits")
+
+    rows = sorted((r for r in rows if _finite(x_of(r)) and _finite(r.get("bw_util"))), key=x_of)
     plt.clear_data()
     plt.clear_figure()
-    plt.title("decode bandwidth utilisation vs bits")
-    plt.xlabel("bits")
+    plt.title("decode bandwidth utilisation vs bits/weight")
+    plt.xlabel("bits/weight")
     plt.ylabel("% of peak")
     if rows:
-        xs = [r["bits"] for r in rows]
-        plt.bar(xs, [100.0 * r["bw_util"] for r in rows], width=0.4)
-        plt.xticks(xs, [str(x) for x in xs])
+        for r in rows:  # one series a point: the legend names the entries
+            plt.scatter([x_of(r)], [100.0 * r["bw_util"]], marker="O", label=str(r.get("label", r.get("bits"))))
