@@ -115,3 +115,26 @@ def test_ensemble_folder_runs_through_the_kernels(tiny_model_dir, tmp_path):
     mlp_weights = sum(v.size * 32 // 3 for k, v in ens.items() if k.endswith(".weight"))  # 3-bit codes, once
     other_weights = sum(v.size for v in rest.values())
     assert r["weights_per_token"] == mlp_weights + other_weights
+
+
+def test_kernel_chain_benchmark_checks_the_active_face(tmp_path):
+    """benchmarks/kernels_chain.py on a shrunken shape: every row's face agrees with mx.quantized_matmul, the K and M
+    ratios are filled in, and the exit status says so."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels_chain.py"
+    spec = importlib.util.spec_from_file_location("kernels_chain", path)
+    kc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kc)
+    out = tmp_path / "kc.json"
+    assert kc.main(["--scale", "32", "--layers", "1", "--bits", "3,4", "--k", "1,2", "--m", "1,2", "--iters", "1",
+                    "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["rows"]) == 2 * 2 * 2 * 2  # bits x (chain, large layer) x M x K
+    assert res["max_rel_err"] < 1e-4 and res["face"] == "reference"
+    r = next(r for r in res["rows"] if r["k"] == 2 and r["m"] == 2)
+    assert r["ours_k_ratio"] > 0 and r["ours_m_ratio"] > 0
+    one = next(x for x in res["rows"] if x["k"] == 1 and x["m"] == 2 and x["case"] == r["case"]
+               and x["bits"] == r["bits"])
+    assert one["bytes"] < r["bytes"] < 2 * one["bytes"]  # K scale sets, the codes once
