@@ -13,7 +13,8 @@ resident memory passes --cap-gb is killed and its row says so (an out-of-memory 
 - ``mlx_lm:rtn``: ``mlx_lm convert -q --q-bits 4`` on the same checkpoint (no evaluation), wall time and peak RSS;
 - ``mlx_lm:gptq``: mlx-lm's GPTQ with the same calibration tokens (c4 placed where it looks for its data).
 The table is printed and written to --out/scale.json with every row's command. --delete removes each checkpoint
-after its rows (disk).
+after its rows (disk); --drop-caches empties the OS page cache before each row, so that no row finds its checkpoint
+in memory that an earlier one read (times depend on it: a warm cache can halve a conversion's wall time).
 """
 from __future__ import annotations
 
@@ -61,6 +62,16 @@ def run_capped(cmd: list[str], cap_bytes: int, env: dict | None = None, log: Pat
         out.close()
     return {"rc": p.returncode, "seconds": time.perf_counter() - t0, "peak_rss_bytes": usage.ru_maxrss * 1024,
             "killed_at_cap": killed.is_set()}
+
+
+def drop_caches() -> bool:
+    """Empty the OS page cache (Linux, as root) so that every row reads its checkpoint from disk -> whether done."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
 
 
 def ours(preset_dir: Path, method: str, args, out_dir: Path, work: Path) -> dict:
@@ -142,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="evidence/scale", help="folder for scale.json and each row's evidence")
     ap.add_argument("--keep", action="store_true", help="keep our output folders")
     ap.add_argument("--delete", action="store_true", help="delete each checkpoint after its rows")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="empty the page cache before each row (Linux, root): every row reads from disk")
     args = ap.parse_args(argv)
     from mlx_holo.model.synthetic import preset, write_synthetic
 
@@ -159,8 +172,10 @@ def main(argv=None) -> int:
             print(f"{d}: written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         for method in args.methods.split(","):
             print(f"{d.name} {method} ...", file=sys.stderr, flush=True)
+            cold = drop_caches() if args.drop_caches else False
             row = (mlx_lm_row(d, method.split(":", 1)[1], args, work) if method.startswith("mlx_lm:")
                    else ours(d, method, args, out_dir, work))
+            row["cold_cache"] = cold
             rows = [r for r in rows if (r["preset"], r["method"]) != (row["preset"], row["method"])] + [row]
             summary.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
             print(table([row]).splitlines()[1], file=sys.stderr, flush=True)

@@ -121,7 +121,7 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
         if corpus_c is not None:
             corpora["calibration"] = corpus_c.record(int(calib.size))
         n_quant = writer.n_quant_params
-        files = evidence.file_hashes(tmp)  # what validate --folder checks the folder against
+        files = evidence.file_hashes(tmp, writer.digests)  # what validate --folder checks the folder against
         ev = evidence.build(
             model={"id": info.id, "path": str(Path(info.path).resolve()), "hash": info.hash, "model_type": info.model_type,
                    "n_params": info.n_params},

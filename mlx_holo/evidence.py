@@ -194,19 +194,32 @@ def load(path: str | Path) -> dict:
     return ev
 
 
-def file_hashes(folder: str | Path) -> dict[str, str]:
-    """{file name: sha256 of its contents} of every file of an output folder but evidence.json (read in 8 MiB
-    pieces: a model's shards are never held)."""
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's contents, read in 8 MiB pieces (a model's shards are never held)."""
     import hashlib
 
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(8 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_stamp(path: str | Path) -> tuple[int, int]:
+    st = Path(path).stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def file_hashes(folder: str | Path, known: dict | None = None) -> dict[str, str]:
+    """{file name: sha256 of its contents} of every file of an output folder but evidence.json.
+
+    known: {file name: (size, mtime_ns, sha256)} taken when a file was written (``FolderWriter`` hashes each shard
+    while it is still in the page cache); a file whose size and mtime still match is not read again."""
     out = {}
     for f in sorted(Path(folder).iterdir()):
         if f.is_file() and f.name != "evidence.json":
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(8 << 20), b""):
-                    h.update(chunk)
-            out[f.name] = h.hexdigest()
+            k = (known or {}).get(f.name)
+            out[f.name] = k[2] if k and tuple(k[:2]) == file_stamp(f) else sha256_file(f)
     return out
 
 

@@ -154,3 +154,27 @@ def test_folder_asking_to_run_its_own_code_is_refused(tiny_model_dir, tmp_path, 
     r = subprocess.run([sys.executable, "-m", "mlx_holo.eval", "--model", str(d)], capture_output=True, text=True,
                        input="y\n", env={**__import__("os").environ, "MLX_HOLO_NO_REEXEC": "1"}, timeout=120)
     assert r.returncode == 2 and "never runs code" in r.stderr and r.stdout == ""
+
+
+def test_shard_digests_taken_at_write_time_match_the_files(tmp_path):
+    """The writer hashes each shard as it writes it; evidence.file_hashes reuses those digests only while a file's
+    size and mtime are unchanged, and reads a rewritten file again."""
+    import os
+
+    from mlx_holo import evidence
+    from mlx_holo.model.save import FolderWriter
+
+    out = tmp_path / "f"
+    out.mkdir()
+    w = FolderWriter(out, default_bits=None, default_group_size=64, shard_bytes=1000)  # a shard an add
+    for i in range(3):
+        w.add({f"model.layers.{i}.w": mx.random.normal((40, 20), key=mx.random.key(i))})
+    w.close({"model_type": "llama"}, None)
+    assert sorted(w.digests) == sorted(p.name for p in out.glob("*.safetensors")) and len(w.digests) == 3
+    fresh = evidence.file_hashes(out)
+    assert evidence.file_hashes(out, w.digests) == fresh
+    f = out / sorted(w.digests)[0]
+    mx.save_safetensors(str(f), {"model.layers.0.w": mx.zeros((40, 20))})  # rewritten in place (e.g. E2E tuning)
+    os.utime(f, ns=(w.digests[f.name][1] + 10**9, w.digests[f.name][1] + 10**9))
+    again = evidence.file_hashes(out, w.digests)
+    assert again[f.name] == evidence.sha256_file(f) != fresh[f.name]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..evidence import file_stamp, sha256_file
 from ..quant.formats import QuantizedWeight
 from .files import TOKENIZER_FILES, ModelError, load_file, weight_files
 
@@ -125,6 +126,7 @@ class FolderWriter:
         self.pending: dict[str, mx.array] = {}
         self.pending_bytes = 0
         self.shards: list[tuple[str, list[str]]] = []
+        self.digests: dict[str, tuple[int, int, str]] = {}  # file name -> (size, mtime_ns, sha256), as written
 
     def add(self, floats: dict[str, mx.array], quantized: dict | None = None) -> None:
         tensors = cast_items(floats.items(), self.float_dtype)
@@ -162,13 +164,16 @@ class FolderWriter:
     def _flush(self) -> None:
         if not self.pending:
             return
-        self.shards.append(write_shard(self.out, len(self.shards), self.pending))
+        name, keys = write_shard(self.out, len(self.shards), self.pending)
+        self.shards.append((name, keys))
         self.pending, self.pending_bytes = {}, 0
+        self.digests[name] = (*file_stamp(self.out / name), sha256_file(self.out / name))  # still in the page cache
 
     def close(self, config: dict, src: str | Path | None, keep_float: set[str] | None = None) -> dict:
         """Finish the folder -> bytes written per kind {codes, scales_biases, other, total}."""
         self._flush()
         names = rename_shards(self.out, self.shards)
+        self.digests = {final: self.digests[tmp] for (tmp, _), final in zip(self.shards, names)}  # renames keep mtime
         self.nbytes["total"] = sum(self.nbytes[k] for k in ("codes", "scales_biases", "other"))
         cfg = {}
         if self.any_quantized:
