@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -39,15 +38,6 @@ class Entry:
     path: str | None = None
     model: str | None = None
     bits: int | None = None
-
-
-def safetensors_header(path: str | Path) -> dict:
-    """A .safetensors file's header: tensor name -> {dtype, shape, data_offsets} (no tensor data read)."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
 
 
 def _module_bits(name: str, qcfg: dict | None, ens: dict | None) -> int | None:
@@ -99,11 +89,13 @@ def read_costs(tensors: dict[str, tuple[tuple[int, ...], int, bool]], config: di
 
 def folder_costs(folder: str | Path) -> dict:
     """``read_costs`` of a saved folder, from its safetensors headers and config.json."""
+    from .model.files import safetensors_header
+
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     tensors = {}
     for f in sorted(folder.glob("*.safetensors")):
-        for name, h in safetensors_header(f).items():
+        for name, h in safetensors_header(f)[0].items():
             start, end = h["data_offsets"]
             tensors[name] = (tuple(h["shape"]), end - start, h["dtype"] == "U32" and name.endswith(".weight"))
     return read_costs(tensors, config)

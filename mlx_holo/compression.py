@@ -21,6 +21,7 @@ from .data import DataError
 from .allocate.mixed import mixed_allocation
 from .allocate.sparsity import allocate_sparsity
 from .evaluation import compare, stream_compare
+from .model.files import prefetcher
 from .model.open import open_model
 from .model.save import SHARD_BYTES, FolderWriter, atomic_dir, check_out, replace_tensors
 from .options import PRUNE_METHODS
@@ -74,7 +75,8 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
         writer = FolderWriter(tmp, default_bits=recipe.bits, default_group_size=max(recipe.group_size, 32)
                               if recipe.group_size != -1 else 128, mode=recipe.mode, shard_bytes=shard_bytes)
         res = run(base, calib, recipe, layer_bits=layer_bits, layer_sparsity=layer_sparsity,
-                  head_x_first=head_x_first, sink=writer.add, on_progress=on_progress)
+                  head_x_first=head_x_first, sink=writer.add, prefetch=prefetcher(Path(info.path)),
+                  on_progress=on_progress)
         del head_x_first, base
         nbytes = writer.close(config, info.path, {r.name for r in res.layers if r.bits is None}
                               if recipe.bits is not None else None)

@@ -157,3 +157,24 @@ def test_gguf_conversion_is_written_in_shards_and_equals_the_one_file_conversion
     got = models.load_weights(out)
     assert set(got) == set(ref)
     assert all(mx.array_equal(got[k], ref[k]).item() for k in ref)
+
+
+def test_prefetcher_advises_the_next_blocks_bytes(tiny_model_dir, monkeypatch):
+    """The prefetch hint covers exactly the byte ranges of the tensors under the prefix, read from the headers."""
+    import os
+
+    from mlx_holo.model.files import prefetcher, tensor_extents
+
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, a, n, advice: calls.append((a, n, advice)), raising=False)
+    ext = tensor_extents(tiny_model_dir)
+    want = sorted((a, b - a) for name, (_, a, b) in ext.items() if name.startswith("model.layers.1."))
+    prefetcher(tiny_model_dir)("model.layers.1.")
+    assert sorted((a, n) for a, n, _ in calls) == want and len(want) >= 9
+    t = mx.load(str(tiny_model_dir / "model.safetensors"))
+    f, a, b = ext["model.layers.1.mlp.down_proj.weight"]
+    assert b - a == t["model.layers.1.mlp.down_proj.weight"].nbytes
+    with open(f, "rb") as fh:  # the extent holds the tensor's bytes
+        fh.seek(a)
+        raw = fh.read(b - a)
+    assert raw == bytes(memoryview(t["model.layers.1.mlp.down_proj.weight"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -71,3 +72,50 @@ def model_hash(path: Path) -> str:
         with open(f, "rb") as fh:
             h.update(fh.read(1 << 20))
     return h.hexdigest()
+
+
+def safetensors_header(f: str | Path) -> tuple[dict, int]:
+    """A .safetensors file's header (tensor name -> {dtype, shape, data_offsets}; no tensor data read) and the
+    offset its data starts at."""
+    with open(f, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def tensor_extents(path: Path) -> dict[str, tuple[Path, int, int]]:
+    """Every tensor of a folder's safetensors files -> (file, first byte, end byte), from the headers alone."""
+    out = {}
+    for f in weight_files(Path(path)):
+        header, start = safetensors_header(f)
+        for name, h in header.items():
+            a, b = h["data_offsets"]
+            out[name] = (f, start + a, start + b)
+    return out
+
+
+def prefetcher(path: Path):
+    """-> prefetch(prefix): ask the OS to start reading the tensors whose names start with ``prefix`` (e.g. the
+    next block's, while this one is worked on), so that they come from memory when they are needed. A no-op where
+    the OS offers no read-ahead advice (``os.posix_fadvise``) or the headers cannot be read."""
+    if not hasattr(os, "posix_fadvise"):
+        return lambda prefix: None
+    try:
+        extents = tensor_extents(path)
+    except (OSError, ValueError, struct.error):
+        return lambda prefix: None
+
+    def prefetch(prefix: str) -> None:
+        for name, (f, a, b) in extents.items():
+            if name.startswith(prefix):
+                try:
+                    fd = os.open(f, os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_WILLNEED)
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    pass
+    return prefetch
+

@@ -44,7 +44,7 @@ class PipelineResult:
 
 def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits: dict[str, int | None] | None = None,
         layer_sparsity: list[float] | None = None, head_x_first: mx.array | None = None, sink=None,
-        on_progress=None) -> PipelineResult:
+        prefetch=None, on_progress=None) -> PipelineResult:
     """Compress ``model`` block by block with ``recipe``.
 
     calib: [N, S] calibration token windows (None for data-free RTN / magnitude).
@@ -57,6 +57,8 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     sink(floats, quantized): given (e.g. ``model.save.FolderWriter.add``), each finished block's tensors are handed
     to it and dropped from the result (the embeddings and head at the end), so finished blocks do not stay in
     memory; without it they accumulate in ``res.floats`` / ``res.quantized``.
+    prefetch(prefix): given (``model.files.prefetcher``), called with the next block's parameter prefix when a
+    block starts, so that its weights are read from disk while this one is worked on.
     The model is consumed: its float weights are released as blocks finish.
     """
     t0 = time.perf_counter()
@@ -92,6 +94,8 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     prefix = block_prefix(model)
     for i, block in enumerate(bs):
         tb = time.perf_counter()
+        if prefetch is not None:
+            prefetch(f"{prefix}.{i + 1}.")
         mx.eval(block.parameters())
         X, X_fp, stages = {}, {}, []
         y_float = None  # the still-float block's output on x
