@@ -608,3 +608,31 @@ def test_empty_number_fields_and_zero_heads_are_named_errors(tmp_path):
             assert "eval tokens: enter a whole number" in log and pane.worker is None
 
     run(flow())
+
+
+def test_compress_form_shows_the_preflight_estimate(tiny_model_dir):
+    """The Compress form shows the run's pre-flight peak (preflight.estimate, as compress checks it) and follows
+    the form: GPTQ's calibration phase raises it above RTN's; an unreadable model says n/a."""
+    from mlx_holo import plan, preflight
+    from mlx_holo.recipe import Recipe
+
+    async def flow():
+        from textual.widgets import Input, Label, Select
+
+        app = new_app(initial_tab="compress")
+        async with app.run_test(size=(140, 40)) as pilot:
+            pane = app.query_one("#compress_pane")
+            label = pane.query_one("#preflight", Label)
+            await type_into(pilot, pane.query_one("#model", Input), str(tiny_model_dir))
+            await pilot.pause()
+            want = preflight.estimate(plan.load_config(str(tiny_model_dir)), Recipe(method="rtn"))
+            assert f"peak {want.summary()}" in str(label.render())
+            pane.query_one("#method", Select).value = "gptq"
+            await pilot.pause()
+            gptq = preflight.estimate(plan.load_config(str(tiny_model_dir)), Recipe(method="gptq"))
+            assert f"peak {gptq.summary()}" in str(label.render()) and gptq.peak_bytes != want.peak_bytes
+            await type_into(pilot, pane.query_one("#model", Input), "/nonexistent/folder")
+            await pilot.pause()
+            assert "pre-flight: n/a" in str(label.render())
+
+    run(flow())

@@ -281,6 +281,7 @@ class CompressPane(JobPane):
         yield Checkbox("overwrite output", id="overwrite", compact=True)
 
     def compose_results(self) -> ComposeResult:
+        yield Label("", id="preflight")
         with Horizontal():
             table = DataTable(id="runs", zebra_stripes=True, cursor_type="row")
             table.add_columns("model", "recipe", "ratio", "bpw", "PPL", "dPPL%", "KL", "top1", "verdict")
@@ -315,6 +316,36 @@ class CompressPane(JobPane):
         if overwrite:
             args["overwrite"] = True
         return args
+
+    def on_mount(self) -> None:
+        self.update_preflight()
+
+    @on(Input.Changed, "#model, #sparsity, #bpw, #eval_tokens")
+    @on(Select.Changed, "#method, #bits, #group")
+    def update_preflight(self) -> None:
+        """The run's pre-flight estimate (what compress checks before any work) for the form as it stands."""
+        from mlx_holo.preflight import available_bytes, estimate
+        from mlx_holo.recipe import Recipe, RecipeError
+
+        label = self.query_one("#preflight", Label)
+        try:
+            model = self.query_one("#model", Input).value.strip() or "default"
+            bits = self.query_one("#bits", Select).value
+            recipe = {"method": self.query_one("#method", Select).value,
+                      "bits": None if bits == "none" else int(bits),
+                      "group_size": int(self.query_one("#group", Select).value)}
+            if recipe["method"] == "mixed":
+                recipe["bits_per_weight"] = number(self, "bpw", float, 4.0)
+            est = estimate(planner.load_config(os.path.expanduser(model)), Recipe(**recipe).validate(),
+                           eval_tokens=number(self, "eval_tokens", int, 8192))
+        except (planner.PlanError, RecipeError, FormError, ValueError, OSError, KeyError, TypeError) as e:
+            label.update(Text(f"pre-flight: n/a ({e})", style="dim"))
+            return
+        avail = available_bytes()
+        fits = avail is None or est.peak_bytes <= avail
+        label.update(Text(f"pre-flight: peak {est.summary()}" + (f" of {avail / 1e9:.1f} GB available" if avail
+                                                                  else ""),
+                          style="green" if fits else "bold red"))
 
     def call(self, args: dict, on_progress) -> dict:
         Recipe = backend("mlx_holo.recipe", "Recipe")
