@@ -14,7 +14,8 @@ resident memory passes --cap-gb is killed and its row says so (an out-of-memory 
 - ``mlx_lm:gptq``: mlx-lm's GPTQ with the same calibration tokens (c4 placed where it looks for its data).
 The table is printed and written to --out/scale.json with every row's command. --delete removes each checkpoint
 after its rows (disk); --drop-caches empties the OS page cache before each row, so that no row finds its checkpoint
-in memory that an earlier one read (times depend on it: a warm cache can halve a conversion's wall time).
+in memory that an earlier one read, --warm-cache reads it into memory before each row instead (times depend on it:
+on a slow disk, reading a checkpoint can take longer than converting it).
 """
 from __future__ import annotations
 
@@ -72,6 +73,17 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+def warm_cache(folder: Path) -> int:
+    """Read a checkpoint's files once (into the OS page cache), so that a row's time is its work, not the disk's
+    -> bytes read. Only useful when the checkpoint fits in memory."""
+    n = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(64 << 20):
+                n += len(chunk)
+    return n
 
 
 def ours(preset_dir: Path, method: str, args, out_dir: Path, work: Path) -> dict:
@@ -153,6 +165,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="evidence/scale", help="folder for scale.json and each row's evidence")
     ap.add_argument("--keep", action="store_true", help="keep our output folders")
     ap.add_argument("--delete", action="store_true", help="delete each checkpoint after its rows")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="read the checkpoint once before each row: every row finds it in the page cache (when it "
+                         "fits in memory), so a slow disk does not decide the times")
     ap.add_argument("--drop-caches", action="store_true",
                     help="empty the page cache before each row (Linux, root): every row reads from disk")
     args = ap.parse_args(argv)
@@ -173,9 +188,11 @@ def main(argv=None) -> int:
         for method in args.methods.split(","):
             print(f"{d.name} {method} ...", file=sys.stderr, flush=True)
             cold = drop_caches() if args.drop_caches else False
+            if args.warm_cache:
+                warm_cache(d)
             row = (mlx_lm_row(d, method.split(":", 1)[1], args, work) if method.startswith("mlx_lm:")
                    else ours(d, method, args, out_dir, work))
-            row["cold_cache"] = cold
+            row["cold_cache"], row["warm_cache"] = cold, args.warm_cache
             rows = [r for r in rows if (r["preset"], r["method"]) != (row["preset"], row["method"])] + [row]
             summary.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
             print(table([row]).splitlines()[1], file=sys.stderr, flush=True)
