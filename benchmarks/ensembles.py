@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     base, tok, config, info = models.open_model(None)
     calib_c, eval_c = data.load_corpus("c4"), data.load_corpus("wiki")
     calib = data.calibration_windows(tok, calib_c, args.calib_tokens, args.seq_len, 0)
-    wins = data.windows(data.tokenize(tok, eval_c, args.eval_tokens), args.seq_len)
+    wins = data.text_windows(tok, eval_c, args.eval_tokens, args.seq_len)
     t0 = time.perf_counter()
     io = capture_mlp_io(base, calib)
     log(f"captured MLP inputs on {calib.size} calibration tokens in {time.perf_counter() - t0:.1f}s")

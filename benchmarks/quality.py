@@ -110,7 +110,7 @@ def main(argv=None) -> int:
 
     mid, src = models.resolve(args.model)
     base, tok, _, info = models.open_model(args.model)
-    wins = data.windows(data.tokenize(tok, data.load_corpus("wiki"), args.eval_tokens), args.seq_len)
+    wins = data.text_windows(tok, data.load_corpus("wiki"), args.eval_tokens, args.seq_len)
     calib_text = data.load_corpus("c4").text
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="quality-"))
     work.mkdir(parents=True, exist_ok=True)

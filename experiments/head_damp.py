@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     mx.eval(X, H)
     E = table.weight.astype(mx.float32)
     mx.eval(E)
-    wins = data.windows(data.tokenize(tok, data.load_corpus("wiki"), args.eval_tokens), args.seq_len)
+    wins = data.text_windows(tok, data.load_corpus("wiki"), args.eval_tokens, args.seq_len)
     recipe = Recipe(bits=args.bits, group_size=args.group_size)
     rtn_fit = grid_fit(recipe, args.bits, compensated=False)
     variants = [("float", None), (f"rtn ({rtn_fit})", None)] + [(f"gptq damp {d:g}", d)

@@ -108,7 +108,7 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
         metrics: dict = {}
         corpus_e = data.load_corpus(eval_corpus)
         if eval_tokens > 0:
-            wins = data.windows(data.tokenize(tok, corpus_e, eval_tokens), eval_seq_len)
+            wins = data.text_windows(tok, corpus_e, eval_tokens, eval_seq_len)
             if bm is not None:  # a base held in memory (benchmarks scoring many variants against it)
                 metrics = compare(open_model(str(tmp))[0], bm, wins, on_progress=on_progress).to_dict()
             else:  # neither model is held whole
@@ -119,9 +119,10 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
             wins = None
             metrics = {k: None for k in ("ppl", "base_ppl", "delta_ppl_pct", "kl", "top1", "cos_min",
                                          "determinism_delta")}
-        corpora = {"evaluation": corpus_e.record(int(wins.size) if wins is not None else 0)}
+        bos = data.bos_id(tok) is not None  # the windows' convention: BOS first when the tokenizer adds one
+        corpora = {"evaluation": corpus_e.record(int(wins.size) if wins is not None else 0, bos)}
         if corpus_c is not None:
-            corpora["calibration"] = corpus_c.record(int(calib.size))
+            corpora["calibration"] = corpus_c.record(int(calib.size), bos)
         n_quant = writer.n_quant_params
         files = evidence.file_hashes(tmp, writer.digests)  # what validate --folder checks the folder against
         ev = evidence.build(

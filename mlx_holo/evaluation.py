@@ -258,8 +258,8 @@ def evaluate(model: str, base: str | None = None, *, eval_tokens: int = 8192, se
     m, tok, _, info = open_model(model, lazy=True)
     b = open_model(base, lazy=True)[0] if base is not None else None
     text = data.load_corpus(corpus)
-    wins = data.windows(data.tokenize(tok, text, eval_tokens), seq_len)
+    wins = data.text_windows(tok, text, eval_tokens, seq_len)
     out = stream_compare(m, b, wins, det_windows=det_windows, on_progress=on_progress).to_dict()
-    out["corpus"] = text.record(int(wins.size))
+    out["corpus"] = text.record(int(wins.size), data.bos_id(tok) is not None)
     out["model"] = {"id": info.id, "path": info.path, "hash": info.hash}
     return out

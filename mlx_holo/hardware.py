@@ -105,6 +105,24 @@ def copy_bandwidth_gbps(mb: int = 256, repeats: int = 5) -> float:
     return 2 * n * 4 / best / 1e9
 
 
+def matvec_bandwidth_gbps(mb: int = 256, repeats: int = 5) -> float:
+    """Measured read bandwidth of a float32 mat-vec over a ``mb`` MiB matrix (matrix bytes / time), best of
+    ``repeats``: what a decode step's weight reads can reach here (on a CPU the BLAS mat-vec uses every core, MLX's
+    element-wise copy one)."""
+    import mlx.core as mx
+
+    rows = mb * (1 << 20) // 4 // 4096
+    w = mx.random.uniform(shape=(rows, 4096))
+    x = mx.random.uniform(shape=(4096, 1))
+    mx.eval(w, x)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(w @ x)
+        best = min(best, time.perf_counter() - t)
+    return w.nbytes / best / 1e9
+
+
 def peak_rss() -> int:
     """This process's peak resident memory in bytes (ru_maxrss: bytes on macOS, KiB on Linux)."""
     import resource

@@ -64,7 +64,7 @@ def _main(args) -> int:
         save_replaced(args.model, args.out, tensors, overwrite=args.overwrite)
         rep["saved"] = args.out
     if args.eval_tokens > 0:
-        wins = data.windows(data.tokenize(tok, data.load_corpus(args.eval_corpus), args.eval_tokens), args.seq_len)
+        wins = data.text_windows(tok, data.load_corpus(args.eval_corpus), args.eval_tokens, args.seq_len)
         rep["metrics"] = compare(m, base, wins, det_windows=0).to_dict()
     print(json.dumps(rep, indent=2))
     return 0
