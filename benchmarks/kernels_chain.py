@@ -83,7 +83,8 @@ def run_case(ls, xs, bits, group, k, iters, face) -> dict:
         if k == 1:
             return [K.quantized_matvec(xs[d["in"]], d["wq"], d["S"][0], d["B"][0], bits, group, backend=face)
                     for d in ls]
-        return [K.replica_matvec(xs[d["in"]], d["wq"], d["S"], d["B"], bits, group, backend=face) for d in ls]
+        return [K.replica_matvec(xs[d["in"]], d["wq"], d["S"][:k], d["B"][:k], bits, group, backend=face)
+                for d in ls]
 
     a, b = qmm(), ours()
     want = [mx.stack(a[i * k:(i + 1) * k]) for i in range(len(ls))] if k > 1 else a
