@@ -272,8 +272,9 @@ def test_cpu_face_equals_the_mlx_face(monkeypatch, fit, bits, g, weighted):
     """rtn_cpu (NumPy, threads) and rtn's MLX ops are one algorithm: the closed-form grids bit for bit, lsq's
     iterates the same up to float summation order (a few groups' fp16 scale may land one ulp apart): nearly every
     group's error equal, the total within 1%, and no group worse than its starting grid."""
-    from mlx_holo.quant import rtn_cpu
+    from mlx_holo.quant import rtn, rtn_cpu
 
+    monkeypatch.setattr(rtn, "CPU_FACE_MIN", 0)  # this small matrix through the CPU face too
     rng = np.random.default_rng(10 * bits + g)
     w = (rng.standard_normal((96, 512)) * np.exp(0.5 * rng.standard_normal((96, 1)))).astype(np.float32)
     w[:, 7] *= 6.0  # an outlier input channel
@@ -320,3 +321,18 @@ def test_pack_round_trips_wide_matrices(bits):
     codes = unpack(wq, bits, w.shape[1])
     assert mx.array_equal(pack(codes, bits), wq).item()
     assert mx.array_equal(pack(np.array(codes), bits), wq).item()  # a NumPy input packs the same
+
+
+def test_cpu_face_takes_whole_layers_only(monkeypatch):
+    """On a CPU a layer of at least CPU_FACE_MIN weights goes to rtn_cpu, a smaller matrix (GPTQ's column blocks)
+    stays on the MLX face."""
+    from mlx_holo.quant import rtn, rtn_cpu
+
+    calls = []
+    real = rtn_cpu.quantize_rows
+    monkeypatch.setattr(rtn_cpu, "quantize_rows", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(rtn, "CPU_FACE_MIN", 64 * 256)
+    quantize_rtn(mx.random.normal((63, 256)), 4, 64)
+    assert calls == []
+    quantize_rtn(mx.random.normal((64, 256)), 4, 64)
+    assert calls == [(64, 256)]

@@ -193,8 +193,8 @@ def gptq_pass(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order
             elif col % g == 0:
                 imp = None if importance is None else importance[col: col + g]
                 Wg = W1[:, i: i + g] if K is None else W1[:, i: i + g] * K[:, col: col + g]
-                grp = quantize_rtn(mx.array(Wg), bits, g, clip_search=clip_search, importance=imp,
-                                   scale_dtype=scale_dtype, exact_zero=exact_zero, fit=fit)
+                grp = quantize_rtn(mx.array(Wg), bits, g, clip_search=clip_search, importance=imp,  # many small
+                                   scale_dtype=scale_dtype, exact_zero=exact_zero, fit=fit, cpu_face=False)  # calls
                 s, b = np.array(grp.scales[:, 0]), np.array(grp.biases[:, 0])
                 s_groups.append(grp.scales)
                 b_groups.append(grp.biases)

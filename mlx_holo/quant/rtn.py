@@ -229,6 +229,8 @@ def zlsq_refine(wg: mx.array, scale: mx.array, bias: mx.array, bits: int, imp: m
 
 
 REFINES = {"lsq": lsq_refine, "zlsq": zlsq_refine}
+CPU_FACE_MIN = 1 << 20  # on a CPU, matrices of at least this many weights go to rtn_cpu (threads pay off there;
+# GPTQ's per-group calls on [out, group] column blocks stay on the MLX face)
 CHUNK_ELEMENTS = 1 << 24  # quantize_rtn works on at most this many weights at once  # refined fits -> their refinement step
 
 
@@ -241,13 +243,17 @@ def start_fits(fit: str) -> tuple[str, ...]:
 def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_search: bool = False,
                  clip_grid: int = 20, clip_min: float = 0.5, importance: mx.array | None = None,
                  grid_offset: float = 0.0, rounding: str = "nearest", seed: int = 0,
-                 scale_dtype=mx.float16, exact_zero: bool = False, fit: str = "lsq") -> QuantizedWeight:
+                 scale_dtype=mx.float16, exact_zero: bool = False, fit: str = "lsq",
+                 cpu_face: bool = True) -> QuantizedWeight:
     """w: [out, in] -> QuantizedWeight (codes [out, in], scales/biases [out, in // g]).
 
     importance: optional [in] per-input-channel weights for the clip-search / lsq error (e.g. E[x^2]).
     exact_zero: stored grids hold 0 exactly, so zeros (pruned weights) dequantize to exactly 0 (no grid offset,
     fit "mlx"). A matrix of more than ``CHUNK_ELEMENTS`` weights is quantized in slices of rows (the same result;
     stochastic rounding draws each slice from its own seed).
+    cpu_face: on MLX's CPU backend, matrices of at least ``CPU_FACE_MIN`` weights with the fits ``rtn_cpu`` covers
+    (no clip search, exact zeros, grid offset or stochastic rounding) go to that NumPy face of the same algorithm;
+    False keeps the MLX ops (GPTQ's per-group column blocks: many small calls, and the results it has recorded).
     fit: "mlx" | "minmax" | "lsq" | "zlsq" (module docstring). "lsq" starts from the better of the "mlx" and
     "minmax" grids per group (so it is never worse than either), "zlsq" from the "mlx" grid; with ``clip_search``
     both start from the best clipped range.
@@ -258,7 +264,8 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     fit = "mlx" if exact_zero else fit
     if (fit in rtn_cpu.FITS and not (clip_search or exact_zero or grid_offset) and rounding == "nearest"
-            and scale_dtype == mx.float16 and mx.default_device() == mx.cpu):  # the same fit, fast on a CPU
+            and scale_dtype == mx.float16 and mx.default_device() == mx.cpu
+            and w.size >= CPU_FACE_MIN and cpu_face):  # the same fit, fast on a CPU for a whole layer
         g = w.shape[1] if group_size in (-1, 0, None) else group_size
         if w.shape[1] % g:
             raise FormatError(f"input width {w.shape[1]} is not a multiple of group_size={g}")
@@ -269,7 +276,8 @@ def quantize_rtn(w: mx.array, bits: int = 4, group_size: int = 64, *, clip_searc
     rows = max(1, CHUNK_ELEMENTS // w.shape[1])
     if w.shape[0] > rows:  # rows are independent: a large layer (an LM head) in slices bounds the work arrays
         kw = dict(clip_search=clip_search, clip_grid=clip_grid, clip_min=clip_min, importance=importance,
-                  grid_offset=grid_offset, rounding=rounding, scale_dtype=scale_dtype, exact_zero=exact_zero, fit=fit)
+                  grid_offset=grid_offset, rounding=rounding, scale_dtype=scale_dtype, exact_zero=exact_zero, fit=fit,
+                  cpu_face=cpu_face)
         parts = [quantize_rtn(w[r:r + rows], bits, group_size, seed=seed + k, **kw)
                  for k, r in enumerate(range(0, w.shape[0], rows))]
         for q in parts:
