@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .options import SWEEP_BITS
+
 CPU_NOTE = ("CPU backend: float entries run in float32; MLX's CPU quantized matmul is compute-bound, so these figures "
             "rank entries on this machine only and say nothing about a Mac's GPU bandwidth")
 DEFAULT_SWEEP = (16, 8, 6, 4, 3, 2)
@@ -222,8 +224,8 @@ def check_entries(entries: list[Entry]) -> None:
     for e in entries:
         if e.path is not None and not (Path(e.path) / "config.json").is_file():
             raise ModelError(f"{e.path}: not a model folder (no config.json)")
-        if e.bits is not None and e.bits not in (2, 3, 4, 5, 6, 8, 16):
-            raise ModelError(f"sweep bits {e.bits} unsupported; choose from 2,3,4,5,6,8,16")
+        if e.bits is not None and e.bits not in SWEEP_BITS:
+            raise ModelError(f"sweep bits {e.bits} unsupported; choose from {','.join(map(str, SWEEP_BITS))}")
 
 
 def run_bench(model: str | None = None, bits_list: list[int] | None = None, *, folders: list[str] | None = None,

@@ -6,6 +6,7 @@ QUANT_METHODS = ("none", "rtn", "gptq", "awq", "mixed")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 METHODS = QUANT_METHODS + PRUNE_METHODS
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)          # MLX's affine bit-widths
+SWEEP_BITS = AFFINE_BITS + (16,)          # bench's sweep points (16 = float weights)
 GROUP_SIZES = (32, 64, 128)               # MLX's affine group sizes (-1: per-channel, stored as 128-groups)
 FLOAT_MODES = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}  # MLX's float modes -> (bits, group size)
 MODES = ("affine",) + tuple(FLOAT_MODES)

@@ -288,11 +288,22 @@ class CompressPane(JobPane):
             yield table
             yield VerdictBox("no run yet", id="verdict")
 
-    def read_form(self) -> dict:
+    def recipe_fields(self, bpw_default: float | None = None) -> dict:
+        """The form's recipe fields (method, bits, group size; sparsity for pruners, the budget for mixed, which
+        takes ``bpw_default`` when the field is empty)."""
         method = self.query_one("#method", Select).value
         bits = self.query_one("#bits", Select).value
-        group = int(self.query_one("#group", Select).value)
         sparsity = number(self, "sparsity", float, 0.0)
+        recipe = {"method": method, "bits": None if bits == "none" else int(bits),
+                  "group_size": int(self.query_one("#group", Select).value)}
+        if method in PRUNERS or sparsity:
+            recipe["sparsity"] = sparsity
+        if method == "mixed":
+            recipe["bits_per_weight"] = number(self, "bpw", float, bpw_default)
+        return recipe
+
+    def read_form(self) -> dict:
+        method = self.query_one("#method", Select).value
         bpw_text = self.query_one("#bpw", Input).value.strip()
         out = self.query_one("#out", Input).value.strip()
         if not out:
@@ -302,13 +313,9 @@ class CompressPane(JobPane):
         if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
             raise FormError(f"{out} exists and is not empty: choose another output or tick overwrite")
         gates = [g.strip() for g in self.query_one("#gates", Input).value.split(",") if g.strip()]
-        recipe = {"method": method, "bits": None if bits == "none" else int(bits), "group_size": group}
-        if method in PRUNERS or sparsity:
-            recipe["sparsity"] = sparsity
-        if method == "mixed":
-            if not bpw_text:
-                raise FormError("mixed needs a bits-per-weight budget")
-            recipe["bits_per_weight"] = number(self, "bpw", float)
+        if method == "mixed" and not bpw_text:
+            raise FormError("mixed needs a bits-per-weight budget")
+        recipe = self.recipe_fields()
         from mlx_holo.recipe import Recipe
         Recipe(**recipe).validate()  # a recipe that cannot run (e.g. a budget below mixed's floor) starts nothing
         args = {"model": check_model(self.query_one("#model", Input).value), "recipe": recipe, "out": out,
@@ -330,13 +337,8 @@ class CompressPane(JobPane):
         label = self.query_one("#preflight", Label)
         try:
             model = self.query_one("#model", Input).value.strip() or "default"
-            bits = self.query_one("#bits", Select).value
-            recipe = {"method": self.query_one("#method", Select).value,
-                      "bits": None if bits == "none" else int(bits),
-                      "group_size": int(self.query_one("#group", Select).value)}
-            if recipe["method"] == "mixed":
-                recipe["bits_per_weight"] = number(self, "bpw", float, 4.0)
-            est = estimate(planner.load_config(os.path.expanduser(model)), Recipe(**recipe).validate(),
+            est = estimate(planner.load_config(os.path.expanduser(model)),
+                           Recipe(**self.recipe_fields(bpw_default=4.0)).validate(),
                            eval_tokens=number(self, "eval_tokens", int, 8192))
         except (planner.PlanError, RecipeError, FormError, ValueError, OSError, KeyError, TypeError) as e:
             label.update(Text(f"pre-flight: n/a ({e})", style="dim"))
@@ -462,9 +464,9 @@ class BenchPane(JobPane):
         folders = [check_model(f.strip()) for f in self.query_one("#folders", Input).value.split(",") if f.strip()]
         if not bits and not folders:
             raise FormError("give folders to bench or sweep bits, e.g. 16,8,4,3,2")
-        bad = [b for b in bits if b not in (2, 3, 4, 5, 6, 8, 16)]
+        bad = [b for b in bits if b not in options.SWEEP_BITS]
         if bad:
-            raise FormError(f"unsupported sweep bits {bad}: choose from 2,3,4,5,6,8,16")
+            raise FormError(f"unsupported sweep bits {bad}: choose from {','.join(map(str, options.SWEEP_BITS))}")
         return {"model": check_model(self.query_one("#model", Input).value), "bits_list": bits, "folders": folders,
                 "prompt_tokens": number(self, "prompt_tokens"), "gen_tokens": number(self, "gen_tokens"),
                 "save": self.query_one("#save_json", Input).value.strip()}

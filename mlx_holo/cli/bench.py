@@ -52,10 +52,6 @@ def _main(argv) -> int:
     if args.group_size not in (32, 64, 128):
         print(f"error: --group-size must be 32, 64 or 128, got {args.group_size}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    bad = [b for b in sweep if b not in (2, 3, 4, 5, 6, 8, 16)]
-    if bad:
-        print(f"error: unsupported bits {bad}; choose from 2,3,4,5,6,8,16", file=sys.stderr)
-        return EXIT_BAD_INPUT
     if args.peak_gbps is not None and not args.peak_gbps > 0:
         print(f"error: --peak-gbps must be > 0, got {args.peak_gbps}", file=sys.stderr)
         return EXIT_BAD_INPUT
