@@ -55,7 +55,7 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
         raise DataError(f"--eval-tokens {eval_tokens} gives no {eval_seq_len}-token window: use 0 (no evaluation) or "
                         f">= {eval_seq_len}")
     t0 = time.perf_counter()
-    base, tok, config, info = open_model(model, lazy=True, dequantize=True)  # lazy: nothing read yet
+    base, tok, config, info = open_model(model, lazy=True, dequantize=True, stored_tables=True)  # nothing read yet
     memory = preflight.check(config, recipe, max_memory_gb=max_memory_gb, eval_tokens=eval_tokens,
                              eval_seq_len=eval_seq_len, shard_bytes=shard_bytes)
     calib = corpus_c = None
@@ -112,7 +112,8 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
             if bm is not None:  # a base held in memory (benchmarks scoring many variants against it)
                 metrics = compare(open_model(str(tmp))[0], bm, wins, on_progress=on_progress).to_dict()
             else:  # neither model is held whole
-                metrics = stream_compare(open_model(str(tmp), lazy=True)[0], open_model(model, lazy=True)[0], wins,
+                metrics = stream_compare(open_model(str(tmp), lazy=True, stored_tables=True)[0],
+                                         open_model(model, lazy=True, stored_tables=True)[0], wins,
                                          on_progress=on_progress).to_dict()
             del bm
         else:

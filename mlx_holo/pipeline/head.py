@@ -13,12 +13,14 @@ from mlx.utils import tree_flatten
 
 from ..model.structure import (block_prefix, blocks, final_norm, get_module, head_module, outside_quantizable,
                                release_block)
-from ..quant.formats import QuantizedWeight, float_quantize
+from ..model.tables import n_rows, release_table, row_slices, table_rows, table_width
+from ..quant.formats import QuantizedWeight, concat_rows, float_quantize
 from ..quant.gptq import gptq_quantize
+from ..quant.qep import propagation_stats, qep_apply, qep_matrix
 from ..quant.rtn import quantize_rtn
 from ..recipe import Recipe
 from .capture import block_inputs, hessian, rel_error
-from .layer import LayerRecord, grid_fit, layer_format, qep_target
+from .layer import LayerRecord, grid_fit, layer_format
 
 
 def head_inputs(model: nn.Module, x: mx.array) -> mx.array | None:
@@ -51,6 +53,38 @@ def gptq_head(w: mx.array, H: mx.array, bits: int, group_size: int, recipe: Reci
                          fit=grid_fit(recipe, bits, compensated=True), iters=recipe.gptq_iters)
 
 
+def quantize_table(table: nn.Module, bits: int, group_size: int, recipe: Recipe, H: mx.array | None = None,
+                   qep: mx.array | None = None) -> tuple[QuantizedWeight, float | None]:
+    """A table outside the blocks (embedding or lm_head module, float or stored as read: ``model.tables``) -> its
+    QuantizedWeight (packed) and, given H [D, D], the H-weighted relative error of the result.
+
+    The table is handled in slices of rows (``model.tables.row_slices``), each cast to float32 only while it is
+    worked on, so no float32 copy of a whole table is made; rows are independent for every quantizer here (the
+    slices are the ones ``quantize_rtn`` and ``gptq_quantize`` would cut, so the result is the same). With H and
+    ``recipe.gptq_head``, GPTQ on H (aiming at ``w + qep_alpha * w M`` when the QEP matrix M [D, D] is given);
+    otherwise RTN; MLX's float modes by ``float_quantize``."""
+    parts, num, den = [], 0.0, 0.0
+    width = table_width(table)
+    for k, (r0, r1) in enumerate(row_slices(n_rows(table), width)):
+        w = table_rows(table, r0, r1)  # [rows, D] float32
+        if recipe.mode != "affine":
+            parts.append(float_quantize(w, recipe.mode))
+            continue
+        if H is not None and recipe.gptq_head:
+            target = w if qep is None else qep_apply(w, qep, recipe.qep_alpha)
+            qw = gptq_head(target, H, bits, group_size, recipe)
+        else:
+            qw = quantize_rtn(w, bits, group_size, fit=grid_fit(recipe, bits, compensated=False), seed=k)
+        if H is not None:
+            d = qw.dequantize() - w
+            nd = (((d @ H) * d).sum(), ((w @ H) * w).sum())
+            mx.eval(*nd)
+            num, den = num + nd[0].item(), den + nd[1].item()
+        parts.append(qw.compact())
+    err = num / max(den, 1e-12) if H is not None and recipe.mode == "affine" else None
+    return concat_rows(parts), err
+
+
 def tied_table_first(model: nn.Module, recipe: Recipe, layer_bits: dict | None, head_x: mx.array,
                      fallback: dict) -> tuple[str, QuantizedWeight] | None:
     """GPTQ of a tied embedding table on the float model's head inputs -> (module path, compact weight), or None
@@ -61,7 +95,7 @@ def tied_table_first(model: nn.Module, recipe: Recipe, layer_bits: dict | None, 
             bits, g = layer_format(mod, v.shape[-1], layer_bits, recipe, fallback, recipe.embed_bits or recipe.bits)
             if bits is None:  # mixed precision keeps the table float
                 return None
-            return mod, gptq_head(v.astype(mx.float32), hessian(head_x), bits, g, recipe).compact()
+            return mod, quantize_table(get_module(model, mod), bits, g, recipe, hessian(head_x))[0]
     return None
 
 
@@ -69,7 +103,8 @@ def finish_outside_blocks(model: nn.Module, recipe: Recipe, res,
                            layer_bits: dict[str, int | None] | None = None, head_x: mx.array | None = None,
                            head_x_fp: mx.array | None = None) -> None:
     """Embeddings and lm_head: RTN at the recipe's bits (as mlx_lm.convert does) or at their entry in
-    ``layer_bits`` (mixed precision); everything else kept float.
+    ``layer_bits`` (mixed precision); everything else kept float. The model is consumed: each table is released
+    once quantized.
 
     head_x [n, D]: the head's calibration inputs (``head_inputs``). Given (and ``recipe.gptq_head``), the head's
     weight -- an untied lm_head or a tied embedding -- is quantized by GPTQ on H = head_x^T head_x / n, so its
@@ -79,14 +114,15 @@ def finish_outside_blocks(model: nn.Module, recipe: Recipe, res,
     head_x_fp [n, D]: the same tokens' head inputs in the float model; given, an untied GPTQ head aims at QEP's
     corrected weight (a tied table is not corrected: the input embedding reads it too)."""
     prefix = block_prefix(model)
-    quantized = dict(outside_quantizable(model, recipe))
-    for k, v in tree_flatten(model.parameters()):
-        if k.startswith(prefix + ".") or v.size == 0:
-            continue
+    quantized = {k for k, _ in outside_quantizable(model, recipe)}
+    params = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith(prefix + ".") and v.size}
+    for k in list(params):
+        v = params.pop(k)
         if k not in quantized:
             res.floats[k] = v
             continue
         mod = k.rsplit(".", 1)[0]
+        table = get_module(model, mod)
         bits, g = layer_format(mod, v.shape[-1], layer_bits, recipe, res.fallback,
                                recipe.embed_bits or recipe.bits)
         if bits is None:  # mixed precision kept it float
@@ -95,23 +131,19 @@ def finish_outside_blocks(model: nn.Module, recipe: Recipe, res,
             continue
         H = hessian(head_x) if head_x is not None and head_module(model, mod) else None
         if mod in res.quantized:  # a tied table quantized before the blocks (``head_x_first``)
-            err = rel_error(v.astype(mx.float32), res.quantized[mod].dequantize(), H) if H is not None else None
+            err = None
+            if H is not None:
+                w = v.astype(mx.float32)
+                err = rel_error(w, res.quantized[mod].dequantize(), H)
             res.layers.append(LayerRecord(mod, bits, g, 0.0, err, 0.0))
             continue
-        err = None
-        if recipe.mode == "affine":
-            w = v.astype(mx.float32)
-            if H is not None and recipe.gptq_head:
-                target = w
-                if head_x_fp is not None and isinstance(get_module(model, mod), nn.Linear):
-                    target = qep_target(w, head_x_fp, head_x, recipe)
-                qw = gptq_head(target, H, bits, g, recipe)
-            else:
-                qw = quantize_rtn(w, bits, g, fit=grid_fit(recipe, bits, compensated=False))
-            if H is not None:
-                err = rel_error(w, qw.dequantize(), H)
-            res.quantized[mod] = qw.compact()
-        else:
-            res.quantized[mod] = float_quantize(v.astype(mx.float32), recipe.mode)
+        qep = None
+        if (recipe.mode == "affine" and H is not None and recipe.gptq_head and head_x_fp is not None
+                and recipe.qep_alpha > 0 and isinstance(table, nn.Linear)):
+            qep = qep_matrix(*propagation_stats(head_x_fp, head_x), damp=recipe.qep_damp)
+        res.quantized[mod], err = quantize_table(table, bits, g, recipe, H, qep)
+        if recipe.mode != "affine":
             bits, g = recipe.bits, recipe.group_size
+        del v
+        release_table(table)
         res.layers.append(LayerRecord(mod, bits, g, 0.0, err, 0.0))

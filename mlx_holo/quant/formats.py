@@ -170,6 +170,18 @@ def stack_experts(qws: list[QuantizedWeight]) -> QuantizedWeight:
     return q.compact()
 
 
+def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Slices of rows of one matrix, each a QuantizedWeight of the same format -> one [sum rows, in] (packed)."""
+    q0 = parts[0]
+    if len(parts) == 1:
+        return q0.compact()
+    if any((q.bits, q.group_size, q.mode) != (q0.bits, q0.group_size, q0.mode) for q in parts):
+        raise ValueError("slices of one matrix must share bits, group size and mode")
+    biases = None if q0.biases is None else mx.concatenate([q.biases for q in parts])
+    return QuantizedWeight(None, mx.concatenate([q.scales for q in parts]), biases, q0.bits, q0.group_size,
+                           wq=mx.concatenate([q.packed() for q in parts]), mode=q0.mode).compact()
+
+
 def bits_group(choice, group_size: int) -> tuple[int | None, int]:
     """A layer's format choice -- bits, (bits, group size), or None (float) -- -> (bits or None, group size), the
     group size defaulting to ``group_size``."""

@@ -30,12 +30,9 @@ def propagation_stats(x_float: mx.array, x_quant: mx.array) -> tuple[mx.array, m
     return H, D
 
 
-def qep_correct(w: mx.array, H: mx.array, D: mx.array, alpha: float = 0.5, damp: float = 0.01) -> mx.array:
-    """w [out, in] -> W* = w + alpha * w D (H + damp * mean(diag H) I)^-1 [out, in] float32 (module docstring).
-
-    Dead inputs (H_ii == 0: the compressed model never drives them) get no correction."""
-    if alpha == 0.0:
-        return w.astype(mx.float32)
+def qep_matrix(H: mx.array, D: mx.array, damp: float = 0.01) -> mx.array:
+    """-> M = D (H + damp * mean(diag H) I)^-1 [in, in] float32, the correction W* = w + alpha * w M of every row
+    (module docstring). Dead inputs (H_ii == 0: the compressed model never drives them) get no correction."""
     Hn = np.array(H, dtype=np.float64)
     Dn = np.array(D, dtype=np.float64)
     diag = np.diag(Hn).copy()
@@ -44,5 +41,17 @@ def qep_correct(w: mx.array, H: mx.array, D: mx.array, alpha: float = 0.5, damp:
     Hn += damp * float(np.mean(diag)) * np.eye(Hn.shape[0])
     M = np.linalg.solve(Hn, Dn.T).T  # D H^-1 [in, in] (H symmetric)
     M[:, dead] = 0.0
+    return mx.array(M.astype(np.float32))
+
+
+def qep_apply(w: mx.array, M: mx.array, alpha: float) -> mx.array:
+    """w [out, in] (any rows of a layer) -> W* = w + alpha * w M [out, in] float32."""
     w32 = w.astype(mx.float32)
-    return w32 + alpha * (w32 @ mx.array(M.astype(np.float32)))
+    return w32 + alpha * (w32 @ M)
+
+
+def qep_correct(w: mx.array, H: mx.array, D: mx.array, alpha: float = 0.5, damp: float = 0.01) -> mx.array:
+    """w [out, in] -> W* = w + alpha * w D (H + damp * mean(diag H) I)^-1 [out, in] float32 (module docstring)."""
+    if alpha == 0.0:
+        return w.astype(mx.float32)
+    return qep_apply(w, qep_matrix(H, D, damp), alpha)
