@@ -1,6 +1,6 @@
 """mlx-holo: one command with subcommands, each the same as its ``python -m mlx_holo.X`` entry point.
 
-mlx-holo compress | eval | bench | validate | plan | tune | synth | tui  [ARGS...]   (mlx-holo SUBCOMMAND --help for each)
+mlx-holo compress | eval | bench | validate | plan | tune | export | synth | tui  [ARGS...]   (mlx-holo SUBCOMMAND --help for each)
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ COMMANDS = {  # subcommand -> (module under mlx_holo, what it does)
     "validate": ("cli.validate", "check evidence files: schema and gates"),
     "plan": ("cli.plan", "memory need and a recipe for a target memory"),
     "tune": ("cli.tune", "end-to-end KL tuning of a compressed folder's scales/biases"),
+    "export": ("cli.export", "write a folder as a GGUF file for llama.cpp (Q4_1/Q5_1/Q8_0 from our codes)"),
     "synth": ("cli.synth", "write a synthetic checkpoint of a real model's shape (scale trials)"),
     "tui": ("tui.__main__", "the Textual workbench"),
 }

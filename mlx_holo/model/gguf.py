@@ -17,12 +17,19 @@ from .files import ModelError
 from .save import rename_shards, replace_dir, write_shard
 
 
-_GGUF_NAMES = {
+GGUF_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's rotary row permutation of q/k (``convert_hf_to_gguf.py``): w [n_head * head_dim, ...] -- any
+    per-row array (weights, codes, scales, biases)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -36,7 +43,7 @@ def _gguf_tokenizer(fields: dict, out: Path) -> None:
 
     tokens = fields["tokenizer.ggml.tokens"]
     types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
+    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
     if fields.get("tokenizer.ggml.model") != "gpt2":
         raise ModelError(f"unsupported GGUF tokenizer model {fields.get('tokenizer.ggml.model')!r} (need gpt2 BPE)")
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -73,7 +80,7 @@ def _hf_name(name: str) -> str | None:
         return "lm_head.weight"
     if name.startswith("blk."):
         _, i, part, _ = name.split(".")
-        return f"model.layers.{i}.{_GGUF_NAMES[part]}.weight" if part in _GGUF_NAMES else None
+        return f"model.layers.{i}.{GGUF_NAMES[part]}.weight" if part in GGUF_NAMES else None
     return None
 
 

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
+from ..quant.formats import dequantize_f32
 from .files import ModelError, cache_dir, load_weights, model_hash, read_config
 from .gguf import convert_gguf
 from .tables import is_stored, keep_stored
@@ -213,8 +214,8 @@ def dequantize_model(model: nn.Module, dtype=mx.float32, keep_stored_tables: boo
             continue
         if keep_stored_tables and is_stored(m):
             continue
-        w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
-                          mode=getattr(m, "mode", "affine")).astype(dtype)
+        w = dequantize_f32(m.weight, m.scales, m.get("biases"), m.group_size, m.bits,
+                           getattr(m, "mode", "affine")).astype(dtype)
         if isinstance(m, nn.QuantizedEmbedding):
             new = nn.Embedding(w.shape[0], w.shape[1])
         elif switch:  # [E, out, in]

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..quant.formats import dequantize_f32
 from .structure import block_prefix
 
 ROW_ELEMENTS = 1 << 24  # weights of a table handled at once (64 MB in float32): the same slices as the quantizers'
@@ -48,8 +49,7 @@ def _biases(m: nn.Module, idx):
 
 
 def _dequantize(m, w, scales, biases, dtype):
-    return mx.dequantize(w, scales, biases, group_size=m.group_size, bits=m.bits,
-                         mode=getattr(m, "mode", "affine")).astype(dtype)
+    return dequantize_f32(w, scales, biases, m.group_size, m.bits, getattr(m, "mode", "affine")).astype(dtype)
 
 
 def n_rows(m: nn.Module) -> int:

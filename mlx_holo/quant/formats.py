@@ -170,6 +170,17 @@ def stack_experts(qws: list[QuantizedWeight]) -> QuantizedWeight:
     return q.compact()
 
 
+def dequantize_f32(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
+                   mode: str = "affine") -> mx.array:
+    """MLX-quantized words -> float32 weights. Affine scales/biases are widened to float32 first, so each weight is
+    scale * q + bias in float32 -- what MLX's quantized matmul computes (its accumulation is in float32) -- rather
+    than that value rounded to the scales' fp16."""
+    if mode == "affine":
+        scales = scales.astype(mx.float32)
+        biases = None if biases is None else biases.astype(mx.float32)
+    return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+
+
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     """Slices of rows of one matrix, each a QuantizedWeight of the same format -> one [sum rows, in] (packed)."""
     q0 = parts[0]
