@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import (AFFINE_BITS, ALLOCATIONS, AWQ_OBJECTIVES, FITS, FLOAT_MODES, GROUP_SIZES, METHODS, MODES,
+from .options import (AFFINE_BITS, GGUF_BITS, ALLOCATIONS, AWQ_OBJECTIVES, FITS, FLOAT_MODES, GROUP_SIZES, METHODS, MODES,
                       PRUNE_METHODS, RECOVERS, ROUNDINGS, SENSITIVITIES)
 
 STAGES = ("format", "calibration", "gptq", "awq", "tuning", "mixed precision", "pruning", "modules")
@@ -46,6 +46,8 @@ class Recipe:
     fit: str = _opt("auto", "group grid: least squares (lsq), least squares with 0 on the grid (zlsq), min/max, or "
                             "mx.quantize's rule; auto: zlsq for plain rounding at <= 3 bits, else lsq", "format",
                     choices=("auto",) + FITS)
+    gguf: bool = _opt(False, "grids GGUF stores exactly (mlx-holo export --gguf): group size 32, bits 4/5/8 "
+                             "(Q4_1/Q5_1, and Q8_0 with 8-bit layers on the symmetric grid)", "format")
     clip_search: bool = _opt(False, "MSE-optimal clipping per group (RTN/GPTQ)", "format")
     grid_offset: float = _opt(0.0, "shift of the integer grid, in steps", "format")
     rounding: str = _opt("nearest", "rounding of RTN", "format", choices=ROUNDINGS)
@@ -120,6 +122,12 @@ class Recipe:
                 raise RecipeError(f"mode {self.mode} is only available with rtn (MLX computes its scales)")
         elif self.bits is not None and self.bits not in AFFINE_BITS:
             raise RecipeError(f"bits={self.bits} is not supported; choose one of {AFFINE_BITS}")
+        if self.gguf:
+            bad = {b for b in (self.bits, self.embed_bits, *self.candidate_bits) if b is not None} - set(GGUF_BITS)
+            if self.group_size != 32 or self.mode != "affine" or bad or set(self.candidate_groups) - {32}:
+                raise RecipeError("gguf grids need --group-size 32, affine mode and bits among "
+                                  f"{GGUF_BITS} (bits, embed_bits, candidate_bits); got group size "
+                                  f"{self.group_size}, mode {self.mode}, bits {sorted(bad) or 'ok'}")
         if self.embed_bits is not None and self.embed_bits not in AFFINE_BITS:
             raise RecipeError(f"embed_bits={self.embed_bits} is not supported; choose one of {AFFINE_BITS}")
         if self.group_size not in GROUP_SIZES + (-1,):

@@ -114,3 +114,21 @@ def test_cli_exit_codes(tmp_path, tiny_model_dir):
     assert main(["export", "--gguf", str(tmp_path / "t.gguf"), str(tiny_model_dir)]) == 0  # a float folder: F16
     assert gguf.GGUFReader(str(tmp_path / "t.gguf")).tensors[0].tensor_type.name in ("F16", "F32")
     assert main(["export", "--gguf", str(tmp_path / "t.gguf"), str(tiny_model_dir)]) == 2  # exists
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_gguf_recipe_puts_8_bit_layers_on_q8_0s_grid(tmp_path, text_file, method):
+    from mlx_holo.recipe import RecipeError
+
+    src = make_tiny_model(tmp_path / "src")
+    out = tmp_path / "q"
+    r = Recipe(method=method, bits=8, group_size=32, gguf=True, calib_tokens=512, calib_seq_len=64,
+               calib_corpus=str(text_file))
+    compress(str(src), r, out, eval_tokens=0, gates=[])
+    rep = export_gguf(out, tmp_path / "m.gguf")
+    assert rep.requantized == {} and set(rep.tensors.values()) == {"Q8_0", "F32"}
+    read_back(out, tmp_path / "m.gguf", json.loads((src / "config.json").read_text()))
+    with pytest.raises(RecipeError, match="group-size 32"):
+        Recipe(method="rtn", bits=8, gguf=True).validate()  # group size 64
+    with pytest.raises(RecipeError, match="bits"):
+        Recipe(method="rtn", bits=3, group_size=32, gguf=True).validate()

@@ -65,6 +65,8 @@ def grid_fit(recipe: Recipe, bits: int, compensated: bool) -> str:
     up to half a step, and a free grid sends the many small weights to a common +-offset; GPTQ compensates each
     rounding with the calibration inputs and does better on the free grid, AWQ (grids chosen on the output error)
     keeps lsq too (the measurements behind this rule: docs/experiments.md, "grid fit")."""
+    if recipe.gguf and bits == 8:
+        return "sym"  # Q8_0
     if recipe.fit != "auto":
         return recipe.fit
     return "zlsq" if bits <= 3 and not compensated else "lsq"

@@ -219,7 +219,8 @@ def gptq_pass(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order
         Q, C = Q[:, inv], C[:, inv]
     if not static:
         scales, biases = mx.concatenate(s_groups, axis=1), mx.concatenate(b_groups, axis=1)
-    if refit and keep is None:  # (a pruned weight's zero code must stay exactly 0: no refit then)
+    if refit and keep is None and fit != "sym":  # (a pruned weight's zero code must stay 0; a symmetric grid must
+        # stay symmetric: no refit then)
         scales, biases = refit_params(w.astype(mx.float32), layer_objective_hessian(H), Q, scales, biases, group_size,
                                       scale_dtype=scale_dtype)
         C = (Q.astype(mx.float32).reshape(n_out, -1, g) * scales[..., None] + biases[..., None]).reshape(n_out, n_in)

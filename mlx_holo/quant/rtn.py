@@ -19,7 +19,8 @@ Plain min/max RTN is the baseline every paper compares against (e.g. Frantar et 
   from the "mlx" grid, each step re-rounds the codes and fits the one free parameter, the scale, by least squares
   for z and its two neighbours. Its weight error lies between "mlx" and "lsq", but small weights keep an exact 0
   instead of a common offset of up to half a step, which matters where nothing compensates the rounding (data-free
-  RTN at 3 bits or fewer; docs/experiments.md, "grid fit").
+  RTN at 3 bits or fewer; docs/experiments.md, "grid fit"). ``"sym"`` is the symmetric grid of llama.cpp's Q8_0,
+  bias = -2^(bits-1) * scale with scale = max |w| / (2^(bits-1) - 1), codes in [1, 2^bits - 1]; no refinement.
 ``group_size=-1`` is per-channel (one group per output row).
 """
 from __future__ import annotations
@@ -55,6 +56,11 @@ def affine_params(lo: mx.array, hi: mx.array, bits: int, scale_dtype=mx.float16,
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     n = 2**bits - 1
+    if fit == "sym" and not exact_zero:  # symmetric: w = scale * (q - 2^(bits-1)), |q - 2^(bits-1)| <= 2^(bits-1) - 1
+        half = 2 ** (bits - 1)
+        scale = (mx.maximum(mx.abs(lo), mx.abs(hi)) / (half - 1)).astype(scale_dtype).astype(mx.float32)
+        scale = mx.maximum(scale, mx.array(6e-5, scale_dtype).astype(mx.float32))  # >= the smallest normal fp16
+        return scale, -half * scale
     if fit not in ("mlx", "zlsq") and not exact_zero:
         scale = mx.maximum((hi - lo) / n, 1e-7)
         return scale.astype(scale_dtype).astype(mx.float32), lo.astype(scale_dtype).astype(mx.float32)
