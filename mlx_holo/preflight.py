@@ -29,6 +29,7 @@ GB = 1e9
 RUNTIME_BYTES = int(1.0 * GB)  # Python, MLX, tokenizer and allocator slack (fitted to the scale table, docs/results.md)
 RTN_CHUNK = 1 << 24   # quant.rtn.CHUNK_ELEMENTS (kept here: this module stays MLX-free)
 GPTQ_CHUNK = 1 << 25  # quant.gptq.CHUNK_ELEMENTS
+HEAD_GPTQ_CHUNK = 1 << 22  # pipeline.head.HEAD_GPTQ_ELEMENTS
 F32 = 4
 LOGIT_SLICE = 1 << 24  # evaluation.LOGIT_ELEMENTS
 
@@ -111,7 +112,8 @@ def estimate(config: dict, recipe, *, eval_tokens: int = 8192, eval_seq_len: int
     stored = F32 if config.get("torch_dtype") == "float32" else 2  # bytes a weight of the tables as read
     tables = 1 if a.tied else 2  # an untied model has the input table and the head, both quantized here
     head = {"tables_stored": tables * V * D * stored + V * D,  # and the compressed head (<= 1 byte a weight)
-            "layer_work": work(min(V * D, RTN_CHUNK), gptq_like and recipe.gptq_head),
+            "layer_work": work(min(V * D, HEAD_GPTQ_CHUNK if gptq_like and recipe.gptq_head else RTN_CHUNK),
+                               gptq_like and recipe.gptq_head),
             "head_inputs": tokens * D * F32 * (2 if qep and not a.tied else 1) if gptq_like and recipe.gptq_head
             else 0,
             "hessian": D * D * (F32 + 16) if gptq_like and recipe.gptq_head else 0, "output_shard": shard,

@@ -624,12 +624,14 @@ def test_compress_form_shows_the_preflight_estimate(tiny_model_dir):
             pane = app.query_one("#compress_pane")
             label = pane.query_one("#preflight", Label)
             await type_into(pilot, pane.query_one("#model", Input), str(tiny_model_dir))
+            await type_into(pilot, pane.query_one("#eval_tokens", Input), "512")  # evaluation's slice is small
             await pilot.pause()
-            want = preflight.estimate(plan.load_config(str(tiny_model_dir)), Recipe(method="rtn"))
+            cfg = plan.load_config(str(tiny_model_dir))
+            want = preflight.estimate(cfg, Recipe(method="rtn"), eval_tokens=512)
             assert f"peak {want.summary()}" in str(label.render())
             pane.query_one("#method", Select).value = "gptq"
             await pilot.pause()
-            gptq = preflight.estimate(plan.load_config(str(tiny_model_dir)), Recipe(method="gptq"))
+            gptq = preflight.estimate(cfg, Recipe(method="gptq"), eval_tokens=512)
             assert f"peak {gptq.summary()}" in str(label.render()) and gptq.peak_bytes != want.peak_bytes
             await type_into(pilot, pane.query_one("#model", Input), "/nonexistent/folder")
             await pilot.pause()

@@ -53,24 +53,28 @@ def gptq_head(w: mx.array, H: mx.array, bits: int, group_size: int, recipe: Reci
                          fit=grid_fit(recipe, bits, compensated=True), iters=recipe.gptq_iters)
 
 
+HEAD_GPTQ_ELEMENTS = 1 << 22  # weights of a table GPTQ'd at once: its pass holds ~15 float32 copies of them
+
+
 def quantize_table(table: nn.Module, bits: int, group_size: int, recipe: Recipe, H: mx.array | None = None,
                    qep: mx.array | None = None) -> tuple[QuantizedWeight, float | None]:
     """A table outside the blocks (embedding or lm_head module, float or stored as read: ``model.tables``) -> its
     QuantizedWeight (packed) and, given H [D, D], the H-weighted relative error of the result.
 
-    The table is handled in slices of rows (``model.tables.row_slices``), each cast to float32 only while it is
-    worked on, so no float32 copy of a whole table is made; rows are independent for every quantizer here (the
-    slices are the ones ``quantize_rtn`` and ``gptq_quantize`` would cut, so the result is the same). With H and
+    The table is handled in slices of rows (``model.tables.row_slices``; ``HEAD_GPTQ_ELEMENTS`` weights for GPTQ),
+    each cast to float32 only while it is worked on, so no float32 copy of a whole table is made; rows are
+    independent for every quantizer here, so the result is that of one pass over the whole table. With H and
     ``recipe.gptq_head``, GPTQ on H (aiming at ``w + qep_alpha * w M`` when the QEP matrix M [D, D] is given);
     otherwise RTN; MLX's float modes by ``float_quantize``."""
     parts, num, den = [], 0.0, 0.0
     width = table_width(table)
-    for k, (r0, r1) in enumerate(row_slices(n_rows(table), width)):
+    gptq = recipe.mode == "affine" and H is not None and recipe.gptq_head
+    for k, (r0, r1) in enumerate(row_slices(n_rows(table), width, HEAD_GPTQ_ELEMENTS if gptq else None)):
         w = table_rows(table, r0, r1)  # [rows, D] float32
         if recipe.mode != "affine":
             parts.append(float_quantize(w, recipe.mode))
             continue
-        if H is not None and recipe.gptq_head:
+        if gptq:
             target = w if qep is None else qep_apply(w, qep, recipe.qep_alpha)
             qw = gptq_head(target, H, bits, group_size, recipe)
         else:
