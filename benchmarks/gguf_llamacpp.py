@@ -1,13 +1,14 @@
 """GGUF table: our calibrated codes written as GGUF against llama.cpp's own quantizer, every row scored by llama.cpp.
 
-Run: python benchmarks/gguf.py --eval-tokens 8192 --calib-tokens 8192 --work runs/gguf --json evidence/gguf/gguf.json
+Run: python benchmarks/gguf_llamacpp.py --eval-tokens 8192 --calib-tokens 8192 --work runs/gguf --json evidence/gguf/gguf.json
 
 Needs llama.cpp's Python bindings (``pip install llama-cpp-python``, built from its source distribution; a benchmark
 tool, not a dependency of mlx-holo). On the embedded model:
 - ``f16``: the float base exported by ``mlx-holo export`` as F16 (llama.cpp's quantizer starts from it);
 - ``llama.cpp:Q4_1`` / ``llama.cpp:Q4_K_M``: ``llama_model_quantize`` of that F16 file (its own rounding, no
   importance matrix);
-- ``ours:gptq-q4_1`` / ``ours:awq-q4_1``: ``compress --method gptq|awq --bits 4 --gguf --group-size 32`` then
+- ``ours:rtn-q4_1`` / ``ours:gptq-q4_1`` / ``ours:awq-q4_1``: ``compress --method rtn|gptq|awq --bits 4 --gguf
+  --group-size 32`` then
   ``export --gguf`` (Q4_1 with our codes); ``ours:mixed``: mixed precision over 4/5/8 bits (Q4_1/Q5_1/Q8_0) at
   ``--mixed-bpw`` bits per weight.
 Every row is scored by llama.cpp itself (``Llama.eval`` with all logits) on the same token windows (our tokenizer's
@@ -72,7 +73,7 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--mixed-bpw", type=float, default=5.0, help="bits per weight of the mixed row")
-    ap.add_argument("--rows", default="f16,llama.cpp:Q4_1,llama.cpp:Q4_K_M,ours:gptq-q4_1,ours:awq-q4_1,ours:mixed")
+    ap.add_argument("--rows", default="f16,llama.cpp:Q4_1,llama.cpp:Q4_K_M,ours:gptq-q4_1,ours:mixed,ours:awq-q4_1")
     ap.add_argument("--work", default="runs/gguf")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -85,7 +86,8 @@ def main() -> int:
     f16 = work / "base-f16.gguf"
     if not f16.exists():
         export_gguf(embedded_default_dir(), f16)
-    recipes = {"ours:gptq-q4_1": Recipe(method="gptq", bits=4, group_size=32, gguf=True, calib_tokens=args.calib_tokens),
+    recipes = {"ours:rtn-q4_1": Recipe(method="rtn", bits=4, group_size=32, gguf=True),
+               "ours:gptq-q4_1": Recipe(method="gptq", bits=4, group_size=32, gguf=True, calib_tokens=args.calib_tokens),
                "ours:awq-q4_1": Recipe(method="awq", bits=4, group_size=32, gguf=True, calib_tokens=args.calib_tokens),
                "ours:mixed": Recipe(method="mixed", bits=4, group_size=32, gguf=True, candidate_bits=(4, 5, 8),
                                     bits_per_weight=args.mixed_bpw, calib_tokens=args.calib_tokens)}
@@ -110,10 +112,10 @@ def main() -> int:
             row["our_vs_llama_cpp_pct"] = 100 * (ours_ppl - ppl) / ppl
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = {"command": " ".join(sys.orig_argv), "eval_tokens": int(windows.size), "rows": rows}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        if args.json:  # after every row: a long run stopped early keeps what it measured
+            out = {"command": " ".join(sys.orig_argv), "eval_tokens": int(windows.size), "rows": rows}
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
 
