@@ -10,7 +10,8 @@ tool, not a dependency of mlx-holo). On the embedded model:
 - ``ours:rtn-q4_1`` / ``ours:gptq-q4_1`` / ``ours:awq-q4_1``: ``compress --method rtn|gptq|awq --bits 4 --gguf
   --group-size 32`` then
   ``export --gguf`` (Q4_1 with our codes); ``ours:mixed``: mixed precision over 4/5/8 bits (Q4_1/Q5_1/Q8_0) at
-  ``--mixed-bpw`` bits per weight.
+  ``--mixed-bpw`` bits per weight; ``-emb8`` rows keep the tied embedding/head at 8 bits (Q8_0), as llama.cpp's
+  quantizer keeps its token table above 4 bits.
 Every row is scored by llama.cpp itself (``Llama.eval`` with all logits) on the same token windows (our tokenizer's
 wiki windows, so every row sees the same tokens); our own evaluation of the same folder is printed beside it (the
 round trip is exact, so the two should agree to float rounding). File bytes are the GGUF's.
@@ -87,6 +88,9 @@ def main() -> int:
     if not f16.exists():
         export_gguf(embedded_default_dir(), f16)
     recipes = {"ours:rtn-q4_1": Recipe(method="rtn", bits=4, group_size=32, gguf=True),
+               "ours:rtn-q4_1-emb8": Recipe(method="rtn", bits=4, group_size=32, gguf=True, embed_bits=8),
+               "ours:gptq-q4_1-emb8": Recipe(method="gptq", bits=4, group_size=32, gguf=True, embed_bits=8,
+                                             calib_tokens=args.calib_tokens),
                "ours:gptq-q4_1": Recipe(method="gptq", bits=4, group_size=32, gguf=True, calib_tokens=args.calib_tokens),
                "ours:awq-q4_1": Recipe(method="awq", bits=4, group_size=32, gguf=True, calib_tokens=args.calib_tokens),
                "ours:mixed": Recipe(method="mixed", bits=4, group_size=32, gguf=True, candidate_bits=(4, 5, 8),

@@ -22,6 +22,7 @@ from .allocate.mixed import mixed_allocation
 from .allocate.sparsity import allocate_sparsity
 from .evaluation import compare, stream_compare
 from .model.files import prefetcher
+from .model.gguf_export import ARCHS as GGUF_ARCHS, GGUFExportError, export_gguf
 from .model.open import open_model
 from .model.save import SHARD_BYTES, FolderWriter, atomic_dir, check_out, replace_tensors
 from .options import PRUNE_METHODS
@@ -35,7 +36,7 @@ from .tune.e2e import tune_folder
 def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = "", *, eval_tokens: int = 8192,
              eval_seq_len: int = 512, eval_corpus: str = "wiki", gates: list[str] | None = None,
              overwrite: bool = False, base_model=None, shard_bytes: int = SHARD_BYTES,
-             max_memory_gb: float | None = None, on_progress=None) -> dict:
+             max_memory_gb: float | None = None, gguf_file: bool = False, on_progress=None) -> dict:
     """Compress ``model`` (a model spec, see ``model.open``) with ``recipe`` (default: ``Recipe()``, RTN 4-bit g64)
     into the folder ``out`` -> evidence dict (also written to out/evidence.json).
 
@@ -46,6 +47,8 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
     (``evaluation.stream_compare``), neither held whole. shard_bytes: the output is written in shards of about this
     size as the blocks finish. max_memory_gb: the memory the run may use (default: what the machine has
     available); the pre-flight (``preflight.check``) refuses a run whose estimated peak exceeds it, before any work.
+    gguf_file: also write the result as ``out/model.gguf`` for llama.cpp (``model.gguf_export``; needs
+    ``recipe.gguf``'s grids, so nothing is rounded twice; recorded in the evidence and its file hashes).
     on_progress(stage, done, total): progress of every long loop."""
     if not out:
         raise ValueError("compress needs an output folder (out)")
@@ -54,8 +57,13 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
     if eval_tokens < 0 or (0 < eval_tokens < eval_seq_len):
         raise DataError(f"--eval-tokens {eval_tokens} gives no {eval_seq_len}-token window: use 0 (no evaluation) or "
                         f">= {eval_seq_len}")
+    if gguf_file and not recipe.gguf:
+        raise GGUFExportError("a GGUF output needs the grids GGUF stores exactly: add --gguf (group size 32, bits "
+                              "4, 5 or 8)")
     t0 = time.perf_counter()
     base, tok, config, info = open_model(model, lazy=True, dequantize=True, stored_tables=True)  # nothing read yet
+    if gguf_file and info.model_type not in GGUF_ARCHS:
+        raise GGUFExportError(f"GGUF output supports the {', '.join(GGUF_ARCHS)} architectures, not {info.model_type}")
     memory = preflight.check(config, recipe, max_memory_gb=max_memory_gb, eval_tokens=eval_tokens,
                              eval_seq_len=eval_seq_len, shard_bytes=shard_bytes)
     calib = corpus_c = None
@@ -120,6 +128,10 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
             wins = None
             metrics = {k: None for k in ("ppl", "base_ppl", "delta_ppl_pct", "kl", "top1", "cos_min",
                                          "determinism_delta")}
+        if gguf_file:
+            extra["gguf"] = export_gguf(tmp, tmp / "model.gguf").to_dict() | {"path": str(Path(out).resolve() /
+                                                                                         "model.gguf")}
+            extra["gguf"]["tensors"] = len(extra["gguf"]["tensors"])
         bos = data.bos_id(tok) is not None  # the windows' convention: BOS first when the tokenizer adds one
         corpora = {"evaluation": corpus_e.record(int(wins.size) if wins is not None else 0, bos)}
         if corpus_c is not None:

@@ -132,3 +132,22 @@ def test_gguf_recipe_puts_8_bit_layers_on_q8_0s_grid(tmp_path, text_file, method
         Recipe(method="rtn", bits=8, gguf=True).validate()  # group size 64
     with pytest.raises(RecipeError, match="bits"):
         Recipe(method="rtn", bits=3, group_size=32, gguf=True).validate()
+
+
+def test_compress_writes_a_gguf_beside_the_mlx_folder(tmp_path, text_file):
+    from mlx_lm import load
+
+    from mlx_holo import evidence
+
+    src = make_tiny_model(tmp_path / "src")
+    out = tmp_path / "q"
+    with pytest.raises(GGUFExportError, match="--gguf"):
+        compress(str(src), Recipe(method="rtn", bits=4, group_size=32), out, eval_tokens=0, gguf_file=True)
+    assert not out.exists()
+    ev = compress(str(src), Recipe(method="rtn", bits=4, group_size=32, gguf=True), out, eval_tokens=0, gates=[],
+                  gguf_file=True)
+    assert ev["gguf"]["bytes"] == (out / "model.gguf").stat().st_size and ev["gguf"]["requantized"] == {}
+    assert "model.gguf" in ev["files"]
+    assert evidence.check_folder(ev, out) == []  # validate --folder: the GGUF is among the hashed files
+    read_back(out, out / "model.gguf", json.loads((src / "config.json").read_text()))
+    load(str(out))  # the folder is still an mlx-lm folder

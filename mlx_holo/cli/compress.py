@@ -27,6 +27,8 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
     ap.add_argument("--max-memory-gb", type=float, default=None,
                     help="memory the run may use (default: what is available); the pre-flight refuses a run whose "
                          "estimated peak is larger, before any work")
+    ap.add_argument("--format", choices=("mlx", "gguf"), default="mlx",
+                    help="gguf: also write OUT/model.gguf for llama.cpp (with --gguf grids; see mlx-holo export)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     add_recipe_arguments(ap, defaults)
     return ap
@@ -62,7 +64,7 @@ def _main(argv) -> int:
 
     ev = compress(args.model, recipe, args.out, eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len,
                   eval_corpus=args.eval_corpus, gates=args.gate, overwrite=args.overwrite,
-                  max_memory_gb=args.max_memory_gb, on_progress=progress_printer())
+                  max_memory_gb=args.max_memory_gb, gguf_file=args.format == "gguf", on_progress=progress_printer())
     m = ev["metrics"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
     print(f"{ev['verdict']}  {args.out}  bits/weight {ev['bits_per_weight']:.3f}  ratio {ev['ratio']:.2f}x  "
