@@ -129,9 +129,9 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
             metrics = {k: None for k in ("ppl", "base_ppl", "delta_ppl_pct", "kl", "top1", "cos_min",
                                          "determinism_delta")}
         if gguf_file:
-            extra["gguf"] = export_gguf(tmp, tmp / "model.gguf").to_dict() | {"path": str(Path(out).resolve() /
-                                                                                         "model.gguf")}
-            extra["gguf"]["tensors"] = len(extra["gguf"]["tensors"])
+            rep = export_gguf(tmp, tmp / "model.gguf")
+            extra["gguf"] = {"path": str(Path(out).resolve() / "model.gguf"), "bytes": rep.bytes,
+                             "tensors": len(rep.tensors), "requantized": rep.requantized}
         bos = data.bos_id(tok) is not None  # the windows' convention: BOS first when the tokenizer adds one
         corpora = {"evaluation": corpus_e.record(int(wins.size) if wins is not None else 0, bos)}
         if corpus_c is not None:

@@ -12,14 +12,15 @@ by block -- the hidden states of every window carried for each model, each block
 a time) and released -- then each model's own head is applied window by window (``pipeline.capture.run_head``).
 Opened with ``stored_tables`` (as ``evaluate`` and ``compress`` do), each head stays in its stored dtype or codes and
 is applied to up to ``HEAD_POSITIONS`` positions one slice of vocabulary rows at a time (``model.tables.head_rows``),
-the metrics accumulated over the slices (``_OnlineHead``), so no position's logits are ever held whole. Peak memory is about one block of each model, the two
-heads as stored and the windows' hidden states, whatever the depth.
+the metrics accumulated over the slices (``_OnlineHead``), so no position's logits are ever held whole. Peak memory
+is about one block of each model, the two heads as stored and the windows' hidden states, whatever the depth.
 ``compare`` holds both models and caches the base's outputs, for benchmarks that score many variants against one
 base object.
 """
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
@@ -74,9 +75,7 @@ class _OnlineHead:
     def add(self, r0: int, logits: mx.array, blogits: mx.array | None, delta: mx.array | None) -> None:
         """logits/blogits: [B, S, Vc] of vocabulary rows r0:r0 + Vc; delta: determinism max |diff| or None."""
         self.t_m = self.t_m + self._target(logits, r0)
-        m_old = self.m
         self.m, self.se, self.arg = self._max_sum(self.m, self.se, self.arg, logits, r0)
-        del m_old
         out = [self.t_m, self.m, self.se, self.arg]
         if blogits is not None:
             self.t_b = self.t_b + self._target(blogits, r0)
@@ -145,8 +144,10 @@ class Metrics:
         return asdict(self)
 
 
-def _metrics(n: int, s: int, nll: float, base_nll: float, kl: float, top1: float, cos: list | None) -> Metrics:
-    """Sums over the n * (s - 1) predictions of n windows of s tokens -> Metrics (base figures when cos is given)."""
+def _metrics(n: int, s: int, sums: dict, cos: list | None) -> Metrics:
+    """``sums`` (nll, base_nll, kl, top1: ``_OnlineHead.totals`` added up) over the n * (s - 1) predictions of n
+    windows of s tokens -> Metrics (base figures when cos is given)."""
+    nll, base_nll, kl, top1 = (sums.get(k, 0.0) for k in ("nll", "base_nll", "kl", "top1"))
     count = n * (s - 1)
     m = Metrics(tokens=int(n * s), windows=int(n), seq_len=int(s))
     m.ppl = float(mx.exp(mx.array(nll / count)).item())
@@ -192,8 +193,7 @@ def compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_
     they fit in BASE_CACHE_MAX_BYTES), so scoring many variants against one base costs one base pass."""
     t0 = time.perf_counter()
     n, s = windows.shape
-    nll_t = kl_t = top1_t = 0.0
-    base_nll_t = 0.0
+    tot: Counter = Counter()  # the sums over every window
     cos_sum = None
     first_logits = []
     for i in range(n):
@@ -209,16 +209,12 @@ def compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_
         sums = head_sums(x, logits[None], None if blogits is None else blogits[None])
         if cos_sum is not None:
             mx.eval(cos_sum)
-        nll_t += sums["nll"]
-        kl_t += sums.get("kl", 0.0)
-        top1_t += sums.get("top1", 0.0)
-        base_nll_t += sums.get("base_nll", 0.0)
+        tot.update(sums)
         if i < det_windows:
             first_logits.append(logits)
         if on_progress:
             on_progress("evaluate", i + 1, n)
-    m = _metrics(n, s, nll_t, base_nll_t, kl_t, top1_t,
-                 [float(c) for c in (cos_sum / n).tolist()] if base is not None else None)
+    m = _metrics(n, s, tot, [float(c) for c in (cos_sum / n).tolist()] if base is not None else None)
     if det_windows:
         delta = 0.0
         for i, ref in enumerate(first_logits):
@@ -295,7 +291,7 @@ def stream_compare(model: nn.Module, base: nn.Module | None, windows: mx.array, 
     mx.eval(model.parameters())  # what is left: embeddings, final norm, head -- loaded once for every window
     if base is not None:
         mx.eval(base.parameters())
-    nll_t = kl_t = top1_t = base_nll_t = 0.0
+    tot: Counter = Counter()  # the sums over every window
     delta = 0.0
     keep_stored(model)  # heads by slices of rows (a no-op for models opened with stored_tables)
     if base is not None:
@@ -317,15 +313,11 @@ def stream_compare(model: nn.Module, base: nn.Module | None, windows: mx.array, 
                 with head_rows(base, r0, r1):
                     blogits = run_head(base, tok, xb[g0:g1]).astype(mx.float32)
             acc.add(r0, logits, blogits, None if again is None else mx.abs(again - logits[:k]).max())
-        sums = acc.totals()
-        nll_t += sums["nll"]
-        kl_t += sums.get("kl", 0.0)
-        top1_t += sums.get("top1", 0.0)
-        base_nll_t += sums.get("base_nll", 0.0)
+        tot.update(acc.totals())
         delta = max(delta, acc.delta)
     if on_progress:
         on_progress("evaluate", len(bc_list) + 1, len(bc_list) + 1)
-    m = _metrics(n, s, nll_t, base_nll_t, kl_t, top1_t, cos if base is not None else None)
+    m = _metrics(n, s, tot, cos if base is not None else None)
     if det_windows:
         m.determinism_delta = float(delta)
     m.eval_s = time.perf_counter() - t0

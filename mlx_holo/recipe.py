@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import (AFFINE_BITS, GGUF_BITS, ALLOCATIONS, AWQ_OBJECTIVES, FITS, FLOAT_MODES, GROUP_SIZES, METHODS, MODES,
-                      PRUNE_METHODS, RECOVERS, ROUNDINGS, SENSITIVITIES)
+from .options import (AFFINE_BITS, ALLOCATIONS, AWQ_OBJECTIVES, FITS, FLOAT_MODES, GGUF_BITS, GROUP_SIZES, METHODS,
+                      MODES, PRUNE_METHODS, RECOVERS, ROUNDINGS, SENSITIVITIES)
 
 STAGES = ("format", "calibration", "gptq", "awq", "tuning", "mixed precision", "pruning", "modules")
 LEGACY_KEYS = {"overrides"}  # fields older evidence files carry that no longer exist (ignored when empty)

@@ -1,6 +1,7 @@
 """mlx-holo: one command with subcommands, each the same as its ``python -m mlx_holo.X`` entry point.
 
-mlx-holo compress | eval | bench | validate | plan | tune | export | synth | tui  [ARGS...]   (mlx-holo SUBCOMMAND --help for each)
+mlx-holo compress | eval | bench | validate | plan | tune | export | synth | tui  [ARGS...]
+(mlx-holo SUBCOMMAND --help for each)
 """
 from __future__ import annotations
 

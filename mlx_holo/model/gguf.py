@@ -25,6 +25,10 @@ GGUF_NAMES = {
 }
 
 
+OUTSIDE_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}  # llama.cpp's names of the tensors outside the blocks -> HF's
+
+
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's rotary row permutation of q/k (``convert_hf_to_gguf.py``): w [n_head * head_dim, ...] -- any
     per-row array (weights, codes, scales, biases)."""
@@ -72,12 +76,8 @@ def _gguf_tokenizer(fields: dict, out: Path) -> None:
 
 def _hf_name(name: str) -> str | None:
     """A GGUF tensor name -> its HF / mlx-lm name (None: not a tensor the model reads)."""
-    if name == "token_embd.weight":
-        return "model.embed_tokens.weight"
-    if name == "output_norm.weight":
-        return "model.norm.weight"
-    if name == "output.weight":
-        return "lm_head.weight"
+    if name in OUTSIDE_NAMES:
+        return OUTSIDE_NAMES[name]
     if name.startswith("blk."):
         _, i, part, _ = name.split(".")
         return f"model.layers.{i}.{GGUF_NAMES[part]}.weight" if part in GGUF_NAMES else None

@@ -28,11 +28,14 @@ import gguf
 import mlx.core as mx
 import numpy as np
 
+from ..quant.formats import dequantize_f32, unpack
 from .files import ModelError, load_file, read_config, weight_files
-from .gguf import GGUF_NAMES, permute_rows
+from .gguf import GGUF_NAMES, OUTSIDE_NAMES, permute_rows
 
 ARCHS = ("llama", "qwen2")
 QK = 32  # GGUF block size of Q4_1 / Q5_1 / Q8_0
+BLOCK_PARTS = {v: k for k, v in GGUF_NAMES.items()}  # mlx-lm module path inside a block -> llama.cpp's name
+OUTSIDE_KEYS = {v: k for k, v in OUTSIDE_NAMES.items()}  # HF name of a tensor outside the blocks -> llama.cpp's
 
 
 class GGUFExportError(ModelError):
@@ -52,18 +55,13 @@ class ExportReport:
 
 def gguf_name(key: str) -> str | None:
     """An HF / mlx-lm tensor name -> its llama.cpp name (None: not written)."""
-    if key == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if key == "model.norm.weight":
-        return "output_norm.weight"
-    if key == "lm_head.weight":
-        return "output.weight"
+    if key in OUTSIDE_KEYS:
+        return OUTSIDE_KEYS[key]
     parts = key.split(".")
     if key.startswith("model.layers.") and len(parts) >= 5:
         i, mod, leaf = parts[2], ".".join(parts[3:-1]), parts[-1]
-        inv = {v: k for k, v in GGUF_NAMES.items()}
-        if mod in inv and leaf in ("weight", "bias"):
-            return f"blk.{i}.{inv[mod]}.{leaf}"
+        if mod in BLOCK_PARTS and leaf in ("weight", "bias"):
+            return f"blk.{i}.{BLOCK_PARTS[mod]}.{leaf}"
     return None
 
 
@@ -96,12 +94,6 @@ def pack_q8_0(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     r, c = codes.shape
     q = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8).reshape(r, c // QK, QK)
     return np.concatenate([_fp16_bytes(scales), q], axis=-1).reshape(r, -1)
-
-
-def _unpack(w: mx.array, bits: int, width: int) -> np.ndarray:
-    from ..quant.formats import unpack
-
-    return np.asarray(unpack(w, bits, width))
 
 
 @dataclass
@@ -196,7 +188,7 @@ def tensor_bytes(t: _Tensor, where: dict, n_head: int, n_kv: int, permute: bool)
     scales = np.asarray(_load(where, path + ".scales").astype(mx.float32))
     biases = np.asarray(_load(where, path + ".biases").astype(mx.float32)) if path + ".biases" in where else None
     if t.source == "exact" and (t.qtype != "Q8_0" or symmetric_grid(scales, biases)):
-        codes = rows(_unpack(w, t.bits, t.shape[1]))
+        codes = rows(np.asarray(unpack(w, t.bits, t.shape[1])))
         scales, biases = rows(scales), rows(biases)
         if t.qtype == "Q4_1":
             return pack_q4_1(codes, scales, biases), None
@@ -205,8 +197,8 @@ def tensor_bytes(t: _Tensor, where: dict, n_head: int, n_kv: int, permute: bool)
         return pack_q8_0(codes, scales), None
     if t.source == "exact":  # an 8-bit group-32 layer on an asymmetric grid
         raise GGUFExportError(f"{t.key}: an 8-bit layer whose grid is not symmetric does not map to Q8_0")
-    dq = np.asarray(mx.dequantize(w, mx.array(scales), None if biases is None else mx.array(biases),
-                                  group_size=t.group, bits=t.bits, mode=t.mode).astype(mx.float32))
+    dq = np.asarray(dequantize_f32(w, mx.array(scales), None if biases is None else mx.array(biases), t.group,
+                                   t.bits, t.mode).astype(mx.float32))
     dq = rows(dq)
     qtype = getattr(gguf.GGMLQuantizationType, t.qtype)
     data = gguf.quants.quantize(dq, qtype)

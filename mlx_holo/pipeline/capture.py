@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 
 from ..model.experts import expert_modules, routed_rows
@@ -97,11 +98,19 @@ def hessian(x: mx.array) -> mx.array:
     return (x.T @ x) / x.shape[0]
 
 
-def rel_error(w: mx.array, w_hat: mx.array, H: mx.array) -> float:
+def error_terms(w: mx.array, w_hat: mx.array, H: mx.array) -> tuple[float, float]:
+    """w, w_hat [out, in] (any rows of a layer) -> (trace((w_hat - w) H (w_hat - w)^T), trace(w H w^T)): the sums
+    behind ``rel_error``, which add up over slices of rows."""
     d = (w_hat - w).astype(mx.float32)
     num = ((d @ H) * d).sum()
     den = ((w.astype(mx.float32) @ H) * w).sum()
-    return float((num / mx.maximum(den, 1e-12)).item())
+    mx.eval(num, den)
+    return num.item(), den.item()
+
+
+def rel_error(w: mx.array, w_hat: mx.array, H: mx.array) -> float:
+    num, den = error_terms(w, w_hat, H)
+    return float(np.float32(num) / np.float32(max(den, 1e-12)))  # divided in float32, as the terms are
 
 
 @contextmanager

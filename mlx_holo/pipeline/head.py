@@ -19,7 +19,7 @@ from ..quant.gptq import gptq_quantize
 from ..quant.qep import propagation_stats, qep_apply, qep_matrix
 from ..quant.rtn import quantize_rtn
 from ..recipe import Recipe
-from .capture import block_inputs, hessian, rel_error
+from .capture import block_inputs, error_terms, hessian, rel_error
 from .layer import LayerRecord, grid_fit, layer_format
 
 
@@ -80,10 +80,8 @@ def quantize_table(table: nn.Module, bits: int, group_size: int, recipe: Recipe,
         else:
             qw = quantize_rtn(w, bits, group_size, fit=grid_fit(recipe, bits, compensated=False), seed=k)
         if H is not None:
-            d = qw.dequantize() - w
-            nd = (((d @ H) * d).sum(), ((w @ H) * w).sum())
-            mx.eval(*nd)
-            num, den = num + nd[0].item(), den + nd[1].item()
+            n, d = error_terms(w, qw.dequantize(), H)
+            num, den = num + n, den + d
         parts.append(qw.compact())
     err = num / max(den, 1e-12) if H is not None and recipe.mode == "affine" else None
     return concat_rows(parts), err

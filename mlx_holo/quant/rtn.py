@@ -56,7 +56,7 @@ def affine_params(lo: mx.array, hi: mx.array, bits: int, scale_dtype=mx.float16,
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     n = 2**bits - 1
-    if fit == "sym" and not exact_zero:  # symmetric: w = scale * (q - 2^(bits-1)), |q - 2^(bits-1)| <= 2^(bits-1) - 1
+    if fit == "sym" and not exact_zero:  # w = scale * (q - 2^(bits-1)), |q - 2^(bits-1)| <= 2^(bits-1) - 1
         half = 2 ** (bits - 1)
         scale = (mx.maximum(mx.abs(lo), mx.abs(hi)) / (half - 1)).astype(scale_dtype).astype(mx.float32)
         scale = mx.maximum(scale, mx.array(6e-5, scale_dtype).astype(mx.float32))  # >= the smallest normal fp16
