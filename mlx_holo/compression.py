@@ -28,6 +28,7 @@ from .model.save import SHARD_BYTES, FolderWriter, atomic_dir, check_out, replac
 from .options import PRUNE_METHODS
 from .pipeline.head import forward_head_inputs
 from .pipeline.run import run
+from .quant.rotate import CONFIG_KEY as ROTATION_KEY, config_rotation
 from .prune.report import sparsity_report
 from .recipe import Recipe
 from .tune.e2e import tune_folder
@@ -86,6 +87,10 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
                   head_x_first=head_x_first, sink=writer.add, prefetch=prefetcher(Path(info.path)),
                   on_progress=on_progress)
         del head_x_first, base
+        rotation = res.extra.get("rotation")
+        if rotation:  # the rotated model: its own head, and the rotation that evaluation undoes for the cosines
+            config = dict(config, **{ROTATION_KEY: {k: rotation[k] for k in ("kind", "seed", "dim")}},
+                          **({"tie_word_embeddings": False} if rotation["untied"] else {}))
         nbytes = writer.close(config, info.path, {r.name for r in res.layers if r.bits is None}
                               if recipe.bits is not None else None)
         compress_s = time.perf_counter() - t0
@@ -118,11 +123,12 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
         if eval_tokens > 0:
             wins = data.text_windows(tok, corpus_e, eval_tokens, eval_seq_len)
             if bm is not None:  # a base held in memory (benchmarks scoring many variants against it)
-                metrics = compare(open_model(str(tmp))[0], bm, wins, on_progress=on_progress).to_dict()
+                metrics = compare(open_model(str(tmp))[0], bm, wins, rotation=config_rotation(config),
+                                  on_progress=on_progress).to_dict()
             else:  # neither model is held whole
                 metrics = stream_compare(open_model(str(tmp), lazy=True, stored_tables=True)[0],
                                          open_model(model, lazy=True, stored_tables=True)[0], wins,
-                                         on_progress=on_progress).to_dict()
+                                         rotation=config_rotation(config), on_progress=on_progress).to_dict()
             del bm
         else:
             wins = None

@@ -33,6 +33,7 @@ from .model.structure import blocks, drop_input_embedding, release_block
 from .model import tables
 from .model.tables import head_rows, keep_stored, n_rows, table_modules, table_width
 from .pipeline.capture import block_inputs, capture_block_outputs, run_head
+from .quant.rotate import config_rotation
 
 
 LOGIT_ELEMENTS = 1 << 24  # stream_compare forms at most this many logits of a model at once (64 MB in float32)
@@ -186,8 +187,9 @@ def _base_outputs(base: nn.Module, windows: mx.array, i: int):
 
 
 def compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_windows: int = 1,
-            on_progress=None) -> Metrics:
-    """model/base: loaded float LMs; windows: [N, S] token ids -> Metrics.
+            rotation=None, on_progress=None) -> Metrics:
+    """model/base: loaded float LMs; windows: [N, S] token ids -> Metrics. rotation: the ``quant.rotate.Rotation``
+    model's weights were folded with (``config_rotation``): its hidden states are rotated back before the cosines.
 
     The base model's outputs are cached in memory for the next call with the same base object and windows (when
     they fit in BASE_CACHE_MAX_BYTES), so scoring many variants against one base costs one base pass."""
@@ -204,7 +206,7 @@ def compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_
         if base is not None:
             blogits, hb = _base_outputs(base, windows, i)
             same_vocab(logits.shape[-1], blogits.shape[-1])
-            cos = _cosines(hc, hb)
+            cos = _cosines(hc if rotation is None else [rotation.invert(h) for h in hc], hb)
             cos_sum = cos if cos_sum is None else cos_sum + cos
         sums = head_sums(x, logits[None], None if blogits is None else blogits[None])
         if cos_sum is not None:
@@ -255,9 +257,10 @@ def _apply(block: nn.Module, x: mx.array, mask, chunk: int) -> mx.array:
 
 
 def stream_compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_windows: int = 1,
-                   chunk: int = 4, on_progress=None) -> Metrics:
+                   chunk: int = 4, rotation=None, on_progress=None) -> Metrics:
     """``compare``'s metrics, block by block: model/base are lazily opened float LMs (``open_model(spec,
-    lazy=True)``) that are consumed -- each block's weights are released once applied. windows: [N, S] token ids."""
+    lazy=True)``) that are consumed -- each block's weights are released once applied. windows: [N, S] token ids.
+    rotation: as in ``compare``."""
     t0 = time.perf_counter()
     n, s = windows.shape
     vocab, width = head_shape(model)
@@ -283,7 +286,7 @@ def stream_compare(model: nn.Module, base: nn.Module | None, windows: mx.array, 
             mx.eval(bb.parameters())
             xb = _apply(bb, xb, mask, chunk)
             release_block(bb)
-            c = _block_cos(xc, xb).mean()
+            c = _block_cos(xc if rotation is None else rotation.invert(xc), xb).mean()
             mx.eval(c)
             cos.append(float(c.item()))
         if on_progress:
@@ -330,11 +333,12 @@ def evaluate(model: str, base: str | None = None, *, eval_tokens: int = 8192, se
     ``corpus`` in ``seq_len`` windows -> metrics dict (``Metrics`` fields, the corpus record and the model's id,
     path and hash). Without ``base`` only PPL and determinism are measured. Streams both models
     (``stream_compare``)."""
-    m, tok, _, info = open_model(model, lazy=True, stored_tables=True)
+    m, tok, config, info = open_model(model, lazy=True, stored_tables=True)
     b = open_model(base, lazy=True, stored_tables=True)[0] if base is not None else None
     text = data.load_corpus(corpus)
     wins = data.text_windows(tok, text, eval_tokens, seq_len)
-    out = stream_compare(m, b, wins, det_windows=det_windows, on_progress=on_progress).to_dict()
+    out = stream_compare(m, b, wins, det_windows=det_windows, rotation=config_rotation(config),
+                         on_progress=on_progress).to_dict()
     out["corpus"] = text.record(int(wins.size), data.bos_id(tok) is not None)
     out["model"] = {"id": info.id, "path": info.path, "hash": info.hash}
     return out

@@ -17,4 +17,5 @@ ALLOCATIONS = ("uniform", "owl", "zero-order")
 RECOVERS = ("admm",)
 AWQ_OBJECTIVES = ("layer", "module")
 CORPORA = ("wiki", "c4", "tiny", "code", "technical", "multilingual")  # built into exllamav2's calibration data
+ROTATIONS = ("none", "hadamard")  # --rotate: none, or a randomized-Hadamard rotation folded into the weights
 GGUF_BITS = (4, 5, 8)  # affine bit-widths GGUF stores exactly at group size 32 (Q4_1, Q5_1, Q8_0)

@@ -10,6 +10,8 @@ A run goes through phases that do not overlap in time, and its peak is the large
   being filled;
 - head: the tables outside the blocks as stored (``model.tables``: the input table of an untied model and the head,
   each quantized a slice of rows at a time) with the head's calibration inputs and Hessian;
+- rotation (``--rotate``): the stored tables and their rotated copies (a tied table becomes two), made before the
+  blocks; the blocks phase then holds the two rotated tables too;
 - tuning: end-to-end tuning holds the compressed and the base model in float32 and a step's logits;
 - evaluation: one block of each model in float32, both heads as stored, the hidden states of every evaluation
   window and one slice of logits (``evaluation.stream_compare``).
@@ -110,15 +112,20 @@ def estimate(config: dict, recipe, *, eval_tokens: int = 8192, eval_seq_len: int
               "calibration": (stream * 2 + captured) * (2 if qep else 1), "output_shard": shard,
               "runtime": RUNTIME_BYTES}
     stored = F32 if config.get("torch_dtype") == "float32" else 2  # bytes a weight of the tables as read
-    tables = 1 if a.tied else 2  # an untied model has the input table and the head, both quantized here
+    rotated = getattr(recipe, "rotate", "none") != "none"
+    tables = 1 if a.tied and not rotated else 2  # an untied model (or a rotated one) has two tables, both quantized
+    if rotated:  # the rotated tables are made before the blocks (beside the stored ones) and held through them
+        blocks["tables_rotated"] = 2 * V * D * stored
     head = {"tables_stored": tables * V * D * stored + V * D,  # and the compressed head (<= 1 byte a weight)
             "layer_work": work(min(V * D, HEAD_GPTQ_CHUNK if gptq_like and recipe.gptq_head else RTN_CHUNK),
                                gptq_like and recipe.gptq_head),
-            "head_inputs": tokens * D * F32 * (2 if qep and not a.tied else 1) if gptq_like and recipe.gptq_head
+            "head_inputs": tokens * D * F32 * (2 if qep and tables == 2 else 1) if gptq_like and recipe.gptq_head
             else 0,
             "hessian": D * D * (F32 + 16) if gptq_like and recipe.gptq_head else 0, "output_shard": shard,
             "runtime": RUNTIME_BYTES}
     phases = {"blocks": blocks, "head": head}
+    if rotated:
+        phases["rotation"] = {"tables": (2 + (1 if a.tied else 2)) * V * D * stored, "runtime": RUNTIME_BYTES}
     if recipe.method == "mixed" and recipe.sensitivity in ("fisher", "kl"):
         mult = 3 if recipe.sensitivity == "fisher" else 1    # weights, gradients, the Fisher accumulators
         logits = recipe.calib_seq_len * V * F32 * (recipe.fisher_windows if recipe.sensitivity == "fisher" else 2)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .options import (AFFINE_BITS, ALLOCATIONS, AWQ_OBJECTIVES, FITS, FLOAT_MODES, GGUF_BITS, GROUP_SIZES, METHODS,
-                      MODES, PRUNE_METHODS, RECOVERS, ROUNDINGS, SENSITIVITIES)
+                      MODES, PRUNE_METHODS, RECOVERS, ROTATIONS, ROUNDINGS, SENSITIVITIES)
 
 STAGES = ("format", "calibration", "gptq", "awq", "tuning", "mixed precision", "pruning", "modules")
 LEGACY_KEYS = {"overrides"}  # fields older evidence files carry that no longer exist (ignored when empty)
@@ -48,6 +48,9 @@ class Recipe:
                     choices=("auto",) + FITS)
     gguf: bool = _opt(False, "grids GGUF stores exactly (mlx-holo export --gguf): group size 32, bits 4/5/8 "
                              "(Q4_1/Q5_1, and Q8_0 with 8-bit layers on the symmetric grid)", "format")
+    rotate: str = _opt("none", "rotate the residual stream (and each head's values) by a seeded randomized Hadamard "
+                               "matrix folded into the weights before compressing (QuaRot/SpinQuant R1+R2; unties a "
+                               "tied head; RMSNorm pre-norm models)", "format", choices=ROTATIONS)
     clip_search: bool = _opt(False, "MSE-optimal clipping per group (RTN/GPTQ)", "format")
     grid_offset: float = _opt(0.0, "shift of the integer grid, in steps", "format")
     rounding: str = _opt("nearest", "rounding of RTN", "format", choices=ROUNDINGS)
@@ -184,6 +187,10 @@ class Recipe:
             raise RecipeError("awq_objective module goes with --method awq or --awq-scales")
         if self.awq_scales and self.method not in ("gptq", "mixed"):
             raise RecipeError("awq_scales goes with gptq or mixed (method awq always scales)")
+        if self.rotate not in ROTATIONS:
+            raise RecipeError(f"rotate must be one of {ROTATIONS}, got {self.rotate!r}")
+        if self.rotate != "none" and self.embed_first:
+            raise RecipeError("embed_first quantizes a tied table; --rotate unties it: use one or the other")
         if self.embed_first and (self.method not in ("gptq", "mixed") or not self.gptq_head):
             raise RecipeError("embed_first goes with gptq or mixed and the GPTQ'd head (no --no-gptq-head)")
         if self.gptq_iters < 1:

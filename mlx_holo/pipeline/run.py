@@ -18,7 +18,9 @@ from ..model.experts import expert_modules
 from ..model.open import dequantize_model
 from ..model.structure import block_prefix, blocks, get_module, linear_modules, release_block
 from ..options import PRUNE_METHODS
+from ..model.tables import table_width
 from ..quant import awq_fold
+from ..quant.rotate import make_rotation, rotate_block, rotate_outside
 from ..recipe import Recipe
 from ..tune.block import tune_block
 from .capture import block_inputs, capture_linear_inputs, hessian, rel_error
@@ -66,6 +68,11 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     res = PipelineResult()
     dequantize_model(model)  # an already quantized input (e.g. re-compressing a 4-bit model) works on floats
     bs = blocks(model)
+    rot = None
+    if recipe.rotate != "none":  # the tables now; each block as it is read (quant.rotate)
+        rot = make_rotation(table_width(getattr(model, "model", model).embed_tokens), recipe.seed)
+        res.extra["rotation"] = {"kind": recipe.rotate, "seed": recipe.seed, "dim": rot.dim, **rotate_outside(model, rot),
+                                 "blocks": 0, "head_rotations": 0}
     # the quantizer that follows: mixed and SparseGPT use GPTQ (Hessians at hand), the other pruners RTN
     quant_method = {"mixed": "gptq", "sparsegpt": "gptq", "magnitude": "rtn", "wanda": "rtn"}.get(recipe.method,
                                                                                                  recipe.method)
@@ -97,6 +104,10 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         if prefetch is not None:
             prefetch(f"{prefix}.{i + 1}.")
         mx.eval(block.parameters())
+        if rot is not None:
+            done = rotate_block(block, rot, seed=recipe.seed + i)
+            res.extra["rotation"]["blocks"] += 1
+            res.extra["rotation"]["head_rotations"] += int(done["heads"])
         X, X_fp, stages = {}, {}, []
         y_float = None  # the still-float block's output on x
         if x is not None:
