@@ -67,6 +67,7 @@ def _bpw(folder: Path) -> float:
 
 def run_mlx_lm(tool: str, src: Path, out: Path, bits: int, group: int, calib_text: str, calib_tokens: int,
                seq_len: int) -> float:
+    src, out = Path(src).resolve(), Path(out).resolve()  # the tools run in a temporary folder
     if out.exists():  # mlx-lm refuses an existing output folder
         shutil.rmtree(out)
     home = Path(tempfile.mkdtemp(prefix="mlxlm-home-"))
@@ -212,6 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--methods", default="rtn,gptq,awq,mixed,mixed-fisher,mlx_lm:rtn,mlx_lm:gptq,mlx_lm:awq")
     ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--eval-corpus", default="wiki", help="evaluation text: a built-in corpus name or a text file")
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--e2e-steps", type=int, default=20, help="gptq+e2e's end-to-end steps, and mlx_lm:dwq's")
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
 
     mid, src = models.resolve(args.model)
     base, tok, _, info = models.open_model(args.model)
-    wins = data.text_windows(tok, data.load_corpus("wiki"), args.eval_tokens, args.seq_len)
+    wins = data.text_windows(tok, data.load_corpus(args.eval_corpus), args.eval_tokens, args.seq_len)
     calib_text = data.load_corpus("c4").text
     calib = data.calibration_windows(tok, data.load_corpus("c4"), args.calib_tokens, args.seq_len, 0)
     calib_ours = "\n\n".join(tok.decode(w.tolist()) for w in calib)  # for mlx-lm's dynamic quant: these tokens
@@ -293,7 +295,7 @@ def main(argv=None) -> int:
             row["wall_s"] = time.perf_counter() - t0
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\nbase PPL {base_ppl:.3f} on {wins.size} wiki tokens ({wins.shape[0]} x {args.seq_len}); "
+    print(f"\nbase PPL {base_ppl:.3f} on {wins.size} {args.eval_corpus} tokens ({wins.shape[0]} x {args.seq_len}); "
           f"calibration c4 {args.calib_tokens} tokens; group {args.group_size}; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f} MB (this process)")
     print(f"{'method':<12} {'bits':>4} {'emb':>3} {'bpw':>6} {'MB':>6} {'PPL':>9} {'KL':>7} {'top1':>6} "

@@ -3,7 +3,7 @@ the planner read it), and the quantizers check their own arguments against the s
 from __future__ import annotations
 
 QUANT_METHODS = ("none", "rtn", "gptq", "awq", "mixed")
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "d2prune")
 METHODS = QUANT_METHODS + PRUNE_METHODS
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)          # MLX's affine bit-widths
 SWEEP_BITS = AFFINE_BITS + (16,)          # bench's sweep points (16 = float weights)

@@ -98,7 +98,7 @@ def estimate(config: dict, recipe, *, eval_tokens: int = 8192, eval_seq_len: int
     shard = min(shard_bytes, 2 * total)  # a shard holds at most the whole (16-bit) model
     calib = recipe.calib_tokens if recipe.needs_calibration() else 0
     qep = recipe.qep_alpha > 0 and recipe.method in ("gptq", "mixed")
-    gptq_like = recipe.method in ("gptq", "mixed", "sparsegpt")
+    gptq_like = recipe.method in ("gptq", "mixed", "sparsegpt", "d2prune")
     tokens = max(calib // recipe.calib_seq_len, 1) * recipe.calib_seq_len if calib else 0
     # each distinct linear input (q/k/v, o, gate/up, down) plus the stream entering and leaving the block
     captured = tokens * F32 * (2 * D + q_out + inter * (a.top_k or 1))

@@ -106,6 +106,13 @@ class Recipe:
     allocation: str = _opt("uniform", "per-block sparsity: uniform, OWL, or OWL refined by a zero-order search",
                            "pruning", choices=ALLOCATIONS)
     recover: str | None = _opt(None, "weight recovery after the mask is fixed", "pruning", type=str, choices=RECOVERS)
+    d2_lambda1: float = _opt(1.0, "d2prune: weight of the first-order activation term y|w|x (D2Prune's lambda1)",
+                             "pruning")
+    d2_lambda2: float = _opt(0.0, "d2prune: weight of the second-order activation term w^2 x^2 (lambda2)", "pruning")
+    d2_s: float = _opt(1500.0, "d2prune: activation scale s the magnitudes are divided by", "pruning")
+    d2_targets: str = _opt("v_proj", "d2prune: comma-separated layer names pruned by the activation-aware Wanda "
+                                     "score without weight update (the attention-aware update; '' = none)",
+                           "pruning")
     quantize_embeddings: bool = _opt(True, "quantize embeddings / lm_head like mlx_lm.convert (--no-quantize-"
                                            "embeddings keeps them float16)", "modules")
     embed_bits: int | None = _opt(None, "bits for embeddings / lm_head (default: --bits)", "modules", type=int)
@@ -150,6 +157,9 @@ class Recipe:
                 raise RecipeError(f"nm must look like '2:4', got {self.nm!r}") from None
             if not 0 < n < m:
                 raise RecipeError(f"nm must satisfy 0 < N < M, got {self.nm!r}")
+        if self.d2_s <= 0 or self.d2_lambda1 < 0 or self.d2_lambda2 < 0:
+            raise RecipeError(f"d2_s must be > 0 and d2_lambda1/d2_lambda2 >= 0, got {self.d2_s}, "
+                              f"{self.d2_lambda1}, {self.d2_lambda2}")
         if self.allocation not in ALLOCATIONS:
             raise RecipeError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.recover is not None and self.recover not in RECOVERS:

@@ -16,6 +16,7 @@ import numpy as np
 from ..model.experts import split_by_expert
 from ..options import PRUNE_METHODS
 from ..prune.admm import admm_recover
+from ..prune.d2prune import d2_stats, d2prune_sparsegpt, d2prune_wanda
 from ..prune.magnitude import magnitude_prune
 from ..prune.sparsegpt import sparsegpt_prune
 from ..prune.wanda import wanda_prune
@@ -73,9 +74,18 @@ def grid_fit(recipe: Recipe, bits: int, compensated: bool) -> str:
 
 
 def prune_weight(w: mx.array, X: mx.array | None, H: mx.array | None, method: str, sparsity: float,
-                 nm: str | None, recover: str | None, damp: float) -> tuple[mx.array, mx.array]:
-    """-> (pruned weight, keep mask)."""
-    if method == "magnitude":
+                 nm: str | None, recover: str | None, damp: float, recipe: Recipe | None = None,
+                 name: str = "") -> tuple[mx.array, mx.array]:
+    """-> (pruned weight, keep mask). recipe and name (the layer's path): D2Prune's settings and target layers."""
+    if method == "d2prune":
+        rc = recipe or Recipe()
+        stats = d2_stats(w, X, X.shape[0] // rc.calib_seq_len, rc.d2_s)
+        if name.rsplit(".", 1)[-1] in {t.strip() for t in rc.d2_targets.split(",")}:
+            r = d2prune_wanda(w, stats, sparsity, nm, lambda1=rc.d2_lambda1, lambda2=rc.d2_lambda2)
+        else:
+            r = d2prune_sparsegpt(w, H, stats, sparsity, nm, lambda1=rc.d2_lambda1, lambda2=rc.d2_lambda2,
+                                  damp=damp)
+    elif method == "magnitude":
         r = magnitude_prune(w, sparsity, nm)
     elif method == "wanda":
         r = wanda_prune(w, mx.sqrt((X.astype(mx.float32) ** 2).sum(axis=0)), sparsity, nm)
@@ -106,17 +116,17 @@ def layer_format(full: str, width: int, layer_bits: dict | None, recipe: Recipe,
 
 
 def compress_weight(w: mx.array, X: mx.array | None, H: mx.array | None, X_fp: mx.array | None, recipe: Recipe,
-                    quant_method: str, bits: int | None, g: int, sparsity: float
+                    quant_method: str, bits: int | None, g: int, sparsity: float, name: str = ""
                     ) -> tuple[QuantizedWeight | None, mx.array, float]:
     """One weight w [out, in] (float32) with its calibration input X [n, in] / Hessian H (None: data-free) ->
     (compact QuantizedWeight, or None when kept float; w_hat [out, in], lazy; measured sparsity).
-    X_fp: the float model's input (QEP)."""
+    X_fp: the float model's input (QEP). name: the layer's path (D2Prune's target layers)."""
     pruned = 0.0
     w_new, keep = w, None
     if recipe.method in PRUNE_METHODS:
         method = recipe.method if X is not None else "magnitude"  # an expert no calibration token reached
         w_new, keep = prune_weight(w, X, H, method, sparsity, recipe.nm, recipe.recover if H is not None else None,
-                                   recipe.damp)
+                                   recipe.damp, recipe, name)
         pruned = 1.0 - float(keep.astype(mx.float32).mean().item())
     if bits is None:
         return None, w_new, pruned
@@ -145,7 +155,7 @@ def compress_experts(w: mx.array, full: str, routed: tuple, recipe: Recipe, quan
     qs, w_hats, errs, pruned = [], [], [], []
     for e, x in enumerate(xs):
         H = hessian(x) if x is not None else None
-        q, w_hat, p = compress_weight(w[e], x, H, None, recipe, quant_method, bits, g, sparsity)
+        q, w_hat, p = compress_weight(w[e], x, H, None, recipe, quant_method, bits, g, sparsity, full)
         qs.append(q)
         w_hats.append(w_hat)
         pruned.append(p)

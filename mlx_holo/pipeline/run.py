@@ -74,7 +74,8 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         res.extra["rotation"] = {"kind": recipe.rotate, "seed": recipe.seed, "dim": rot.dim, **rotate_outside(model, rot),
                                  "blocks": 0, "head_rotations": 0}
     # the quantizer that follows: mixed and SparseGPT use GPTQ (Hessians at hand), the other pruners RTN
-    quant_method = {"mixed": "gptq", "sparsegpt": "gptq", "magnitude": "rtn", "wanda": "rtn"}.get(recipe.method,
+    quant_method = {"mixed": "gptq", "sparsegpt": "gptq", "d2prune": "gptq", "magnitude": "rtn",
+                    "wanda": "rtn"}.get(recipe.method,
                                                                                                  recipe.method)
     pruning = recipe.method in PRUNE_METHODS
     needs_data = (recipe.method not in ("rtn", "magnitude") or recipe.tune_steps > 0 or recipe.recover is not None
@@ -139,7 +140,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             H = hessian(Xl) if Xl is not None else None
             bits, g = layer_format(full, w.shape[-1], layer_bits, recipe, res.fallback)
             s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
-            q, w_hat, sparsity = compress_weight(w, Xl, H, X_fp.get(path), recipe, quant_method, bits, g, s)
+            q, w_hat, sparsity = compress_weight(w, Xl, H, X_fp.get(path), recipe, quant_method, bits, g, s, full)
             if q is not None:
                 res.quantized[full] = q
             else:

@@ -20,6 +20,7 @@ import mlx.core as mx
 from .masks import PruneResult, n_pruned, nm_mask, parse_nm, prune_lowest
 
 ProgressFn = Callable[[str, int, int], None]
+SaliencyFn = Callable[[mx.array, mx.array, int, int], mx.array]
 
 
 def inverse_hessian_chol(H: mx.array, damp: float = 0.01, max_tries: int = 5) -> mx.array:
@@ -39,12 +40,19 @@ def inverse_hessian_chol(H: mx.array, damp: float = 0.01, max_tries: int = 5) ->
     raise ValueError("Hessian is not positive definite even after damping")
 
 
+def obs_saliency(W: mx.array, d: mx.array, c0: int, c1: int) -> mx.array:
+    """The OBS saliency of SparseGPT: W [out, k] (columns c0:c1 as updated so far), d [k] = U_jj -> w^2 / U_jj^2."""
+    return W ** 2 / (d ** 2)[None, :]
+
+
 def sparsegpt_prune(w: mx.array, H: mx.array, sparsity: float, nm: str | tuple[int, int] | None = None, *,
-                    block_size: int = 128, damp: float = 0.01,
+                    block_size: int = 128, damp: float = 0.01, saliency: SaliencyFn = obs_saliency,
                     on_progress: ProgressFn | None = None) -> PruneResult:
     """w: [out, in], H: [in, in] = mean X^T X over calibration tokens -> PruneResult (weight [out, in], keep-mask).
 
     With ``nm`` ("2:4") the pattern is N:M (sparsity argument ignored); block_size must then be a multiple of M.
+    saliency(W, d, c0, c1): the score the mask keeps the highest of (default ``obs_saliency``; D2Prune adds its
+    activation terms, ``prune/d2prune.py``).
     """
     nm = parse_nm(nm)
     W = w.astype(mx.float32)
@@ -71,7 +79,7 @@ def sparsegpt_prune(w: mx.array, H: mx.array, sparsity: float, nm: str | tuple[i
         if nm is None:
             # adaptive mask for the whole block: exact count, chosen over all rows of the block
             k = n_pruned(out * i2, sparsity) - n_pruned(out * i1, sparsity)
-            sal = (W1 ** 2 / (d1 ** 2)[None, :]).reshape(-1)  # [out * bs]
+            sal = saliency(W1, d1, i1, i2).reshape(-1)  # [out * bs]
             mask1 = prune_lowest(sal, k, axis=0).reshape(out, i2 - i1)  # [out, bs]
             mask_cols = None
         else:
@@ -79,7 +87,7 @@ def sparsegpt_prune(w: mx.array, H: mx.array, sparsity: float, nm: str | tuple[i
         errs = []
         for j in range(i2 - i1):
             if nm is not None and j % m == 0:
-                sal = W1[:, j:j + m] ** 2 / (d1[j:j + m] ** 2)[None, :]  # [out, m]
+                sal = saliency(W1[:, j:j + m], d1[j:j + m], i1 + j, i1 + j + m)  # [out, m]
                 mask_cols.append(nm_mask(sal, n_keep, m))
             keep_j = mask_cols[j // m][:, j % m] if nm is not None else mask1[:, j]  # [out]
             err = mx.where(keep_j, 0.0, W1[:, j]) / d1[j]  # [out]
