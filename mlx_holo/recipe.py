@@ -111,8 +111,9 @@ class Recipe:
     d2_lambda2: float = _opt(0.0, "d2prune: weight of the second-order activation term w^2 x^2 (lambda2)", "pruning")
     d2_s: float = _opt(1500.0, "d2prune: activation scale s the magnitudes are divided by", "pruning")
     d2_targets: str = _opt("v_proj", "d2prune: comma-separated layer names pruned by the activation-aware Wanda "
-                                     "score without weight update (the attention-aware update; '' = none)",
-                           "pruning")
+                                     "score without weight update ('' = none), or auto: which of q/k/v is chosen "
+                                     "per block on the attention output error + rho * attention KL", "pruning")
+    d2_rho: float = _opt(1.0, "d2prune, --d2-targets auto: weight rho of the attention KL", "pruning")
     quantize_embeddings: bool = _opt(True, "quantize embeddings / lm_head like mlx_lm.convert (--no-quantize-"
                                            "embeddings keeps them float16)", "modules")
     embed_bits: int | None = _opt(None, "bits for embeddings / lm_head (default: --bits)", "modules", type=int)
@@ -157,9 +158,9 @@ class Recipe:
                 raise RecipeError(f"nm must look like '2:4', got {self.nm!r}") from None
             if not 0 < n < m:
                 raise RecipeError(f"nm must satisfy 0 < N < M, got {self.nm!r}")
-        if self.d2_s <= 0 or self.d2_lambda1 < 0 or self.d2_lambda2 < 0:
-            raise RecipeError(f"d2_s must be > 0 and d2_lambda1/d2_lambda2 >= 0, got {self.d2_s}, "
-                              f"{self.d2_lambda1}, {self.d2_lambda2}")
+        if self.d2_s <= 0 or self.d2_lambda1 < 0 or self.d2_lambda2 < 0 or self.d2_rho < 0:
+            raise RecipeError(f"d2_s must be > 0 and d2_lambda1/d2_lambda2/d2_rho >= 0, got {self.d2_s}, "
+                              f"{self.d2_lambda1}, {self.d2_lambda2}, {self.d2_rho}")
         if self.allocation not in ALLOCATIONS:
             raise RecipeError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.recover is not None and self.recover not in RECOVERS:

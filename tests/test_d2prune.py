@@ -97,3 +97,64 @@ def test_recipe_d2_fields():
     with pytest.raises(RecipeError, match="d2_s"):
         Recipe(method="d2prune", sparsity=0.5, d2_s=0).validate()
     assert Recipe(method="d2prune", nm="2:4", recover="admm").validate().d2_lambda1 == 1.0
+
+
+def _sink_block(tmp_path):
+    """A tiny llama block whose attention sinks on the first token: every token carries channel 5, which q maps
+    onto dims 0..3 of each head; the first token carries a loud channel 7, which k maps onto the same dims."""
+    from conftest import make_tiny_model
+    from mlx_holo.model.open import open_model
+    from mlx_holo.model.structure import blocks
+
+    b = blocks(open_model(str(make_tiny_model(tmp_path / "m")))[0])[0]
+    x = np.random.default_rng(0).standard_normal((4, 64, 128)).astype(np.float32)
+    x[:, :, 5] = 3.0
+    x[:, 0, 7] = 40.0
+    wq, wk = np.array(b.self_attn.q_proj.weight), np.array(b.self_attn.k_proj.weight)
+    for h in range(4):
+        wq[h * 32:h * 32 + 4, 5] = 2.0
+    for h in range(2):
+        wk[h * 32:h * 32 + 4, 7] = 2.0
+    b.self_attn.q_proj.weight, b.self_attn.k_proj.weight = mx.array(wq), mx.array(wk)
+    return b, mx.array(x)
+
+
+def test_attention_choice_is_driven_by_the_attention_kl(tmp_path):
+    from dataclasses import replace
+
+    from mlx_holo.pipeline.attention import captured_attention, choose_updates
+    from mlx_holo.pipeline.capture import capture_linear_inputs
+    from mlx_holo.pipeline.layer import prune_weight
+
+    b, x = _sink_block(tmp_path)
+    probs = []
+    with captured_attention(b.self_attn, probs):
+        b(x[:1], "causal")
+    assert float(np.array(probs[0])[..., 1:, 0].mean()) > 0.3  # the sink
+    np.testing.assert_allclose(np.array(probs[0]).sum(-1), 1.0, atol=1e-5)
+    _, X = capture_linear_inputs(b, x, "causal")
+    r = Recipe(method="d2prune", sparsity=0.7, calib_seq_len=64)
+    variants = {n: tuple(prune_weight(getattr(b.self_attn, n).weight, X[f"self_attn.{n}"],
+                                      hessian(X[f"self_attn.{n}"]), "d2prune", 0.7, None, None, 0.01,
+                                      replace(r, d2_targets=t), f"self_attn.{n}")[0] for t in ("", n))
+                for n in ("q_proj", "k_proj", "v_proj")}
+    dense = {n: np.array(getattr(b.self_attn, n).weight) for n in variants}
+    _, s0 = choose_updates(b, variants, x, "causal", 0.0)
+    best, s1 = choose_updates(b, variants, x, "causal", 1.0)
+    best100, _ = choose_updates(b, variants, x, "causal", 100.0)
+    kl = {k: s1[k] - s0[k] for k in s0}  # the attention KL of each choice
+    assert len(kl) == 8 and min(kl.values()) > 0  # every pruned choice moves the distributions
+    assert kl[",".join(sorted(best100)) or "-"] == min(kl.values())  # rho large: the choice of least KL
+    assert s1[",".join(sorted(best)) or "-"] == min(s1.values())
+    for n, w in dense.items():  # the block is left as it was
+        assert np.array_equal(np.array(getattr(b.self_attn, n).weight), w)
+
+
+def test_pipeline_auto_choice_is_recorded(tmp_path, tiny_model_dir, text_file):
+    r = Recipe(method="d2prune", sparsity=0.5, bits=None, d2_targets="auto", calib_tokens=512, calib_seq_len=128,
+               calib_corpus=str(text_file))
+    ev = compress(str(tiny_model_dir), r, str(tmp_path / "p"), eval_tokens=256, eval_seq_len=128,
+                  eval_corpus=str(text_file), gates=[])
+    rec = ev["d2_attention"]
+    assert [d["block"] for d in rec] == [0, 1] and all(len(d["scores"]) == 8 for d in rec)
+    assert abs(ev["sparsity"]["overall"] - 0.5) < 0.01

@@ -8,7 +8,7 @@ peak memory is about one block in float32 plus the calibration activations, what
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 
 from ..model.experts import expert_modules
 from ..model.open import dequantize_model
-from ..model.structure import block_prefix, blocks, get_module, linear_modules, release_block
+from ..model.structure import block_prefix, blocks, find_module, get_module, linear_modules, release_block
 from ..options import PRUNE_METHODS
 from ..model.tables import table_width
 from ..quant import awq_fold
@@ -24,8 +24,9 @@ from ..quant.rotate import make_rotation, rotate_block, rotate_outside
 from ..recipe import Recipe
 from ..tune.block import tune_block
 from .capture import block_inputs, capture_linear_inputs, hessian, rel_error
+from .attention import QKV, choose_updates
 from .head import finish_outside_blocks, head_inputs, tied_table_first
-from .layer import LayerRecord, compress_experts, compress_weight, layer_format
+from .layer import LayerRecord, compress_experts, compress_weight, layer_format, prune_weight
 
 
 @dataclass
@@ -123,6 +124,10 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             y_float, X = capture_linear_inputs(block, x, mask)  # inputs after the scale fold
         if x_fp is not None:  # the block is still float here (a scale fold leaves its function unchanged)
             x_fp, X_fp = capture_linear_inputs(block, x_fp, mask)
+        block_recipe = recipe
+        if recipe.method == "d2prune" and recipe.d2_targets == "auto" and x is not None:
+            block_recipe = _d2_choice(block, X, x, mask, recipe, i,
+                                      layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity, res)
         target = y_float if recipe.tune_steps else None  # what the block-wise tuning should reproduce
         y_float = None
         mods = dict(linear_modules(block))
@@ -140,7 +145,8 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             H = hessian(Xl) if Xl is not None else None
             bits, g = layer_format(full, w.shape[-1], layer_bits, recipe, res.fallback)
             s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
-            q, w_hat, sparsity = compress_weight(w, Xl, H, X_fp.get(path), recipe, quant_method, bits, g, s, full)
+            q, w_hat, sparsity = compress_weight(w, Xl, H, X_fp.get(path), block_recipe, quant_method, bits, g, s,
+                                                 full)
             if q is not None:
                 res.quantized[full] = q
             else:
@@ -205,6 +211,27 @@ def _drain(res: PipelineResult, prefix: str, sink) -> None:
     quantized = {k: res.quantized.pop(k) for k in [k for k in res.quantized if k.startswith(prefix)]}
     res.n_quant_params += sum(q.shape[0] * q.shape[1] for q in quantized.values())
     sink(floats, quantized)
+
+
+def _d2_choice(block, X: dict, x, mask, recipe: Recipe, i: int, sparsity: float, res: PipelineResult) -> Recipe:
+    """D2Prune's attention-aware update for block i (``pipeline.attention``): each of q/k/v pruned both ways, the
+    best choice on the calibration windows -> the recipe for this block's layers (its ``d2_targets``)."""
+    variants = {}
+    for name in QKV:
+        path = f"self_attn.{name}"
+        lin = find_module(block, path)
+        if not isinstance(lin, nn.Linear) or path not in X:
+            continue
+        w = lin.weight.astype(mx.float32)
+        H = hessian(X[path])
+        variants[name] = tuple(
+            prune_weight(w, X[path], H, "d2prune", sparsity, recipe.nm, None, recipe.damp,
+                         replace(recipe, d2_targets=t), path)[0] for t in ("", name))
+    if not variants:
+        return replace(recipe, d2_targets="")
+    masked, scores = choose_updates(block, variants, x, mask, recipe.d2_rho)
+    res.extra.setdefault("d2_attention", []).append({"block": i, "masked_only": sorted(masked), "scores": scores})
+    return replace(recipe, d2_targets=",".join(sorted(masked)))
 
 
 def _tune_block(block, i, prefix, x, mask, target, recipe, res, on_progress) -> None:
