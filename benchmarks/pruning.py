@@ -3,7 +3,7 @@
 Each row is one in-process ``mlx_holo.compress.compress`` run (weights kept in floating point, zeros stored dense),
 written to a temp folder and evaluated against the dense base on the first --eval-tokens wiki tokens.
 The literature's direction (SparseGPT, Frantar & Alistarh 2023; Wanda, Sun et al. 2023; OWL, Yin et al. 2023;
-ADMM, Boza 2024): at 50% / 2:4 SparseGPT and Wanda are far better than magnitude; at 70% OWL (and the zero-order
+ADMM, Boza 2024; D2Prune, Xiong et al. 2026): at 50% / 2:4 SparseGPT and Wanda are far better than magnitude; at 70% OWL (and the zero-order
 search started from it) beat uniform Wanda; ADMM recovery improves SparseGPT at 60-70%.
 
     python benchmarks/pruning.py --eval-tokens 4096 --calib-tokens 2048 --json pruning.json
@@ -25,6 +25,10 @@ METHODS = {
     "wanda": {"method": "wanda"},
     "sparsegpt": {"method": "sparsegpt"},
     "sparsegpt+admm": {"method": "sparsegpt", "recover": "admm"},
+    "d2prune": {"method": "d2prune"},                                 # D2Prune, v_proj masked only (its default)
+    "d2prune+admm": {"method": "d2prune", "recover": "admm"},
+    "d2prune-auto": {"method": "d2prune", "d2_targets": "auto"},      # q/k/v choice per block on the attention KL
+    "d2prune-all": {"method": "d2prune", "d2_targets": ""},           # every layer with SparseGPT's update
     "wanda+owl": {"method": "wanda", "allocation": "owl"},
     "wanda+zero-order": {"method": "wanda", "allocation": "zero-order"},
 }
@@ -50,7 +54,7 @@ def run_row(model, method, setting, args, workdir: Path, on_progress=None) -> di
     out = workdir / f"{method}-{setting}".replace("%", "pct").replace(":", "of").replace("+", "_")
     t0 = time.perf_counter()
     ev = compress(model, recipe, str(out), eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len,
-                  overwrite=True, on_progress=on_progress)
+                  eval_corpus=args.eval_corpus, overwrite=True, on_progress=on_progress)
     m, sp = ev["metrics"], ev.get("sparsity", {})
     row = {"method": method, "setting": setting, "ppl": m["ppl"], "base_ppl": m["base_ppl"], "kl": m["kl"],
            "delta_ppl_pct": m["delta_ppl_pct"], "top1": m["top1"], "sparsity": sp.get("overall"),
@@ -82,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="default", help="model spec (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-corpus", default="wiki", help="evaluation text: a built-in corpus name or a text file")
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
@@ -118,7 +123,7 @@ def main(argv=None) -> int:
             if args.json:  # keep partial results of long runs
                 Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     if rows:
-        print(f"base PPL {rows[0]['base_ppl']:.3f} on {rows[0]['eval_tokens']} wiki tokens; "
+        print(f"base PPL {rows[0]['base_ppl']:.3f} on {rows[0]['eval_tokens']} {args.eval_corpus} tokens; "
               f"calibration {args.calib_tokens} c4 tokens")
     print(format_table(rows))
     return 0

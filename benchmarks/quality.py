@@ -153,7 +153,7 @@ class FloatQuantized:
         self.saved = (nn.QuantizedLinear.__call__, nn.QuantizedEmbedding.__call__, nn.QuantizedEmbedding.as_linear)
 
         def linear(m, x):
-            y = x @ fq.weight(m).T.astype(x.dtype)
+            y = x @ fq.weight(m).T.astype(x.dtype)  # the layer's dtype: float32 when trained here
             return y + m.bias if "bias" in m else y
 
         nn.QuantizedLinear.__call__ = linear
@@ -167,34 +167,42 @@ class FloatQuantized:
         nn.QuantizedLinear.__call__, nn.QuantizedEmbedding.__call__, nn.QuantizedEmbedding.as_linear = self.saved
 
 
-def run_mlx_lm_dwq(src: Path, out: Path, bits: int, group: int, calib, steps: int, batch: int, lr: float) -> float:
+def run_mlx_lm_dwq(src: Path, teacher: Path, out: Path, bits: int, group: int, calib, steps: int, batch: int,
+                   lr: float) -> float:
     """mlx-lm's DWQ (``mlx_lm.quant.dwq.dwq_quantize``: Adam on the scales/biases of an RTN-quantized copy against
     the float model's logits, temperature 2) on our calibration windows calib [N, S]: the last window held out for
-    its validation, the others repeated to ``steps`` steps of ``batch`` windows; saved with ``mlx_lm.utils.save``.
-    The quantized layers compute through ``FloatQuantized``. -> seconds."""
+    its validation, the others repeated to ``steps`` steps of ``batch`` windows. The student is quantized from
+    ``src`` (its scales take src's dtype) and trained in float32 against ``teacher`` (the float32 base): float16
+    matmuls crawl on a CPU, and float32 training loses nothing DWQ's bfloat16 default keeps; the tuned scales and
+    biases are stored back in src's dtype, saved with ``mlx_lm.utils.save``. The quantized layers compute through
+    ``FloatQuantized``. -> seconds."""
     import copy
 
     import mlx.core as mx
     import mlx.optimizers as optim
+    from mlx.utils import tree_flatten, tree_map
     from mlx_lm.quant.dwq import dwq_quantize
     from mlx_lm.utils import load, quantize_model, save
 
     t = time.perf_counter()
-    model, tok, config = load(str(src), return_config=True)
-    q = copy.deepcopy(model)
-    _, config = quantize_model(q, config, group_size=group, bits=bits)
+    student, tok, config = load(str(src), return_config=True)
+    _, config = quantize_model(student, config, group_size=group, bits=bits)
+    store = next(v for k, v in tree_flatten(student.parameters()) if k.endswith("scales")).dtype
+    student.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
+                            student.parameters()))
+    model = load(str(teacher))[0]
     wins = [(calib[i].tolist(), 0) for i in range(calib.shape[0])]
     train, valid = wins[:-1], wins[-1:]
     train = (train * (steps * batch // len(train) + 1))[: steps * batch]
-    dtype = next(v for k, v in __import__("mlx.utils", fromlist=["x"]).tree_flatten(q.parameters())
-                 if k.endswith("scales")).dtype  # no precision thrown away (DWQ's default is bfloat16)
     with FloatQuantized():
-        dwq_quantize(q, lambda b, i, split: model(b), optim.Adam(learning_rate=lr, bias_correction=True), train,
-                     valid, batch, calib.shape[1], seed=123, dtype=dtype)
-    mx.eval(q.parameters())
+        dwq_quantize(student, lambda b, i, split: model(b), optim.Adam(learning_rate=lr, bias_correction=True),
+                     train, valid, batch, calib.shape[1], seed=123, dtype=mx.float32)
+    student.update(tree_map(lambda a: a.astype(store) if mx.issubdtype(a.dtype, mx.floating) else a,
+                            student.parameters()))
+    mx.eval(student.parameters())
     if out.exists():
         shutil.rmtree(out)
-    save(str(out), str(src), q, tok, config)
+    save(str(out), str(src), student, tok, config)
     return time.perf_counter() - t
 
 
@@ -257,8 +265,8 @@ def main(argv=None) -> int:
                         print(row, flush=True)
                         continue
                     if tool == "dwq":
-                        row["seconds"] = run_mlx_lm_dwq(src_mlx, out, bits, args.group_size, calib, args.e2e_steps,
-                                                        1, args.dwq_lr)
+                        row["seconds"] = run_mlx_lm_dwq(src_mlx, Path(src), out, bits, args.group_size, calib,
+                                                        args.e2e_steps, 1, args.dwq_lr)
                     else:
                         row["seconds"] = run_mlx_lm(tool, src_mlx, out, bits, args.group_size,
                                                     calib_ours if tool == "dynamic" else calib_text,

@@ -113,6 +113,7 @@ class Recipe:
     d2_targets: str = _opt("v_proj", "d2prune: comma-separated layer names pruned by the activation-aware Wanda "
                                      "score without weight update ('' = none), or auto: which of q/k/v is chosen "
                                      "per block on the attention output error + rho * attention KL", "pruning")
+    d2_beta: float = _opt(1.0, "--recover d2admm: the activation pre-scaling's factor beta", "pruning")
     d2_rho: float = _opt(1.0, "d2prune, --d2-targets auto: weight rho of the attention KL", "pruning")
     quantize_embeddings: bool = _opt(True, "quantize embeddings / lm_head like mlx_lm.convert (--no-quantize-"
                                            "embeddings keeps them float16)", "modules")
@@ -158,6 +159,8 @@ class Recipe:
                 raise RecipeError(f"nm must look like '2:4', got {self.nm!r}") from None
             if not 0 < n < m:
                 raise RecipeError(f"nm must satisfy 0 < N < M, got {self.nm!r}")
+        if self.d2_beta <= 0:
+            raise RecipeError(f"d2_beta must be > 0, got {self.d2_beta}")
         if self.d2_s <= 0 or self.d2_lambda1 < 0 or self.d2_lambda2 < 0 or self.d2_rho < 0:
             raise RecipeError(f"d2_s must be > 0 and d2_lambda1/d2_lambda2/d2_rho >= 0, got {self.d2_s}, "
                               f"{self.d2_lambda1}, {self.d2_lambda2}, {self.d2_rho}")

@@ -16,6 +16,7 @@ import numpy as np
 from ..model.experts import split_by_expert
 from ..options import PRUNE_METHODS
 from ..prune.admm import admm_recover
+from ..prune.d2admm import d2admm_prune
 from ..prune.d2prune import d2_stats, d2prune_sparsegpt, d2prune_wanda
 from ..prune.magnitude import magnitude_prune
 from ..prune.sparsegpt import sparsegpt_prune
@@ -77,9 +78,9 @@ def prune_weight(w: mx.array, X: mx.array | None, H: mx.array | None, method: st
                  nm: str | None, recover: str | None, damp: float, recipe: Recipe | None = None,
                  name: str = "") -> tuple[mx.array, mx.array]:
     """-> (pruned weight, keep mask). recipe and name (the layer's path): D2Prune's settings and target layers."""
+    rc = recipe or Recipe()
+    stats = d2_stats(w, X, X.shape[0] // rc.calib_seq_len, rc.d2_s) if "d2" in (method + (recover or "")) else None
     if method == "d2prune":
-        rc = recipe or Recipe()
-        stats = d2_stats(w, X, X.shape[0] // rc.calib_seq_len, rc.d2_s)
         if name.rsplit(".", 1)[-1] in {t.strip() for t in rc.d2_targets.split(",")}:
             r = d2prune_wanda(w, stats, sparsity, nm, lambda1=rc.d2_lambda1, lambda2=rc.d2_lambda2)
         else:
@@ -93,10 +94,14 @@ def prune_weight(w: mx.array, X: mx.array | None, H: mx.array | None, method: st
         r = sparsegpt_prune(w, H, sparsity, nm, damp=damp)
     else:
         raise ValueError(f"unknown pruner {method!r}")
-    weight = r.weight
+    weight, mask = r.weight, r.mask
     if recover == "admm":
         weight = admm_recover(w, r.mask, H, damp=damp)
-    return weight, r.mask
+    elif recover == "d2admm":  # the pruner's mask as the start, re-chosen in the first iterations
+        r = d2admm_prune(w, H, sparsity, nm, stats=stats, mask0=r.mask, lambda1=rc.d2_lambda1,
+                         lambda2=rc.d2_lambda2, beta=rc.d2_beta)
+        weight, mask = r.weight, r.mask
+    return weight, mask
 
 
 def layer_format(full: str, width: int, layer_bits: dict | None, recipe: Recipe, fallback: dict,
