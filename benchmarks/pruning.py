@@ -27,6 +27,7 @@ METHODS = {
     "sparsegpt+admm": {"method": "sparsegpt", "recover": "admm"},
     "d2prune": {"method": "d2prune"},                                 # D2Prune, v_proj masked only (its default)
     "d2prune+admm": {"method": "d2prune", "recover": "admm"},
+    "d2prune+d2admm": {"method": "d2prune", "recover": "d2admm"},     # D2ADMM: the mask re-chosen inside ADMM
     "d2prune-auto": {"method": "d2prune", "d2_targets": "auto"},      # q/k/v choice per block on the attention KL
     "d2prune-all": {"method": "d2prune", "d2_targets": ""},           # every layer with SparseGPT's update
     "wanda+owl": {"method": "wanda", "allocation": "owl"},
