@@ -71,7 +71,7 @@ async def type_into(pilot, widget, text: str) -> None:
     await pilot.press(*text)
 
 
-async def wait_for(pilot, cond, timeout: float = 10.0) -> None:
+async def wait_for(pilot, cond, timeout: float = 60.0) -> None:  # generous: a loaded machine is slow
     t0 = time.monotonic()
     while not cond():
         if time.monotonic() - t0 > timeout:
