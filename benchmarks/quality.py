@@ -79,10 +79,12 @@ def run_mlx_lm(tool: str, src: Path, out: Path, bits: int, group: int, calib_tex
         cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(out), "-q",
                "--q-bits", str(bits), "--q-group-size", str(group)]
     elif tool == "dynamic":  # every calibration token it finds is used: give it calib_tokens of them
+        # ``src`` here is the float32 base (float16 gradients crawl on a CPU): its scales come out float32, 2 x 16
+        # more bits a group than float16 ones, which the target allows for; they are stored as float16 after
         cmd = [sys.executable, "-c", "import sys; from mlx_lm.quant.dynamic_quant import main; "
                "sys.argv[0] = 'dynamic_quant'; main()", "--model", str(src), "--mlx-path", str(out),
-               "--target-bpw", str(bits + 1.0), "--low-bits", str(bits), "--low-group-size", str(group),
-               "--high-bits", str(bits + 1), "--high-group-size", str(group)]
+               "--target-bpw", str(bits + 1.0 + 32 / group), "--low-bits", str(bits), "--low-group-size",
+               str(group), "--high-bits", str(bits + 1), "--high-group-size", str(group)]
     elif tool == "gptq":  # mlx_lm.quant.awq has no __main__ guard: call both tools' main() explicitly
         cmd = [sys.executable, "-c", "import sys; from mlx_lm.quant.gptq import main; sys.argv[0] = 'gptq'; main()",
                "--model", str(src), "--mlx-path", str(out), "--bits",
@@ -95,7 +97,19 @@ def run_mlx_lm(tool: str, src: Path, out: Path, bits: int, group: int, calib_tex
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=home)
     if r.returncode != 0 or not (out / "config.json").exists():
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+    if tool == "dynamic":
+        cast_floats(out, "float16")
     return time.perf_counter() - t
+
+
+def cast_floats(folder: Path, dtype: str) -> None:
+    """Store every float tensor of a saved folder (scales, biases, norms) in ``dtype``, in place."""
+    import mlx.core as mx
+
+    for f in folder.glob("*.safetensors"):
+        w = mx.load(str(f))
+        mx.save_safetensors(str(f), {k: v.astype(getattr(mx, dtype)) if mx.issubdtype(v.dtype, mx.floating) else v
+                                     for k, v in w.items()}, metadata={"format": "mlx"})
 
 
 def float16_copy(src: Path, dst: Path) -> Path:
@@ -268,7 +282,8 @@ def main(argv=None) -> int:
                         row["seconds"] = run_mlx_lm_dwq(src_mlx, Path(src), out, bits, args.group_size, calib,
                                                         args.e2e_steps, 1, args.dwq_lr)
                     else:
-                        row["seconds"] = run_mlx_lm(tool, src_mlx, out, bits, args.group_size,
+                        row["seconds"] = run_mlx_lm(tool, Path(src) if tool == "dynamic" else src_mlx, out, bits,
+                                                    args.group_size,
                                                     calib_ours if tool == "dynamic" else calib_text,
                                                     args.calib_tokens, args.seq_len)
                 else:
