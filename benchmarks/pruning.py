@@ -62,6 +62,14 @@ def run_row(model, method, setting, args, workdir: Path, on_progress=None) -> di
            "claims_hold": sp.get("claims_hold"), "nm_pattern_holds": sp.get("nm_pattern_holds"),
            "compress_s": ev["timings"]["compress_s"], "total_s": time.perf_counter() - t0,
            "eval_tokens": m.get("tokens")}
+    for corpus in args.extra_corpora.split(",") if args.extra_corpora else ():
+        # the same folder scored on another text against the same base
+        from mlx_holo.evaluation import evaluate
+
+        e = evaluate(str(out), args.model, eval_tokens=args.eval_tokens, seq_len=args.eval_seq_len, corpus=corpus,
+                     det_windows=0, on_progress=on_progress)
+        row.setdefault("texts", {})[corpus] = {k: e.get(k) for k in ("ppl", "base_ppl", "kl", "delta_ppl_pct", "top1",
+                                                                     "tokens", "eval_s")}
     if "allocation" in ev:
         a = ev["allocation"]
         row["allocation"] = {k: a.get(k) for k in ("sparsities", "ratios", "loss_uniform", "loss_owl", "loss_best",
@@ -79,6 +87,9 @@ def format_table(rows: list[dict]) -> str:
                      f"{fmt(r.get('delta_ppl_pct'), '8.1f')} {fmt(r.get('top1'), '6.3f')} "
                      f"{fmt(r.get('sparsity'), '8.4f')} {fmt(r.get('compress_s'), '8.1f')} "
                      f"{fmt(r.get('total_s'), '8.1f')}")
+        for corpus, t in r.get("texts", {}).items():
+            lines.append(f"{'  on ' + corpus:<18} {'':>7} {fmt(t.get('ppl'), '9.3f')} {fmt(t.get('kl'), '7.4f')} "
+                         f"{fmt(t.get('delta_ppl_pct'), '8.1f')} {fmt(t.get('top1'), '6.3f')}")
     return "\n".join(lines)
 
 
@@ -88,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-corpus", default="wiki", help="evaluation text: a built-in corpus name or a text file")
+    ap.add_argument("--extra-corpora", default="",
+                    help="comma list of more texts each row's folder is scored on (e.g. tiny,code)")
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")

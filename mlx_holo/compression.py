@@ -18,13 +18,14 @@ import mlx.core as mx
 
 from . import data, evidence, hardware, preflight
 from .data import DataError
+from .distributed import DistributedError, check_distributable, world_from_env
 from .allocate.mixed import mixed_allocation
 from .allocate.sparsity import allocate_sparsity
 from .evaluation import compare, stream_compare
 from .model.files import prefetcher
 from .model.gguf_export import ARCHS as GGUF_ARCHS, GGUFExportError, export_gguf
 from .model.open import open_model
-from .model.save import SHARD_BYTES, FolderWriter, atomic_dir, check_out, replace_tensors
+from .model.save import SHARD_BYTES, FolderWriter, atomic_dir, check_out, rank_dir, replace_tensors
 from .options import PRUNE_METHODS
 from .pipeline.head import forward_head_inputs
 from .pipeline.run import run
@@ -61,6 +62,10 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
     if gguf_file and not recipe.gguf:
         raise GGUFExportError("a GGUF output needs the grids GGUF stores exactly: add --gguf (group size 32, bits "
                               "4, 5 or 8)")
+    world = world_from_env()
+    if world.distributed:
+        check_distributable(recipe, world.size, base_model)
+        on_progress = on_progress if world.rank == 0 else None  # one progress line for the job
     t0 = time.perf_counter()
     base, tok, config, info = open_model(model, lazy=True, dequantize=True, stored_tables=True)  # nothing read yet
     if gguf_file and info.model_type not in GGUF_ARCHS:
@@ -71,6 +76,9 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
     if recipe.needs_calibration():
         corpus_c = data.load_corpus(recipe.calib_corpus)
         calib = data.calibration_windows(tok, corpus_c, recipe.calib_tokens, recipe.calib_seq_len, recipe.seed)
+        if world.distributed and calib.shape[0] < world.size:
+            raise DistributedError(f"{calib.shape[0]} calibration windows cannot be shared by {world.size} ranks: "
+                                   f"raise --calib-tokens to at least {world.size * recipe.calib_seq_len}")
     details = {}
     layer_bits = layer_sparsity = None
     if recipe.method == "mixed":
@@ -80,11 +88,12 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
     head_x_first = None
     if recipe.embed_first and calib is not None:
         head_x_first = forward_head_inputs(open_model(model, lazy=True, dequantize=True)[0], calib)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    # rank 0 writes the output; every other rank of a distributed job a private copy, for its share of evaluation
+    with (atomic_dir(out, overwrite=overwrite) if world.rank == 0 else rank_dir(out, world.rank)) as tmp:
         writer = FolderWriter(tmp, default_bits=recipe.bits, default_group_size=max(recipe.group_size, 32)
                               if recipe.group_size != -1 else 128, mode=recipe.mode, shard_bytes=shard_bytes)
         res = run(base, calib, recipe, layer_bits=layer_bits, layer_sparsity=layer_sparsity,
-                  head_x_first=head_x_first, sink=writer.add, prefetch=prefetcher(Path(info.path)),
+                  head_x_first=head_x_first, sink=writer.add, prefetch=prefetcher(Path(info.path)), world=world,
                   on_progress=on_progress)
         del head_x_first, base
         rotation = res.extra.get("rotation")
@@ -128,12 +137,21 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
             else:  # neither model is held whole
                 metrics = stream_compare(open_model(str(tmp), lazy=True, stored_tables=True)[0],
                                          open_model(model, lazy=True, stored_tables=True)[0], wins,
-                                         rotation=config_rotation(config), on_progress=on_progress).to_dict()
+                                         rotation=config_rotation(config), world=world,
+                                         on_progress=on_progress).to_dict()
             del bm
         else:
             wins = None
             metrics = {k: None for k in ("ppl", "base_ppl", "delta_ppl_pct", "kl", "top1", "cos_min",
                                          "determinism_delta")}
+        if world.distributed:
+            ranks = world.exchange_objects({"rank": world.rank, "block_seconds": [round(t, 3) for t in res.block_seconds],
+                                            "sent_bytes_per_block": extra.pop("sent_bytes_per_block", []),
+                                            "collective_wait_s": round(world.wait_s, 3),
+                                            "peak_rss_bytes": hardware.peak_rss()})
+            extra["distributed"] = {"world_size": world.size, "ranks": ranks}
+            if world.rank != 0:
+                return {}
         if gguf_file:
             rep = export_gguf(tmp, tmp / "model.gguf")
             extra["gguf"] = {"path": str(Path(out).resolve() / "model.gguf"), "bytes": rep.bytes,

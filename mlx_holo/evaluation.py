@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import data
+from .distributed import World
 from .model.files import ModelError
 from .model.open import open_model
 from .model.structure import blocks, drop_input_embedding, release_block
@@ -257,12 +258,19 @@ def _apply(block: nn.Module, x: mx.array, mask, chunk: int) -> mx.array:
 
 
 def stream_compare(model: nn.Module, base: nn.Module | None, windows: mx.array, *, det_windows: int = 1,
-                   chunk: int = 4, rotation=None, on_progress=None) -> Metrics:
+                   chunk: int = 4, rotation=None, world: World | None = None, on_progress=None) -> Metrics:
     """``compare``'s metrics, block by block: model/base are lazily opened float LMs (``open_model(spec,
     lazy=True)``) that are consumed -- each block's weights are released once applied. windows: [N, S] token ids.
-    rotation: as in ``compare``."""
+    rotation: as in ``compare``. world: the ranks of a distributed job (``distributed.World``): each scores its
+    share of the windows and the sums are added."""
     t0 = time.perf_counter()
     n, s = windows.shape
+    world = world or World()
+    measure_det = det_windows > 0
+    if world.distributed:
+        a, b = world.share(n)
+        windows = windows[a:b]
+        det_windows = max(0, min(det_windows, b) - a)
     vocab, width = head_shape(model)
     if base is not None:
         same_vocab(vocab, head_shape(base)[0])
@@ -286,7 +294,8 @@ def stream_compare(model: nn.Module, base: nn.Module | None, windows: mx.array, 
             mx.eval(bb.parameters())
             xb = _apply(bb, xb, mask, chunk)
             release_block(bb)
-            c = _block_cos(xc if rotation is None else rotation.invert(xc), xb).mean()
+            c = _block_cos(xc if rotation is None else rotation.invert(xc), xb)
+            c = c.mean() if not world.distributed else world.all_sum(c.sum()) / n
             mx.eval(c)
             cos.append(float(c.item()))
         if on_progress:
@@ -300,8 +309,8 @@ def stream_compare(model: nn.Module, base: nn.Module | None, windows: mx.array, 
     if base is not None:
         keep_stored(base)
     group = max(1, HEAD_POSITIONS // s)  # windows whose logits are formed together
-    for g0 in range(0, n, group):
-        g1 = min(n, g0 + group)
+    for g0 in range(0, windows.shape[0], group):
+        g1 = min(windows.shape[0], g0 + group)
         tok = windows[g0:g1]
         k = max(0, min(det_windows, g1) - g0)  # determinism windows in this group
         acc = _OnlineHead(tok, base is not None)
@@ -320,8 +329,13 @@ def stream_compare(model: nn.Module, base: nn.Module | None, windows: mx.array, 
         delta = max(delta, acc.delta)
     if on_progress:
         on_progress("evaluate", len(bc_list) + 1, len(bc_list) + 1)
+    if world.distributed:  # every rank's sums, in one fixed order of keys
+        keys = ("nll", "base_nll", "kl", "top1")
+        tot = Counter(dict(zip(keys, world.all_sum(mx.array([tot.get(k, 0.0) for k in keys],
+                                                             dtype=mx.float32)).tolist())))
+        delta = world.max(delta)
     m = _metrics(n, s, tot, cos if base is not None else None)
-    if det_windows:
+    if measure_det:
         m.determinism_delta = float(delta)
     m.eval_s = time.perf_counter() - t0
     return m

@@ -17,7 +17,7 @@ EXIT_GO, EXIT_NOGO, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 INPUT_ERRORS = {  # module -> the exception types of it that mean "bad input" (exit 2), each naming the problem
     "mlx_holo.data": ("DataError",), "mlx_holo.evidence": ("EvidenceError",), "mlx_holo.model.files": ("ModelError",),
     "mlx_holo.recipe": ("RecipeError",), "mlx_holo.preflight": ("PreflightError",), "mlx_holo.plan": ("PlanError",),
-    "mlx_holo.allocate.bits": ("BudgetError",),
+    "mlx_holo.allocate.bits": ("BudgetError",), "mlx_holo.distributed": ("DistributedError",),
 }
 
 

@@ -1,6 +1,8 @@
 """mlx-holo compress (python -m mlx_holo.compress): compress a model, save MLX weights + evidence.json.
 
 Example: mlx-holo compress --method gptq --bits 4 --group-size 64 --out runs/smollm2-gptq4
+Several processes or Macs share the calibration when launched by MLX's launcher, e.g.
+``mlx.launch -n 2 --backend ring python -m mlx_holo.compress --method gptq --out DIR`` (``mlx_holo.distributed``).
 The recipe's flags are generated from ``mlx_holo.recipe.Recipe``; ``--recipe FILE`` (TOML, or an evidence JSON whose
 recipe is repeated) sets their defaults and flags given beside it win. Exit 0 GO, 1 NO-GO, 2 bad input, 3 internal.
 """
@@ -65,6 +67,8 @@ def _main(argv) -> int:
     ev = compress(args.model, recipe, args.out, eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len,
                   eval_corpus=args.eval_corpus, gates=args.gate, overwrite=args.overwrite,
                   max_memory_gb=args.max_memory_gb, gguf_file=args.format == "gguf", on_progress=progress_printer())
+    if not ev:  # a rank > 0 of a distributed job: rank 0 reports and writes
+        return EXIT_GO
     m = ev["metrics"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
     print(f"{ev['verdict']}  {args.out}  bits/weight {ev['bits_per_weight']:.3f}  ratio {ev['ratio']:.2f}x  "

@@ -66,12 +66,22 @@ def routed_rows(inp: mx.array, indices: mx.array) -> tuple[mx.array, mx.array]:
 
 
 def split_by_expert(x: mx.array | None, idx: mx.array | None, n_experts: int) -> list[mx.array | None]:
-    """x [n, in], idx [n] -> per expert its rows [n_e, in] (None where no row was routed to it, or no x)."""
+    """x [n, in], idx [n] -> per expert its rows [n_e, in] (None where no row was routed to it, or no x), in an
+    order set by the rows' values (their first ``KEY_COLUMNS`` entries' bits), not by where they came from: MoE
+    layers sort their tokens by expert in a batch-dependent order, and the Hessian's float sums over the rows must
+    not depend on how the windows were batched (one process or several ranks)."""
     if x is None:
         return [None] * n_experts
     idx_np = np.array(idx)
     out = []
     for e in range(n_experts):
         rows = np.nonzero(idx_np == e)[0]
-        out.append(x[mx.array(rows)] if rows.size else None)
+        if rows.size:
+            xe = x[mx.array(rows)]
+            keys = np.array(xe[:, :KEY_COLUMNS].astype(mx.float32)).view(np.uint32)  # [n_e, k] exact bits
+            xe = xe[mx.array(np.lexsort(keys.T[::-1]))]
+        out.append(xe if rows.size else None)
     return out
+
+
+KEY_COLUMNS = 8  # columns whose bits order an expert's rows (rows that agree in all of them are alike enough)

@@ -47,14 +47,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(parent: Path, name: str) -> list[Path]:
-    """Remove what a killed earlier run into ``parent/name`` left: its temp folder (``.NAME.tmp-PID-*``) or the
-    swapped-out old copy (``.NAME.old-PID``) of a process that no longer runs -> the paths removed."""
+    """Remove what a killed earlier run into ``parent/name`` left: its temp folder (``.NAME.tmp-PID-*``), a
+    distributed rank's copy (``.NAME.rank-PID-*``) or the swapped-out old copy (``.NAME.old-PID``) of a process
+    that no longer runs -> the paths removed."""
     removed = []
     for p in parent.glob(f".{name}.*"):
         rest = p.name[len(name) + 2:]
         kind, _, tail = rest.partition("-")
         pid = tail.split("-", 1)[0]
-        if kind in ("tmp", "old") and pid.isdigit() and not _pid_alive(int(pid)):
+        if kind in ("tmp", "old", "rank") and pid.isdigit() and not _pid_alive(int(pid)):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -100,6 +101,19 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def rank_dir(out: str | Path, rank: int):
+    """Yield a private temp folder beside ``out`` for rank ``rank`` > 0 of a distributed job (each rank writes its
+    own copy of the output, which it evaluates its share of windows on); removed on exit, whatever happens."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.rank-{os.getpid()}-{rank}-", dir=out.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 SHARD_BYTES = 1 << 30  # a shard is written once this many bytes of finished tensors are pending

@@ -56,17 +56,20 @@ def capture_linear_inputs(block: nn.Module, x: mx.array, mask, stages: list | No
     mods = linear_modules(block)
     saved = []
     inputs: list = []  # the distinct input arrays, in call order (kept only for the identity test below)
+    flats: list = []   # each one flattened to [N*S, in]
     for path, m in mods:
         cls = type(m)
 
         def call(self, inp, _cls=cls, _path=path):
-            box[0][_path] = inp.reshape(-1, inp.shape[-1])
-            if stages is not None:
-                k = next((i for i, a in enumerate(inputs) if a is inp), None)
-                if k is None:
-                    inputs.append(inp)
+            k = next((i for i, a in enumerate(inputs) if a is inp), None)
+            if k is None:  # a new input; linears that read the same one (q/k/v) share one flattened array
+                inputs.append(inp)
+                flats.append(inp.reshape(-1, inp.shape[-1]))
+                if stages is not None:
                     stages.append([])
-                    k = len(inputs) - 1
+                k = len(inputs) - 1
+            box[0][_path] = flats[k]
+            if stages is not None:
                 stages[k].append(_path)
             return _cls.__call__(self, inp)
 
@@ -89,6 +92,7 @@ def capture_linear_inputs(block: nn.Module, x: mx.array, mask, stages: list | No
             m.__class__ = cls
         box.clear()
         inputs.clear()
+        flats.clear()
     return y, seen
 
 

@@ -8,18 +8,20 @@ peak memory is about one block in float32 plus the calibration activations, what
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..distributed import World
 from ..model.experts import expert_modules
 from ..model.open import dequantize_model
 from ..model.structure import block_prefix, blocks, find_module, get_module, linear_modules, release_block
 from ..options import PRUNE_METHODS
 from ..model.tables import table_width
 from ..quant import awq_fold
+from ..quant.formats import QuantizedWeight
 from ..quant.rotate import make_rotation, rotate_block, rotate_outside
 from ..recipe import Recipe
 from ..tune.block import tune_block
@@ -47,7 +49,7 @@ class PipelineResult:
 
 def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits: dict[str, int | None] | None = None,
         layer_sparsity: list[float] | None = None, head_x_first: mx.array | None = None, sink=None,
-        prefetch=None, on_progress=None) -> PipelineResult:
+        prefetch=None, world: World | None = None, on_progress=None) -> PipelineResult:
     """Compress ``model`` block by block with ``recipe``.
 
     calib: [N, S] calibration token windows (None for data-free RTN / magnitude).
@@ -62,11 +64,21 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     memory; without it they accumulate in ``res.floats`` / ``res.quantized``.
     prefetch(prefix): given (``model.files.prefetcher``), called with the next block's parameter prefix when a
     block starts, so that its weights are read from disk while this one is worked on.
+    world: the ranks of a distributed job (``distributed.World``): each pushes its share of the windows through
+    the blocks, the linears' inputs are gathered in rank order (every method sees a single process's rows), each
+    layer is compressed by one rank and its result exchanged, so every rank ends with the same result.
     The model is consumed: its float weights are released as blocks finish.
     """
     t0 = time.perf_counter()
     mx.reset_peak_memory()
     res = PipelineResult()
+    world = world or World()
+    n_windows = 0 if calib is None else calib.shape[0]
+    if world.distributed and calib is not None:
+        a, b = world.share(n_windows)
+        calib = calib[a:b]  # this rank's windows; every gathered array comes back in rank order
+    gather = _gatherer(world, n_windows)
+    sent0 = world.sent
     dequantize_model(model)  # an already quantized input (e.g. re-compressing a 4-bit model) works on floats
     bs = blocks(model)
     rot = None
@@ -113,9 +125,9 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         X, X_fp, stages = {}, {}, []
         y_float = None  # the still-float block's output on x
         if x is not None:
-            y_float, X = capture_linear_inputs(block, x, mask, stages)
+            y_float, X = capture_linear_inputs(block, x, mask, stages)  # this rank's rows (gathered per group)
         if recipe.method == "awq" or recipe.awq_scales:  # AWQ alone, or AWQ's scales then GPTQ (AWQ sec. 5)
-            alphas = awq_fold.apply(block, X, recipe, x, mask)
+            alphas = awq_fold.apply(block, gather(X), recipe, gather(x), mask)  # the search on every window
             for key, n in (("awq_unscaled_groups", sum(a is None for a in alphas)),
                            ("awq_alpha_zero_groups", sum(a == 0.0 for a in alphas)),
                            ("awq_blocks_without_groups", int(not alphas))):
@@ -133,42 +145,72 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         mods = dict(linear_modules(block))
         staged = [p for st in stages for p in st]
         recapture = {st[0] for st in stages[1:]} if recipe.true_sequential else set()  # first linear of a later stage
-        for path in staged + [p for p in mods if p not in staged]:
-            lin = mods[path]
-            if path in recapture:
+        order = staged + [p for p in mods if p not in staged]
+        s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
+        for group in _groups(order, recapture):
+            if group[0] in recapture:
                 X = {}  # drop the stale inputs first: a block's captures are the pipeline's largest arrays
                 _, X = capture_linear_inputs(block, x, mask)  # the inputs after the stages already compressed
-            full = f"{prefix}.{i}.{path}"
-            ts = time.perf_counter()
-            w = lin.weight.astype(mx.float32)
-            Xl = X.get(path)
-            H = hessian(Xl) if Xl is not None else None
-            bits, g = layer_format(full, w.shape[-1], layer_bits, recipe, res.fallback)
-            s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
-            q, w_hat, sparsity = compress_weight(w, Xl, H, X_fp.get(path), block_recipe, quant_method, bits, g, s,
-                                                 full)
-            if q is not None:
-                res.quantized[full] = q
-            else:
-                res.floats[f"{full}.weight"] = w_hat
-            if q is None or x is not None:  # data-free: no later step reads the dequantized weight
-                lin.weight = w_hat  # later blocks see the compressed block (sequential calibration)
-                mx.eval(lin.weight)
-            err = rel_error(w, w_hat, H) if H is not None else None
-            w = w_hat = None
-            res.layers.append(LayerRecord(full, bits, g if bits is not None else None, sparsity, err,
+            Xg = gather({p: X[p] for p in group if p in X})  # every window's rows of this group's inputs
+            Xg_fp = gather({p: X_fp[p] for p in group if p in X_fp})
+            owners = world.assign([mods[p].weight.size for p in group])
+            done = {}
+            for j, path in enumerate(group):
+                if owners[j] != world.rank:
+                    continue
+                lin = mods[path]
+                full = f"{prefix}.{i}.{path}"
+                ts = time.perf_counter()
+                w = lin.weight.astype(mx.float32)
+                Xl = Xg.get(path)
+                H = hessian(Xl) if Xl is not None else None
+                bits, g = layer_format(full, w.shape[-1], layer_bits, recipe, res.fallback)
+                q, w_hat, sparsity = compress_weight(w, Xl, H, Xg_fp.get(path), block_recipe, quant_method, bits, g,
+                                                     s, full)
+                if q is None or x is not None:  # data-free: no later step reads the dequantized weight
+                    lin.weight = w_hat  # later blocks see the compressed block (sequential calibration)
+                    mx.eval(lin.weight)
+                err = rel_error(w, w_hat, H) if H is not None else None
+                done[path] = (q, None if q is not None else w_hat,
+                              LayerRecord(full, bits, g if bits is not None else None, sparsity, err,
                                           time.perf_counter() - ts))
-        for path, sw in expert_modules(block):
+                w = w_hat = None
+            Xg = Xg_fp = None
+            if world.distributed:
+                done = _exchange(world, done)
+            for j, path in enumerate(group):
+                q, w_float, record = done[path]
+                if q is not None:
+                    res.quantized[record.name] = q
+                else:
+                    res.floats[f"{record.name}.weight"] = w_float
+                if owners[j] != world.rank and (q is None or x is not None):
+                    mods[path].weight = q.dequantize() if q is not None else w_float
+                    mx.eval(mods[path].weight)
+                res.layers.append(record)
+        experts = list(expert_modules(block))
+        owners = world.assign([sw.weight.size for _, sw in experts])
+        done = {}
+        for j, (path, sw) in enumerate(experts):
+            routed = gather(X.get(path, (None, None)))  # a collective: every rank takes part
+            if owners[j] != world.rank:
+                continue
             full = f"{prefix}.{i}.{path}"
             bits, g = layer_format(full, sw.weight.shape[-1], layer_bits, recipe, res.fallback)
-            s = layer_sparsity[i] if layer_sparsity is not None else recipe.sparsity
-            record, q, w_hat = compress_experts(sw.weight, full, X.get(path, (None, None)), recipe, quant_method,
-                                                bits, g, s)
-            if q is not None:
-                res.quantized[full] = q
-            else:
-                res.floats[f"{full}.weight"] = w_hat
+            record, q, w_hat = compress_experts(sw.weight, full, routed, recipe, quant_method, bits, g, s)
             sw.weight = w_hat  # later blocks see the compressed experts
+            done[path] = (q, None if q is not None else w_hat, record)
+        if world.distributed and experts:
+            done = _exchange(world, done)
+        for j, (path, sw) in enumerate(experts):
+            q, w_float, record = done[path]
+            if q is not None:
+                res.quantized[record.name] = q
+            else:
+                res.floats[f"{record.name}.weight"] = w_float
+            if owners[j] != world.rank:
+                sw.weight = q.dequantize() if q is not None else w_float
+                mx.eval(sw.weight)
             res.layers.append(record)
         X = X_fp = {}
         if target is not None:
@@ -187,13 +229,16 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             _drain(res, f"{prefix}.{i}.", sink)
         res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
         res.block_seconds.append(time.perf_counter() - tb)
+        if world.distributed:
+            res.extra.setdefault("sent_bytes_per_block", []).append(world.sent - sent0)
+            sent0 = world.sent
         if on_progress:
             on_progress("compress", i + 1, len(bs))
     head_x = head_x_fp = None
     if x is not None and quant_method == "gptq":
-        head_x = head_inputs(model, x)
+        head_x = gather(head_inputs(model, x))
         if x_fp is not None:
-            head_x_fp = head_inputs(model, x_fp)
+            head_x_fp = gather(head_inputs(model, x_fp))
     del x, x_fp
     finish_outside_blocks(model, recipe, res, layer_bits, head_x, head_x_fp)
     if sink is not None:
@@ -203,6 +248,56 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     res.peak_memory_bytes = max(res.peak_memory_bytes, mx.get_peak_memory())
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _groups(order: list[str], recapture: set[str]) -> list[list[str]]:
+    """The block's linears in the order they are compressed, cut before each one whose inputs are captured again
+    (GPTQ's true-sequential stages): the layers of a group are independent of each other."""
+    groups: list[list[str]] = []
+    for p in order:
+        if not groups or p in recapture:
+            groups.append([])
+        groups[-1].append(p)
+    return groups
+
+
+def _gatherer(world: World, n_windows: int):
+    """-> gather(a): a [rows of this rank's windows, ...] (or a dict of such, a capture's; a tuple for an expert's
+    routed rows) -> the rows of every window in rank order; the identity for a single process. Arrays a dict holds
+    twice (q/k/v read one input) travel once."""
+    if not world.distributed:
+        return lambda a: a
+
+    def gather(a):
+        if a is None:
+            return None
+        if isinstance(a, mx.array):
+            return world.gather_rows(a, n_windows)
+        if isinstance(a, tuple):
+            return tuple(gather(v) for v in a)
+        seen: dict[int, object] = {}
+        out = {}
+        for k, v in a.items():
+            key = id(v) if isinstance(v, mx.array) else tuple(id(t) for t in v)
+            if key not in seen:
+                seen[key] = gather(v)
+            out[k] = seen[key]
+        return out
+
+    return gather
+
+
+def _exchange(world: World, done: dict) -> dict:
+    """Each rank's finished layers {path: (QuantizedWeight | None, float weight | None, LayerRecord)} -> every
+    rank's, on every rank (codes, scales and biases travel packed: bits/8 bytes a weight plus the group's
+    scale and bias)."""
+    wire = {p: (None if q is None else {f.name: getattr(q, f.name) for f in fields(q)}, w, asdict(r))
+            for p, (q, w, r) in done.items()}
+    merged = {}
+    for part in world.exchange_objects(wire):
+        for p, (q, w, r) in part.items():
+            merged[p] = (None if q is None else QuantizedWeight(**q), w, LayerRecord(**r))
+    return merged
 
 
 def _drain(res: PipelineResult, prefix: str, sink) -> None:
