@@ -163,6 +163,74 @@ def apply_gates(evidence: dict, gates=None) -> tuple[str, list[str]]:
     return ("GO" if not failures else "NO-GO"), failures
 
 
+COMPARED_METRICS = ("ppl", "base_ppl", "delta_ppl_pct", "kl", "top1", "cos_min", "determinism_delta")
+
+
+def compare(a: dict, b: dict, gates=None) -> dict:
+    """Two evidence dicts side by side -> {recipe: {field: (a, b)} where they differ, metrics: {name: (a, b)},
+    size: {name: (a, b)}, gates: [{gate, a, b, a_passed, b_passed}], verdicts: (a, b), comparable: [reasons they
+    are not]} under the policy ``gates`` (default DEFAULT_GATES; never the files' own). Runs are comparable when
+    they scored the same base model on the same text, tokens and window length."""
+    from dataclasses import MISSING, fields
+
+    from .recipe import Recipe
+
+    # a field one file does not record (older evidence) is taken at its default, so only real differences show
+    defaults = {f.name: f.default for f in fields(Recipe) if f.default is not MISSING}
+    ra, rb = (e.get("recipe") if isinstance(e.get("recipe"), dict) else {} for e in (a, b))
+
+    def value(r, k):
+        v = r.get(k, defaults.get(k))
+        return None if v in ({}, [], "") else v
+
+    recipe = {k: (value(ra, k), value(rb, k)) for k in sorted(set(ra) | set(rb)) if value(ra, k) != value(rb, k)}
+    ma, mb = (e.get("metrics") if isinstance(e.get("metrics"), dict) else {} for e in (a, b))
+    metrics = {k: (ma.get(k), mb.get(k)) for k in COMPARED_METRICS}
+    ba, bb = (e.get("bytes") if isinstance(e.get("bytes"), dict) else {} for e in (a, b))
+    size = {"bytes": (ba.get("total"), bb.get("total")), "bits_per_weight": (a.get("bits_per_weight"),
+                                                                             b.get("bits_per_weight")),
+            "ratio": (a.get("ratio"), b.get("ratio"))}
+    gates = DEFAULT_GATES if gates is None else list(gates)
+    rows = []
+    for g, x, y in zip(gates, gate_results(a, gates), gate_results(b, gates)):
+        rows.append({"gate": g, "a": x["value"], "b": y["value"], "a_passed": x["passed"], "b_passed": y["passed"]})
+    reasons = []
+    ha, hb = ((e.get("model") or {}).get("hash") if isinstance(e.get("model"), dict) else None for e in (a, b))
+    if ha != hb:
+        reasons.append("they were compressed from different base models (model hashes differ)")
+    ca, cb = ((e.get("corpora") or {}).get("evaluation") or {} if isinstance(e.get("corpora"), dict) else {}
+              for e in (a, b))
+    for k in ("name", "sha256", "tokens"):
+        if ca.get(k) != cb.get(k):
+            reasons.append(f"they were scored on different evaluation text ({k}: {ca.get(k)!r} vs {cb.get(k)!r})")
+    if ma.get("seq_len") != mb.get("seq_len"):
+        reasons.append(f"their windows differ ({ma.get('seq_len')!r} vs {mb.get('seq_len')!r} tokens)")
+    return {"recipe": recipe, "metrics": metrics, "size": size, "gates": rows,
+            "verdicts": (apply_gates(a, gates)[0], apply_gates(b, gates)[0]), "comparable": reasons}
+
+
+def format_compare(c: dict, names: tuple[str, str] = ("A", "B")) -> str:
+    """``compare``'s result as a text table (the CLI's ``validate --compare``)."""
+    def f(v):
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return str(v)
+        return f"{v:.6g}" if isinstance(v, (int, float)) else json.dumps(v)
+
+    w = max(10, *(len(n) for n in names))
+    lines = [f"{'':<22} {names[0]:>{w}} {names[1]:>{w}}", f"{'verdict':<22} {c['verdicts'][0]:>{w}} "
+             f"{c['verdicts'][1]:>{w}}"]
+    for title, rows in (("size", c["size"]), ("metrics", c["metrics"])):
+        lines.append(f"-- {title}")
+        lines += [f"{k:<22} {f(x):>{w}} {f(y):>{w}}" for k, (x, y) in rows.items()]
+    lines.append("-- gates (policy)")
+    lines += [f"{g['gate']:<22} {f(g['a']) + (' ok' if g['a_passed'] else ' FAIL'):>{w}} "
+              f"{f(g['b']) + (' ok' if g['b_passed'] else ' FAIL'):>{w}}" for g in c["gates"]]
+    lines.append("-- recipe (fields that differ)")
+    lines += [f"{k:<22} {f(x):>{w}} {f(y):>{w}}" for k, (x, y) in c["recipe"].items()] or ["(the same recipe)"]
+    lines += [f"not comparable: {r}" for r in c["comparable"]]
+    return "\n".join(lines)
+
+
 def build(*, model: dict, recipe: dict, corpora: dict, nbytes: dict, n_quant_params: int, metrics: dict,
           environment: dict, timings: dict, peak_memory_bytes: int, gates=DEFAULT_GATES, kind: str = "compress",
           **extra) -> dict:

@@ -340,6 +340,40 @@ def plan(config: dict, *, context: int = 4096, batch: int = 1, target_gb: float 
     return result
 
 
+GOALS = ("fit", "best", "fastest")
+# the recipe measured best at each width on the embedded model (docs/results.md; the README's goal table)
+BEST_AT_BITS = {4: {"method": "gptq", "bits": 4},
+                3: {"method": "gptq", "bits": 3, "calib_tokens": 16384, "e2e_steps": 60, "e2e_batch": 4,
+                    "e2e_lr": 1e-4},
+                2: {"method": "gptq", "bits": 2}}
+FASTEST_PASSING = {"method": "rtn", "bits": 6}  # data-free; the fewest RTN bits measured to pass the default gates
+
+
+def goal_recipe(goal: str, config: dict | None = None, target: float | None = None) -> tuple[dict, str]:
+    """A goal -> (Recipe fields, why). ``fit``: the planner's recipe for ``target`` GB (GPTQ where a uniform width
+    fits, else mixed precision at the budget that fits; ``config`` needed); ``best``: the best recipe measured at
+    ``target`` bits (``BEST_AT_BITS``; GPTQ at other widths); ``fastest``: the data-free recipe with the fewest
+    bits that passed the default gates when measured (``FASTEST_PASSING``)."""
+    if goal == "fit":
+        if config is None or target is None:
+            raise PlanError("'fit in N GB' needs the model and N")
+        res = plan(config, target_gb=target, method="gptq")
+        if not res.fits:
+            raise PlanError(res.message)
+        return dict(res.recipe), res.message
+    if goal == "best":
+        if target is None or int(target) != target or int(target) not in QUANT_BITS:
+            raise PlanError(f"'best at B bits' needs B in {sorted(QUANT_BITS)}")
+        b = int(target)
+        rec = dict(BEST_AT_BITS.get(b, {"method": "gptq", "bits": b}))
+        return rec, (f"the best {b}-bit recipe measured (docs/results.md)" if b in BEST_AT_BITS
+                     else f"GPTQ at {b} bits (calibrated rounding; no better {b}-bit recipe measured)")
+    if goal == "fastest":
+        return dict(FASTEST_PASSING), ("data-free RTN at the fewest bits measured to pass the default gates "
+                                       "(6 bits: +2.9% PPL on the embedded model)")
+    raise PlanError(f"unknown goal {goal!r}; choose one of {', '.join(GOALS)}")
+
+
 def format_plan(res: PlanResult) -> str:
     p = res.params
     lines = [f"model {res.model}: {p.total:,} parameters (embedding {p.embedding:,}, attention {p.attention:,}, "

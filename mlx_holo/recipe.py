@@ -319,6 +319,20 @@ class Recipe:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if getattr(self, f.name) != getattr(default, f.name)}
 
+    def to_flags(self) -> list[str]:
+        """The command-line flags (``compress``'s, generated from the same metadata) that give this recipe: one per
+        field that differs from the defaults."""
+        out = []
+        for name, v in self.changes().items():
+            meta, flag = self.__dataclass_fields__[name].metadata, "--" + name.replace("_", "-")
+            if meta["type"] is bool:
+                out.append(flag if v else "--no-" + name.replace("_", "-"))
+            elif v is None:
+                out += [flag, "0"] if meta["zero_none"] else []
+            else:
+                out += [flag, ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
+        return out
+
     def to_toml(self) -> str:
         """TOML that ``from_toml`` reads back to this recipe (None fields are left out; bits None is 0)."""
         lines = []

@@ -187,3 +187,30 @@ def test_fuzzed_evidence_never_crashes_and_never_turns_go():
             assert 100 * (m["ppl"] - m["base_ppl"]) / m["base_ppl"] <= 10 + 1e-6
 
     check()
+
+
+def test_compare_two_runs_side_by_side(tmp_path):
+    a = good()
+    b = copy.deepcopy(good())
+    b["recipe"] = {"method": "gptq", "bits": 4, "group_size": 64, "calib_tokens": 8192}
+    b["metrics"]["ppl"], b["metrics"]["delta_ppl_pct"] = 25.0, 100 * 5.5 / 19.5
+    c = evidence.compare(a, b)
+    assert c["recipe"] == {"method": ("rtn", "gptq")}  # calib_tokens 8192 is the default: no difference
+    assert c["metrics"]["ppl"] == (20.0, 25.0) and c["verdicts"] == ("GO", "NO-GO")
+    gate = next(g for g in c["gates"] if g["gate"].startswith("delta_ppl_pct"))
+    assert gate["a_passed"] and not gate["b_passed"]
+    assert c["comparable"] == []
+    # the policy is the caller's, never the files': a stricter gate fails both
+    assert evidence.compare(a, b, ["cos_min>=0.999"])["verdicts"] == ("NO-GO", "NO-GO")
+    b["corpora"]["evaluation"]["tokens"] = 2048
+    assert any("different evaluation text" in r for r in evidence.compare(a, b)["comparable"])
+
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    run = lambda *x: subprocess.run([sys.executable, "-m", "mlx_holo.validate", *x], capture_output=True,  # noqa
+                                    text=True, timeout=120)
+    r = run("--compare", str(pa), str(pb))
+    assert r.returncode == 1 and "method" in r.stdout and "not comparable" in r.stdout
+    assert run("--compare", str(pa), str(pa)).returncode == 0
+    assert run("--compare", str(pa)).returncode == 2

@@ -164,3 +164,34 @@ def test_plan_imports_no_mlx_or_textual():
     code = "import sys, mlx_holo.plan; print('mlx.core' in sys.modules, 'textual' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_goal_recipes_are_valid_recipes_and_name_their_reason():
+    from mlx_holo.recipe import Recipe
+
+    cfg = P.load_config("default")
+    rec, why = P.goal_recipe("fit", cfg, 0.5)
+    assert rec["bits"] == 8 and "0.5 GB" in why           # 8-bit fits 0.5 GB for a 135M model
+    rec, why = P.goal_recipe("fit", cfg, 0.25)          # only mixed precision's budget fits
+    assert rec["method"] == "mixed" and rec["bits_per_weight"] < 8
+    rec, _ = P.goal_recipe("best", None, 3)
+    r = Recipe(**rec).validate()
+    assert r.e2e_steps == 60 and r.to_flags()[:4] == ["--method", "gptq", "--bits", "3"]
+    assert P.goal_recipe("fastest")[0] == {"method": "rtn", "bits": 6}
+    with pytest.raises(P.PlanError, match="does not fit"):
+        P.goal_recipe("fit", cfg, 0.01)
+    with pytest.raises(P.PlanError):
+        P.goal_recipe("best", None, 7)
+
+
+def test_recipe_flags_round_trip_through_the_cli_parser():
+    import argparse
+
+    from mlx_holo.cli.common import add_recipe_arguments, recipe_from_args
+    from mlx_holo.recipe import Recipe
+
+    r = Recipe(method="mixed", bits=3, bits_per_weight=3.5, candidate_groups=(32, 64), act_order=False,
+               embed_bits=6, e2e_lr=1e-4).validate()
+    ap = argparse.ArgumentParser()
+    add_recipe_arguments(ap)
+    assert recipe_from_args(ap.parse_args(r.to_flags())).validate() == r

@@ -137,6 +137,17 @@ def test_pareto_front_properties():
     assert ys == sorted(ys)
 
 
+def test_pareto_front_minimising_size_and_log_placement():
+    # (bits/weight, loss): less of both is better
+    pts = [(4.5, 5.0), (3.5, 6.0), (4.5, 4.0), (8.5, 4.0), (2.5, None)]
+    assert charts.pareto_front(pts, maximize_x=False) == [False, True, True, False, False]
+    where = charts.placed([{"kl": 0.2}, {"kl": 40.0}, {"kl": -0.1}, {"kl": None}], "kl", 5.0)
+    assert [w["off"] for w in where] == [False, True, False, False]
+    assert [w["y"] for w in where] == [0.2, 5.0, charts.LOG_FLOOR["kl"], None]
+    assert charts.run_label({"method": "gptq", "bits": 4, "group_size": 64}, 4.5, "out") == "gptq4 g64 4.50b/w out"
+    assert charts.run_label({"method": "sparsegpt", "sparsity": 0.5, "nm": "2:4"}, None, "") == "sparsegpts0.5 2:4"
+
+
 def test_evidence_points(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.json").write_text(json.dumps(make_evidence(ppl=21.0, ratio=3.5)))
@@ -144,7 +155,8 @@ def test_evidence_points(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps({"rows": [{"bits": 4, "bw_util": 0.5}]}))
     (tmp_path / "broken.json").write_text("{not json")
     pts = charts.evidence_points(str(tmp_path))
-    assert sorted(p["label"] for p in pts) == ["rtn4", "rtn8"]
+    assert sorted(p["kind"] for p in pts) == ["rtn4", "rtn8"]
+    assert sorted(p["label"].split()[-1] for p in pts) == ["a", "b"]  # the run: the evidence file's name
     assert charts.evidence_points(str(tmp_path / "missing")) == []
 
 
@@ -461,9 +473,10 @@ def test_evidence_viewer(tmp_path):
 
 def test_pareto_tab(tmp_path):
     _write_evidence_folder(tmp_path)
+    (tmp_path / "e_collapsed.json").write_text(json.dumps(make_evidence(ppl=92_000.0, ratio=5.0, bits=2)))
 
     async def flow():
-        from textual.widgets import DataTable, Select
+        from textual.widgets import DataTable, Input, Select, Static
 
         app = new_app(evidence_dir=str(tmp_path))
         async with app.run_test(size=(100, 30)) as pilot:
@@ -471,13 +484,64 @@ def test_pareto_tab(tmp_path):
             await pilot.pause()
             pane = app.query_one("#pareto_pane")
             rows = cells(pane.query_one("#pf_table", DataTable))
-            front = {r[0] for r in rows if r[-1] == "*"}
-            # (1.9, ~0%) rtn8, (3.5, 4.1%) rtn4, (4.5, 52%) rtn2 are optimal; (3.6, 52%) rtn3 is dominated by rtn2
-            assert front == {"rtn8", "rtn4", "rtn2"} and len(rows) == 4
+            front = {r[-1].split()[-1] for r in rows if r[0] == "*"}
+            # bits/weight vs delta-PPL: rtn8 (~0%), rtn4 (4.1%), rtn2 (52%) and the collapsed 2-bit run (the
+            # smallest) are optimal; rtn3 (52% at more bits than rtn2) is dominated
+            assert front == {"d_rtn8", "a_go", "c_forged", "e_collapsed"} and len(rows) == 5
+            assert all(re.search(r"rtn\d g64 \d\.\d\db/w", r[-1]) for r in rows)  # method, bits, group, b/w, run
+            await wait_for(pilot, lambda: "off-scale (> 1000): 1" in screen_text(app))  # not stretching the axis
+            assert "(log)" in screen_text(app)
             pane.query_one("#pf_y", Select).value = "ppl"
             await pilot.pause()
-            assert cells(pane.query_one("#pf_table", DataTable))[0][:3] == ["rtn2", "4.5", "30"]
-            await wait_for(pilot, lambda: "Pareto front" in screen_text(app))
+            assert cells(pane.query_one("#pf_table", DataTable))[0][-1].endswith("d_rtn8")
+            limit = pane.query_one("#pf_limit", Input)
+            limit.value = "25"
+            limit.focus()
+            await pilot.press("enter")
+            await pilot.pause()
+            assert sum(r[0] == "off" for r in cells(pane.query_one("#pf_table", DataTable))) == 1  # rtn3 (30)
+            # the chart follows the folder: a new run appears without a refresh
+            (tmp_path / "f_new.json").write_text(json.dumps(make_evidence(ppl=19.8, ratio=3.2, bits=5)))
+            await wait_for(pilot, lambda: pane.query_one("#pf_table", DataTable).row_count == 6, timeout=30)
+            # Enter on a row opens its evidence
+            table = pane.query_one("#pf_table", DataTable)
+            table.focus()
+            table.move_cursor(row=0)
+            await pilot.press("enter")
+            await pilot.pause()
+            assert app.query_one("TabbedContent").active == "evidence"
+            ev_pane = app.query_one("#evidence_pane")
+            assert str(ev_pane.query_one("#ev_verdict .verdict", Static).render()) in ("GO", "NO-GO")
+            assert ev_pane.shown.endswith(".json")
+
+    run(flow())
+
+
+def test_evidence_compare_two_runs(tmp_path):
+    _write_evidence_folder(tmp_path)
+
+    async def flow():
+        from textual.widgets import DataTable
+
+        app = new_app(evidence_dir=str(tmp_path))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("f4")
+            pane = app.query_one("#evidence_pane")
+            pane.show_file(str(tmp_path / "a_go.json"))
+            await pilot.click("#ev_compare_btn")
+            await pilot.pause()
+            pane.show_file(str(tmp_path / "b_nogo.json"))
+            await pilot.pause()
+            table = pane.query_one("#ev_compare", DataTable)
+            assert table.display and not pane.query_one("#ev_metrics", DataTable).display
+            rows = {r[0]: r[1:] for r in cells(table)}
+            assert rows["verdict"] == ["GO", "NO-GO"]
+            assert rows["ppl"] == ["20.5", "30"]
+            assert rows["recipe bits"] == ["4", "3"]
+            assert rows["delta_ppl_pct<=10"][0].endswith("ok") and rows["delta_ppl_pct<=10"][1].endswith("FAIL")
+            await pilot.click("#ev_compare_btn")                       # back to one run
+            await pilot.pause()
+            assert not table.display and pane.query_one("#ev_metrics", DataTable).display
 
     run(flow())
 
@@ -575,7 +639,7 @@ def test_pareto_skips_hostile_json_and_labels_odd_recipes(tmp_path):
     (tmp_path / "odd2.json").write_text(json.dumps({"ratio": 3.0, "metrics": {}, "recipe": {"bits": "four",
                                                                                            "sparsity": "half"}}))
     pts = charts.evidence_points(str(tmp_path))
-    assert sorted(p["label"] for p in pts) == ["?", "?"]
+    assert sorted(p["kind"] for p in pts) == ["?", "?"]
 
 
 def test_empty_number_fields_and_zero_heads_are_named_errors(tmp_path):
@@ -636,5 +700,39 @@ def test_compress_form_shows_the_preflight_estimate(tiny_model_dir):
             await type_into(pilot, pane.query_one("#model", Input), "/nonexistent/folder")
             await pilot.pause()
             assert "pre-flight: n/a" in str(label.render())
+
+    run(flow())
+
+
+def test_compress_goal_presets_fill_the_form_and_show_the_command():
+    async def flow():
+        from textual.widgets import Input, Label, Select
+
+        app = new_app()
+        async with app.run_test(size=(100, 30)) as pilot:
+            pane = app.query_one("#compress_pane")
+            command = pane.query_one("#command", Label)
+            target = pane.query_one("#goal_target", Input)
+            target.value = "3"
+            pane.query_one("#goal", Select).value = "best"
+            await pilot.pause()
+            assert pane.query_one("#method", Select).value == "gptq" and pane.query_one("#bits", Select).value == "3"
+            await wait_for(pilot, lambda: "--e2e-steps 60" in str(command.render()))
+            assert str(command.render()).startswith("mlx-holo compress --method gptq --bits 3")
+            target.value = "0.25"
+            pane.query_one("#goal", Select).value = "fit"        # only a mixed-precision budget fits 0.25 GB
+            await pilot.pause()
+            assert pane.query_one("#method", Select).value == "mixed"
+            assert float(pane.query_one("#bpw", Input).value) == 4.4
+            await wait_for(pilot, lambda: "--bits-per-weight 4.4" in str(command.render())
+                           and "--e2e-steps" not in str(command.render()))
+            assert "pre-flight: peak" in str(pane.query_one("#preflight", Label).render())
+            pane.query_one("#goal", Select).value = "fastest"
+            await pilot.pause()
+            assert (pane.query_one("#method", Select).value, pane.query_one("#bits", Select).value) == ("rtn", "6")
+            target.value = "0.01"
+            pane.query_one("#goal", Select).value = "fit"        # nothing fits: said, the form unchanged
+            await pilot.pause()
+            assert pane.query_one("#method", Select).value == "rtn"
 
     run(flow())

@@ -264,6 +264,12 @@ class CompressPane(JobPane):
     def compose_form(self) -> ComposeResult:
         yield from field("Model", Input("default", placeholder="default or /path/to/model", id="model",
                                         suggester=PathSuggester(), compact=True))
+        yield from field("Goal", Select([("custom (the fields below)", "custom"), ("fit in N GB", "fit"),
+                                         ("best quality at B bits", "best"),
+                                         ("fastest that passes the gates", "fastest")],
+                                        value="custom", allow_blank=False, id="goal", compact=True))
+        yield from field("Goal N/B", Input("", placeholder="GB for fit, bits for best", type="number",
+                                           id="goal_target", compact=True))
         yield from field("Method", Select([(m, m) for m in METHODS], value="rtn", allow_blank=False, id="method",
                                           compact=True))
         yield from field("Bits", Select([(b, b) for b in BITS], value="4", allow_blank=False, id="bits",
@@ -282,6 +288,7 @@ class CompressPane(JobPane):
 
     def compose_results(self) -> ComposeResult:
         yield Label("", id="preflight")
+        yield Label("", id="command")
         with Horizontal():
             table = DataTable(id="runs", zebra_stripes=True, cursor_type="row")
             table.add_columns("model", "recipe", "ratio", "bpw", "PPL", "dPPL%", "KL", "top1", "verdict")
@@ -300,7 +307,35 @@ class CompressPane(JobPane):
             recipe["sparsity"] = sparsity
         if method == "mixed":
             recipe["bits_per_weight"] = number(self, "bpw", float, bpw_default)
-        return recipe
+        return {**getattr(self, "goal_extra", {}), **recipe}
+
+    @on(Select.Changed, "#goal")
+    @on(Input.Submitted, "#goal_target")
+    def apply_goal(self) -> None:
+        """A goal -> the form's fields (``mlx_holo.plan.goal_recipe``); what the form cannot show (calibration
+        tokens, E2E steps) is kept beside it and shown in the command line."""
+        goal = self.query_one("#goal", Select).value
+        self.goal_extra = {}
+        if goal == "custom":
+            self.update_preflight()
+            return
+        try:
+            target = number(self, "goal_target", float, None)
+            model = self.query_one("#model", Input).value.strip() or "default"
+            config = planner.load_config(os.path.expanduser(model)) if goal == "fit" else None
+            rec, why = planner.goal_recipe(goal, config, target)
+        except (planner.PlanError, FormError, OSError, ValueError) as e:
+            self.app.notify(escape(str(e)), title="goal", severity="warning")
+            return
+        self.query_one("#method", Select).value = rec.pop("method")
+        bits = rec.pop("bits", None)
+        self.query_one("#bits", Select).value = "none" if bits is None else str(bits)
+        if "group_size" in rec:
+            self.query_one("#group", Select).value = str(rec.pop("group_size"))
+        self.query_one("#bpw", Input).value = str(rec.pop("bits_per_weight", ""))
+        self.goal_extra = rec
+        self.log_line(escape(f"goal: {why}"))
+        self.update_preflight()
 
     def read_form(self) -> dict:
         method = self.query_one("#method", Select).value
@@ -327,7 +362,7 @@ class CompressPane(JobPane):
     def on_mount(self) -> None:
         self.update_preflight()
 
-    @on(Input.Changed, "#model, #sparsity, #bpw, #eval_tokens")
+    @on(Input.Changed, "#model, #sparsity, #bpw, #eval_tokens, #out")
     @on(Select.Changed, "#method, #bits, #group")
     def update_preflight(self) -> None:
         """The run's pre-flight estimate (what compress checks before any work) for the form as it stands."""
@@ -335,10 +370,14 @@ class CompressPane(JobPane):
         from mlx_holo.recipe import Recipe, RecipeError
 
         label = self.query_one("#preflight", Label)
+        command = self.query_one("#command", Label)
         try:
             model = self.query_one("#model", Input).value.strip() or "default"
-            est = estimate(planner.load_config(os.path.expanduser(model)),
-                           Recipe(**self.recipe_fields(bpw_default=4.0)).validate(),
+            recipe = Recipe(**self.recipe_fields(bpw_default=4.0)).validate()
+            command.update(Text("mlx-holo compress " + " ".join(
+                [*(["--model", model] if model != "default" else []), *recipe.to_flags(),
+                 "--out", self.query_one("#out", Input).value.strip() or "OUT"]), style="cyan"))
+            est = estimate(planner.load_config(os.path.expanduser(model)), recipe,
                            eval_tokens=number(self, "eval_tokens", int, 8192))
         except (planner.PlanError, RecipeError, FormError, ValueError, OSError, KeyError, TypeError) as e:
             label.update(Text(f"pre-flight: n/a ({e})", style="dim"))
@@ -543,6 +582,8 @@ class EvidencePane(Vertical):
             yield Label("Folder", classes="flabel")
             yield Input(self.app.evidence_dir, id="ev_folder", suggester=PathSuggester(), compact=True)
             yield Button("Open", id="ev_open", compact=True)
+            yield Button("Compare", id="ev_compare_btn", compact=True,
+                         tooltip="the run shown becomes A; the next one chosen is shown beside it (again: back)")
         with Horizontal(classes="body"):
             folder = self.app.evidence_dir
             yield JsonTree(folder if os.path.isdir(folder) else ".", id="ev_tree")
@@ -552,6 +593,10 @@ class EvidencePane(Vertical):
                 t = DataTable(id="ev_metrics", zebra_stripes=True, cursor_type="row")
                 t.add_columns("field", "value")
                 yield t
+                c = DataTable(id="ev_compare", zebra_stripes=True, cursor_type="row")
+                c.add_columns("field", "A", "B")
+                c.display = False
+                yield c
                 g = DataTable(id="ev_gates", zebra_stripes=True, cursor_type="row")
                 g.add_columns("gate", "op", "threshold", "value", "result")
                 yield g
@@ -572,12 +617,51 @@ class EvidencePane(Vertical):
     def file_selected(self, event: DirectoryTree.FileSelected) -> None:
         self.show_file(str(event.path))
 
+    @on(Button.Pressed, "#ev_compare_btn")
+    def toggle_compare(self) -> None:
+        """First press: the run shown becomes A; the next run chosen is shown beside it. Again: one run."""
+        if getattr(self, "compare_a", None) or not getattr(self, "shown", None):
+            self.compare_a = None
+            self.query_one("#ev_compare", DataTable).display = False
+            self.query_one("#ev_metrics", DataTable).display = True
+            self.query_one("#ev_gates", DataTable).display = True
+            if not getattr(self, "shown", None):
+                self.app.notify("open a run first, then press Compare and choose the second", severity="warning")
+            return
+        self.compare_a = self.shown
+        self.app.notify(escape(f"A = {self.shown}; choose the run to compare with"))
+
+    def show_compare(self, path_a: str, path_b: str) -> None:
+        """Two runs side by side (``mlx_holo.evidence.compare``, the project's gates): what ``mlx-holo validate
+        --compare A B`` prints."""
+        ev_mod = importlib.import_module("mlx_holo.evidence")
+        c = ev_mod.compare(ev_mod.load(path_a), ev_mod.load(path_b))
+        t = self.query_one("#ev_compare", DataTable)
+        t.clear()
+        t.add_row("run", Text(os.path.basename(path_a)), Text(os.path.basename(path_b)))
+        t.add_row("verdict", *(Text(v, style="bold green" if v == "GO" else "bold red") for v in c["verdicts"]))
+        for k, (a, b) in list(c["size"].items()) + list(c["metrics"].items()):
+            t.add_row(k, fmt(a), fmt(b))
+        for g in c["gates"]:
+            t.add_row(g["gate"], *(Text(fmt(v) + (" ok" if ok else " FAIL"), style="green" if ok else "red")
+                                   for v, ok in ((g["a"], g["a_passed"]), (g["b"], g["b_passed"]))))
+        for k, (a, b) in c["recipe"].items():
+            t.add_row(f"recipe {k}", fmt(a), fmt(b))
+        for r in c["comparable"]:
+            t.add_row(Text("not comparable", style="bold red"), Text(r), "")
+        self.query_one("#ev_metrics", DataTable).display = False
+        self.query_one("#ev_gates", DataTable).display = False  # the gates are rows of the comparison
+        t.display = True
+
     def show_file(self, path: str) -> None:
         try:
             ev, verdict, failures, note = load_evidence(path)
         except Exception as e:  # noqa: BLE001 - bad files are reported, not fatal
             self.app.notify(escape(f"{path}: {e}"), title="not evidence", severity="error")
             return
+        self.shown = path
+        if getattr(self, "compare_a", None) and path != self.compare_a:
+            self.show_compare(self.compare_a, path)
         self.query_one("#ev_path", Label).update(Text(path + (f"  ({note})" if note else "")))
         self.query_one("#ev_verdict", VerdictBox).show(verdict, failures)
         t = self.query_one("#ev_metrics", DataTable)
@@ -605,21 +689,57 @@ class EvidencePane(Vertical):
 
 
 class ParetoPane(Vertical):
+    """Runs of an evidence folder: size (bits/weight, GB or ratio) against a log quality axis, the Pareto front
+    joined, runs beyond the limit drawn as off-scale markers; a row opens its evidence; the chart follows the
+    folder (checked every few seconds)."""
+
     def compose(self) -> ComposeResult:
         with Horizontal(classes="controls"):
             yield Label("Folder", classes="flabel")
             yield Input(self.app.evidence_dir, id="pf_folder", suggester=PathSuggester(), compact=True)
-            yield Select([("delta PPL %", "delta_ppl_pct"), ("PPL", "ppl"), ("KL", "kl")], value="delta_ppl_pct",
+            yield Select([("bits/weight", "bits_per_weight"), ("model GB", "gb"), ("ratio", "ratio")],
+                         value="bits_per_weight", allow_blank=False, id="pf_x", compact=True)
+            yield Select([("delta PPL %", "delta_ppl_pct"), ("KL", "kl"), ("PPL", "ppl")], value="delta_ppl_pct",
                          allow_blank=False, id="pf_y", compact=True)
+            yield Input("", placeholder="limit", type="number", id="pf_limit", compact=True,
+                        tooltip="runs above this are drawn as off-scale markers (empty: the metric's default)")
             yield Button("Refresh", id="pf_refresh", compact=True)
         with Horizontal(classes="body"):
             yield PlotextPlot(id="pf_plot")
             t = DataTable(id="pf_table", zebra_stripes=True, cursor_type="row")
-            t.add_columns("run", "ratio", "y", "front")
+            t.add_columns("front", "y", "b/w", "GB", "run")
             yield t
 
+    def on_mount(self) -> None:
+        self.signature = None
+        self.set_interval(3.0, self.follow_folder)
+
+    def folder(self) -> str:
+        return os.path.expanduser(self.query_one("#pf_folder", Input).value.strip() or ".")
+
+    def folder_signature(self) -> tuple:
+        sig = []
+        for root, _dirs, files in os.walk(self.folder()):
+            for name in files:
+                if name.endswith(".json"):
+                    try:
+                        st = os.stat(os.path.join(root, name))
+                    except OSError:
+                        continue
+                    sig.append((root, name, st.st_mtime_ns, st.st_size))
+        return tuple(sorted(sig))
+
+    def follow_folder(self) -> None:
+        if getattr(self, "points", None) is None:
+            return
+        sig = self.folder_signature()
+        if sig != self.signature:
+            self.refresh_chart(quiet=True)
+
     @on(Select.Changed, "#pf_y")
-    def y_changed(self) -> None:
+    @on(Select.Changed, "#pf_x")
+    @on(Input.Submitted, "#pf_limit")
+    def axes_changed(self) -> None:
         if getattr(self, "points", None) is not None:
             self.refresh_chart(quiet=True)
 
@@ -628,19 +748,42 @@ class ParetoPane(Vertical):
     def refresh_pressed(self) -> None:
         self.refresh_chart()
 
+    def limit(self, y_key: str) -> float | None:
+        text = self.query_one("#pf_limit", Input).value.strip()
+        try:
+            return float(text) if text else charts.DEFAULT_LIMITS.get(y_key)
+        except ValueError:
+            return charts.DEFAULT_LIMITS.get(y_key)
+
     def refresh_chart(self, quiet: bool = False) -> None:
-        folder = os.path.expanduser(self.query_one("#pf_folder", Input).value.strip() or ".")
+        folder = self.folder()
         y_key = self.query_one("#pf_y", Select).value
+        x_key = self.query_one("#pf_x", Select).value
+        self.signature = self.folder_signature()
         self.points = charts.evidence_points(folder)
         plot = self.query_one("#pf_plot", PlotextPlot)
-        mask = charts.draw_pareto(plot.plt, self.points, y_key)
+        limit = self.limit(y_key)
+        mask = charts.draw_pareto(plot.plt, self.points, y_key, x_key, limit)
         plot.refresh()
         t = self.query_one("#pf_table", DataTable)
         t.clear()
-        for p, m in sorted(zip(self.points, mask), key=lambda pm: (not pm[1], -(pm[0].get("ratio") or 0))):
-            t.add_row(p["label"], fmt(p.get("ratio"), 3), fmt(p.get(y_key), 3), Text("*", style="bold green") if m else "")
+        order = sorted(zip(self.points, mask), key=lambda pm: (not pm[1], pm[0].get(y_key) is None,
+                                                                pm[0].get(y_key) or 0))
+        self.rows = [p["path"] for p, _ in order]
+        for p, m in order:
+            y = p.get(y_key)
+            mark = Text("*", style="bold green") if m else (
+                Text("off", style="red") if limit is not None and isinstance(y, (int, float)) and y > limit else "")
+            t.add_row(mark, fmt(y, 3), fmt(p.get("bits_per_weight"), 3), fmt(p.get("gb"), 3), p["label"])
         if not self.points and not quiet:
             self.app.notify(escape(f"no evidence JSON under {folder!r}"), severity="warning")
+
+    @on(DataTable.RowSelected, "#pf_table")
+    def open_run(self, event: DataTable.RowSelected) -> None:
+        """Enter on a run: its evidence in the Evidence tab."""
+        path = self.rows[event.cursor_row]
+        self.app.query_one(TabbedContent).active = "evidence"
+        self.app.query_one(EvidencePane).show_file(path)
 
 
 class PlannerPane(Vertical):

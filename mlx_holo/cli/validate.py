@@ -5,8 +5,9 @@ never the thresholds recorded in the file. Every file must match the schema, eve
 (delta_ppl_pct, ratio, bits/weight, cos_min, the byte total) must agree, and every value must be possible.
 --folder DIR also checks the output files against the hashes the evidence recorded; --rescore (with --folder)
 measures the folder again against the recorded base on the recorded evaluation text and compares every metric
-within RESCORE_TOLERANCE (different machines round differently: about 0.5% in PPL has been seen). Exit 0 only when
-every file is GO; 1 when any is NO-GO; 2 on bad usage.
+within RESCORE_TOLERANCE (different machines round differently: about 0.5% in PPL has been seen). --compare A B
+prints two files side by side (``evidence.compare``). Exit 0 only when every file is GO; 1 when any is NO-GO; 2 on
+bad usage.
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def _main(argv) -> int:
     ap.add_argument("--folder", default=None, help="check the output files against the recorded hashes (one "
                     "evidence file)")
     ap.add_argument("--rescore", action="store_true", help="with --folder: measure the metrics again and compare")
+    ap.add_argument("--compare", action="store_true", help="two evidence files side by side: recipe fields that "
+                    "differ, metrics, size, the policy's gates (exit as for validate)")
     args = ap.parse_args(argv)
     try:
         gates = policy_gates(args)
@@ -84,6 +87,15 @@ def _main(argv) -> int:
     if (args.folder and len(args.files) != 1) or (args.rescore and not args.folder):
         print("error: --folder checks one evidence file; --rescore needs --folder", file=sys.stderr)
         return 2
+    if args.compare:
+        if len(args.files) != 2 or args.folder:
+            print("error: --compare takes exactly two evidence files (and no --folder)", file=sys.stderr)
+            return 2
+        a, b = (evidence.load(f) for f in args.files)
+        c = evidence.compare(a, b, gates)
+        print(evidence.format_compare(c, tuple(Path(f).parent.name or f for f in args.files)
+                                      if Path(args.files[0]).name == Path(args.files[1]).name else tuple(args.files)))
+        return 0 if c["verdicts"] == ("GO", "GO") else 1
     bad = 0
     for f in args.files:
         try:
