@@ -144,7 +144,7 @@ def test_pareto_front_minimising_size_and_log_placement():
     where = charts.placed([{"kl": 0.2}, {"kl": 40.0}, {"kl": -0.1}, {"kl": None}], "kl", 5.0)
     assert [w["off"] for w in where] == [False, True, False, False]
     assert [w["y"] for w in where] == [0.2, 5.0, charts.LOG_FLOOR["kl"], None]
-    assert charts.run_label({"method": "gptq", "bits": 4, "group_size": 64}, 4.5, "out") == "gptq4 g64 4.50b/w out"
+    assert charts.run_label({"method": "gptq", "bits": 4, "group_size": 64}, 4.5, "out") == "out: gptq4 g64 4.50b/w"
     assert charts.run_label({"method": "sparsegpt", "sparsity": 0.5, "nm": "2:4"}, None, "") == "sparsegpts0.5 2:4"
 
 
@@ -156,7 +156,7 @@ def test_evidence_points(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     pts = charts.evidence_points(str(tmp_path))
     assert sorted(p["kind"] for p in pts) == ["rtn4", "rtn8"]
-    assert sorted(p["label"].split()[-1] for p in pts) == ["a", "b"]  # the run: the evidence file's name
+    assert sorted(p["label"].split(":")[0] for p in pts) == ["a", "b"]  # the run: the evidence file's name
     assert charts.evidence_points(str(tmp_path / "missing")) == []
 
 
@@ -484,7 +484,7 @@ def test_pareto_tab(tmp_path):
             await pilot.pause()
             pane = app.query_one("#pareto_pane")
             rows = cells(pane.query_one("#pf_table", DataTable))
-            front = {r[-1].split()[-1] for r in rows if r[0] == "*"}
+            front = {r[-1].split(":")[0] for r in rows if r[0] == "*"}
             # bits/weight vs delta-PPL: rtn8 (~0%), rtn4 (4.1%), rtn2 (52%) and the collapsed 2-bit run (the
             # smallest) are optimal; rtn3 (52% at more bits than rtn2) is dominated
             assert front == {"d_rtn8", "a_go", "c_forged", "e_collapsed"} and len(rows) == 5
@@ -493,7 +493,7 @@ def test_pareto_tab(tmp_path):
             assert "(log)" in screen_text(app)
             pane.query_one("#pf_y", Select).value = "ppl"
             await pilot.pause()
-            assert cells(pane.query_one("#pf_table", DataTable))[0][-1].endswith("d_rtn8")
+            assert cells(pane.query_one("#pf_table", DataTable))[0][-1].startswith("d_rtn8:")
             limit = pane.query_one("#pf_limit", Input)
             limit.value = "25"
             limit.focus()

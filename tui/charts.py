@@ -42,8 +42,8 @@ def pareto_front(points: Sequence[tuple[float | None, float | None]], maximize_x
 
 
 def run_label(recipe: dict, bits_per_weight, folder: str) -> str:
-    """What tells runs apart: method, bits (or sparsity), group size, bits/weight and the output folder, e.g.
-    ``gptq4 g64 4.50b/w smollm2-gptq4``."""
+    """What tells runs apart: the output folder, method, bits (or sparsity), group size and bits/weight, e.g.
+    ``smollm2-gptq4: gptq4 g64 4.50b/w``."""
     label = str(recipe.get("method", "?"))
     if isinstance(recipe.get("bits"), int):
         label += f"{recipe['bits']}"
@@ -57,7 +57,7 @@ def run_label(recipe: dict, bits_per_weight, folder: str) -> str:
         label += f" g{recipe['group_size']}"
     if _finite(bits_per_weight):
         label += f" {bits_per_weight:.2f}b/w"
-    return f"{label} {folder}" if folder else label
+    return f"{folder}: {label}" if folder else label  # the run first: what a narrow column still shows
 
 
 def evidence_points(folder: str) -> list[dict]:
