@@ -468,6 +468,23 @@ def test_evidence_viewer(tmp_path):
             assert str(verdict.render()) == "NO-GO"
             assert "contradicts" in str(pane.query_one("#ev_verdict .failures", Static).render())
 
+            # two runs side by side: the one shown becomes A, the next chosen B
+            pane.show_file(str(tmp_path / "a_go.json"))
+            await pilot.click("#ev_compare_btn")
+            await pilot.pause()
+            pane.show_file(str(tmp_path / "b_nogo.json"))
+            await pilot.pause()
+            table = pane.query_one("#ev_compare", DataTable)
+            assert table.display and not pane.query_one("#ev_metrics", DataTable).display
+            rows = {r[0]: r[1:] for r in cells(table)}
+            assert rows["verdict"] == ["GO", "NO-GO"]
+            assert rows["ppl"] == ["20.5", "30"]
+            assert rows["recipe bits"] == ["4", "3"]
+            assert rows["delta_ppl_pct<=10"][0].endswith("ok") and rows["delta_ppl_pct<=10"][1].endswith("FAIL")
+            await pilot.click("#ev_compare_btn")                       # back to one run
+            await pilot.pause()
+            assert not table.display and pane.query_one("#ev_metrics", DataTable).display
+
     run(flow())
 
 
@@ -513,35 +530,6 @@ def test_pareto_tab(tmp_path):
             ev_pane = app.query_one("#evidence_pane")
             assert str(ev_pane.query_one("#ev_verdict .verdict", Static).render()) in ("GO", "NO-GO")
             assert ev_pane.shown.endswith(".json")
-
-    run(flow())
-
-
-def test_evidence_compare_two_runs(tmp_path):
-    _write_evidence_folder(tmp_path)
-
-    async def flow():
-        from textual.widgets import DataTable
-
-        app = new_app(evidence_dir=str(tmp_path))
-        async with app.run_test(size=(100, 30)) as pilot:
-            await pilot.press("f4")
-            pane = app.query_one("#evidence_pane")
-            pane.show_file(str(tmp_path / "a_go.json"))
-            await pilot.click("#ev_compare_btn")
-            await pilot.pause()
-            pane.show_file(str(tmp_path / "b_nogo.json"))
-            await pilot.pause()
-            table = pane.query_one("#ev_compare", DataTable)
-            assert table.display and not pane.query_one("#ev_metrics", DataTable).display
-            rows = {r[0]: r[1:] for r in cells(table)}
-            assert rows["verdict"] == ["GO", "NO-GO"]
-            assert rows["ppl"] == ["20.5", "30"]
-            assert rows["recipe bits"] == ["4", "3"]
-            assert rows["delta_ppl_pct<=10"][0].endswith("ok") and rows["delta_ppl_pct<=10"][1].endswith("FAIL")
-            await pilot.click("#ev_compare_btn")                       # back to one run
-            await pilot.pause()
-            assert not table.display and pane.query_one("#ev_metrics", DataTable).display
 
     run(flow())
 
