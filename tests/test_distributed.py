@@ -111,6 +111,9 @@ COMMON = ["--calib-tokens", "512", "--calib-seq-len", "64", "--eval-tokens", "25
     ["--method", "gptq", "--bits", "4", "--group-size", "32"],   # true-sequential stages, QEP's float stream
     ["--method", "awq", "--bits", "3", "--group-size", "32"],    # the scale search on every window
     ["--method", "sparsegpt", "--sparsity", "0.5", "--recover", "admm"],
+    ["--method", "mixed", "--bits", "3", "--bits-per-weight", "4.5", "--group-size", "32"],
+    ["--method", "wanda", "--nm", "2:4", "--bits", "4", "--group-size", "32"],
+    ["--method", "rtn", "--bits", "4", "--group-size", "32"],     # data-free: only the layers are shared
 ])
 def test_two_ranks_give_one_process_output(tmp_path, tiny_model_dir, text_file, method):
     args = ["--model", str(tiny_model_dir), "--calib-corpus", str(text_file), "--eval-corpus", str(text_file),
