@@ -33,6 +33,9 @@ RTN_CHUNK = 1 << 24   # quant.rtn.CHUNK_ELEMENTS (kept here: this module stays M
 GPTQ_CHUNK = 1 << 25  # quant.gptq.CHUNK_ELEMENTS
 HEAD_GPTQ_CHUNK = 1 << 22  # pipeline.head.HEAD_GPTQ_ELEMENTS
 F32 = 4
+# per element of an [in, in] Hessian at GPTQ's peak: H (float32), its float64 copy, the permuted float64 copy that
+# quant.gptq.inverse_cholesky factors in place, the float32 factor
+HESSIAN_BYTES = F32 + 8 + 8 + F32
 LOGIT_SLICE = 1 << 24  # evaluation.LOGIT_ELEMENTS
 
 # what lowers each phase, for the error message
@@ -108,7 +111,7 @@ def estimate(config: dict, recipe, *, eval_tokens: int = 8192, eval_seq_len: int
 
     blocks = {"block_float32": block * F32, "layer_copies": 2 * largest * F32,
               "layer_work": work(largest, gptq_like and recipe.bits is not None),
-              "hessian": (largest_in ** 2) * (F32 + 16) if calib else 0,  # H float32 + float64 inverse, factor
+              "hessian": (largest_in ** 2) * HESSIAN_BYTES if calib else 0,
               "calibration": (stream * 2 + captured) * (2 if qep else 1), "output_shard": shard,
               "runtime": RUNTIME_BYTES}
     stored = F32 if config.get("torch_dtype") == "float32" else 2  # bytes a weight of the tables as read
@@ -121,7 +124,7 @@ def estimate(config: dict, recipe, *, eval_tokens: int = 8192, eval_seq_len: int
                                gptq_like and recipe.gptq_head),
             "head_inputs": tokens * D * F32 * (2 if qep and tables == 2 else 1) if gptq_like and recipe.gptq_head
             else 0,
-            "hessian": D * D * (F32 + 16) if gptq_like and recipe.gptq_head else 0, "output_shard": shard,
+            "hessian": D * D * HESSIAN_BYTES if gptq_like and recipe.gptq_head else 0, "output_shard": shard,
             "runtime": RUNTIME_BYTES}
     phases = {"blocks": blocks, "head": head}
     if rotated:

@@ -42,21 +42,31 @@ Progress = Callable[[str, int, int], None]
 CHUNK_ELEMENTS = 1 << 25  # gptq_quantize works on at most this many weights at once (larger: slices of rows)
 
 
-def inverse_cholesky(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
+def inverse_cholesky(H: np.ndarray, damp: float = 0.01, overwrite: bool = False) -> np.ndarray:
     """H [in, in] (dead inputs already fixed) -> upper U [in, in] with U^T U = (H + damp * mean(diag H) I)^-1.
 
-    float64 numpy: the matrix is small and the factorisation is the numerically delicate step.
+    float64, the factorisation being the numerically delicate step, and in place: one [in, in] float64 array is
+    the whole working set (``overwrite``: H's own, when it is a float64 C-ordered array the caller no longer needs).
+    As the GPTQ reference does it: the Cholesky factor of the damped H, the inverse from it (LAPACK potri), and the
+    upper Cholesky factor of that inverse. LAPACK reads the C-ordered array as its Fortran-ordered transpose, so
+    its "lower" factors land in the upper triangle here.
     """
-    H = np.asarray(H, dtype=np.float64)
-    n = H.shape[0]
-    Hd = H + damp * float(np.mean(np.diag(H))) * np.eye(n)
-    try:
-        Hinv = np.linalg.inv(Hd)
-        L = np.linalg.cholesky((Hinv + Hinv.T) / 2)
-    except np.linalg.LinAlgError:
-        raise ValueError(f"H + {damp} * mean(diag H) * I is not positive definite; raise damp or check the "
-                         "calibration statistics (NaN/inf?)") from None
-    return np.ascontiguousarray(L.T)
+    from scipy.linalg import lapack
+
+    A = H if overwrite and H.dtype == np.float64 and H.flags.c_contiguous else np.array(H, dtype=np.float64)
+    n = A.shape[0]
+    A.flat[:: n + 1] += damp * float(np.mean(np.diag(A)))
+    B = A.T  # the same memory, Fortran-ordered: LAPACK works on it in place
+    for step, fn in (("factor", lapack.dpotrf), ("invert", lapack.dpotri), ("factor the inverse", lapack.dpotrf)):
+        out, info = fn(B, lower=1, overwrite_a=1) if fn is lapack.dpotrf else fn(B, lower=1, overwrite_c=1)
+        if info != 0 or out.ctypes.data != B.ctypes.data:
+            if info != 0:
+                raise ValueError(f"H + {damp} * mean(diag H) * I is not positive definite ({step}: LAPACK info "
+                                 f"{info}); raise damp or check the calibration statistics (NaN/inf?)")
+            B[...] = out  # LAPACK made a copy after all: take its result
+    for i in range(1, n):  # what potri/potrf leave below the diagonal is not part of U
+        A[i, :i] = 0.0
+    return A
 
 
 def refit_params(w: mx.array, H: np.ndarray, codes: mx.array, scales: mx.array, biases: mx.array, group_size: int,
@@ -156,7 +166,8 @@ def gptq_pass(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order
     importance = mx.array(diag.astype(np.float32)) if clip_search or fit in REFINES else None  # E[x_i^2]
 
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n_in)
-    U = mx.array(inverse_cholesky(Hn[np.ix_(perm, perm)], damp).astype(np.float32))  # [in, in] upper, permuted
+    U = inverse_cholesky(Hn[np.ix_(perm, perm)], damp, overwrite=True).astype(np.float32)  # [in, in] upper, perm.
+    U = mx.array(U)  # (the float64 factor is gone before this copy: at most H, Hn, the factor and one float32 U)
 
     if grid is not None:
         scales, biases = grid
