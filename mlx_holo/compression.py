@@ -131,6 +131,9 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
         corpus_e = data.load_corpus(eval_corpus)
         if eval_tokens > 0:
             wins = data.text_windows(tok, corpus_e, eval_tokens, eval_seq_len)
+            if world.distributed and wins.shape[0] < world.size:
+                raise DistributedError(f"{wins.shape[0]} evaluation windows cannot be shared by {world.size} ranks: "
+                                       f"raise --eval-tokens to at least {world.size * eval_seq_len}")
             if bm is not None:  # a base held in memory (benchmarks scoring many variants against it)
                 metrics = compare(open_model(str(tmp))[0], bm, wins, rotation=config_rotation(config),
                                   on_progress=on_progress).to_dict()

@@ -71,6 +71,9 @@ def assert_same_output(one: Path, two: Path, metric_rtol=1e-4, codes_differ=0.0)
             np.testing.assert_allclose(np.array(a[k].astype(mx.float32)), np.array(b[k].astype(mx.float32)),
                                        rtol=1e-3, atol=1e-4, err_msg=k)
     ea, eb = (json.loads((d / "evidence.json").read_text()) for d in (one, two))
+    assert ea.get("group_fallback") == eb.get("group_fallback")
+    assert [(r["name"], r["bits"], r["group_size"]) for r in ea["layers"]] == \
+        [(r["name"], r["bits"], r["group_size"]) for r in eb["layers"]]
     for m in ("ppl", "base_ppl", "kl", "top1", "cos_min"):
         assert ea["metrics"][m] == pytest.approx(eb["metrics"][m], rel=metric_rtol, abs=1e-6), m
     assert "distributed" not in ea
@@ -114,6 +117,7 @@ COMMON = ["--calib-tokens", "512", "--calib-seq-len", "64", "--eval-tokens", "25
     ["--method", "mixed", "--bits", "3", "--bits-per-weight", "4.5", "--group-size", "32"],
     ["--method", "wanda", "--nm", "2:4", "--bits", "4", "--group-size", "32"],
     ["--method", "rtn", "--bits", "4", "--group-size", "32"],     # data-free: only the layers are shared
+    ["--method", "gptq", "--bits", "4", "--group-size", "-1", "--no-quantize-embeddings"],  # per-row groups
 ])
 def test_two_ranks_give_one_process_output(tmp_path, tiny_model_dir, text_file, method):
     args = ["--model", str(tiny_model_dir), "--calib-corpus", str(text_file), "--eval-corpus", str(text_file),

@@ -156,15 +156,16 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
             owners = world.assign([mods[p].weight.size for p in group])
             done = {}
             for j, path in enumerate(group):
-                if owners[j] != world.rank:
-                    continue
                 lin = mods[path]
                 full = f"{prefix}.{i}.{path}"
+                # every rank records the layer's format (its group-size fallback goes into the evidence)
+                bits, g = layer_format(full, lin.weight.shape[-1], layer_bits, recipe, res.fallback)
+                if owners[j] != world.rank:
+                    continue
                 ts = time.perf_counter()
                 w = lin.weight.astype(mx.float32)
                 Xl = Xg.get(path)
                 H = hessian(Xl) if Xl is not None else None
-                bits, g = layer_format(full, w.shape[-1], layer_bits, recipe, res.fallback)
                 q, w_hat, sparsity = compress_weight(w, Xl, H, Xg_fp.get(path), block_recipe, quant_method, bits, g,
                                                      s, full)
                 if q is None or x is not None:  # data-free: no later step reads the dequantized weight
@@ -193,10 +194,10 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         done = {}
         for j, (path, sw) in enumerate(experts):
             routed = gather(X.get(path, (None, None)))  # a collective: every rank takes part
-            if owners[j] != world.rank:
-                continue
             full = f"{prefix}.{i}.{path}"
             bits, g = layer_format(full, sw.weight.shape[-1], layer_bits, recipe, res.fallback)
+            if owners[j] != world.rank:
+                continue
             record, q, w_hat = compress_experts(sw.weight, full, routed, recipe, quant_method, bits, g, s)
             sw.weight = w_hat  # later blocks see the compressed experts
             done[path] = (q, None if q is not None else w_hat, record)
