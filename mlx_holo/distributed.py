@@ -4,7 +4,7 @@ A job launched by ``mlx.launch`` (ring/TCP, MPI or Thunderbolt backends; the lau
 host file) runs the same command on every rank. Each rank pushes a contiguous share of the windows through each
 block; the inputs of a block's linears are gathered in rank order, so every rank holds exactly the rows a single
 process would have (and every method -- GPTQ's Hessians, Wanda's norms, AWQ's search, QEP's statistics -- sees the
-same numbers); each layer is then compressed by one rank (``owner``) and its result exchanged, so every rank carries
+same numbers); each layer is then compressed by one rank (``assign``) and its result exchanged, so every rank carries
 the same compressed block forward. Evaluation splits its windows the same way and adds the ranks' sums.
 
 The collectives are ``all_sum`` and ``all_gather`` only (what every backend implements). ``World.sent`` counts the
