@@ -77,8 +77,8 @@ class World:
         the n rows of every rank, concatenated in rank order [n * k, ...]."""
         if not self.distributed:
             return x
-        k = x.shape[0] // max(1, self.share(n)[1] - self.share(n)[0]) if x.shape[0] else 0
-        k = mx.array([k], dtype=mx.int32)
+        a, b = self.share(n)
+        k = mx.array([x.shape[0] // max(1, b - a) if x.shape[0] else 0], dtype=mx.int32)
         k = int(self._collect(mx.distributed.all_gather, k).max().item())  # rows per item (ranks with none: 0)
         counts = [(b - a) * k for a, b in (share_bounds(n, self.size, r) for r in range(self.size))]
         m = max(counts)
