@@ -75,7 +75,7 @@ async def wait_for(pilot, cond, timeout: float = 60.0) -> None:  # generous: a l
     t0 = time.monotonic()
     while not cond():
         if time.monotonic() - t0 > timeout:
-            raise AssertionError("condition not reached")
+            raise AssertionError("condition not reached; the screen:\n" + screen_text(pilot.app))
         await pilot.pause(0.02)
 
 
@@ -235,6 +235,8 @@ def test_compress_flow_go_then_no_go(monkeypatch, tmp_path):
             assert len(cells(table)) == 2 and cells(table)[1][-1] == "NO-GO"
             assert str(pane.query_one("#verdict .verdict", Static).render()) == "NO-GO"
             assert "delta_ppl_pct" in str(pane.query_one("#verdict .failures", Static).render())
+            # at 100x30 the runs table has room for both rows (the recipe is painted once per row)
+            await wait_for(pilot, lambda: screen_text(app).count("gptq 3b g32") == 2)
 
     run(flow())
 
