@@ -193,7 +193,7 @@ def speed(args, copy_gbs: float) -> list[dict]:
             t = timeit(lambda: [K.replica_matvec(x, wq, S, B, bits, gs, backend="cuda")
                                 for (wq, _, _), (S, B) in zip(layers, reps[k])], args.iters)
             record("replica_matvec", k, t, K.launch_config(bits, n_in, n_out, 1, k))
-        del layers, reps
+        layers = reps = None  # release before the next bit-width
         mx.clear_cache()
     return rows
 

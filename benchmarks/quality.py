@@ -190,7 +190,6 @@ def run_mlx_lm_dwq(src: Path, teacher: Path, out: Path, bits: int, group: int, c
     matmuls crawl on a CPU, and float32 training loses nothing DWQ's bfloat16 default keeps; the tuned scales and
     biases are stored back in src's dtype, saved with ``mlx_lm.utils.save``. The quantized layers compute through
     ``FloatQuantized``. -> seconds."""
-    import copy
 
     import mlx.core as mx
     import mlx.optimizers as optim
