@@ -241,6 +241,29 @@ def test_gptq_in_row_slices_matches_whole(monkeypatch):
     H = (x.T @ x) / x.shape[0]
     whole = gptq.gptq_quantize(w, H, 3, 64)
     monkeypatch.setattr(gptq, "CHUNK_ELEMENTS", 64 * 128)  # 64-row slices, the last shorter
+    factorised = []
+    real = gptq.inverse_cholesky
+    monkeypatch.setattr(gptq, "inverse_cholesky", lambda *a, **k: factorised.append(1) or real(*a, **k))
     sliced = gptq.gptq_quantize(w, H, 3, 64)
+    assert len(factorised) == 1  # H's O(in^3) factor made once for the 4 slices
     assert np.mean(np.array(whole.codes) == np.array(sliced.codes)) > 0.999
     np.testing.assert_allclose(np.array(sliced.dequantize()), np.array(whole.dequantize()), atol=1e-3)
+
+
+def test_hessian_factor_given_equals_computed():
+    """A factor made beforehand gives the same result as the one gptq_pass makes; one made for another damp or
+    ordering is refused."""
+    from mlx_holo.quant import gptq
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((48, 64)).astype(np.float32)
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    x[:, 5] = 0.0  # a dead input
+    H = mx.array(x.T @ x / 256)
+    own, C_own = gptq.gptq_pass(mx.array(w), H, 4, 32)
+    f = gptq.hessian_factor(H, 0.01, True)
+    assert f.dead[5] and f.dead.sum() == 1 and f.diag[5] == 1.0 and sorted(f.perm) == list(range(64))
+    given, C_given = gptq.gptq_pass(mx.array(w), H, 4, 32, factor=f)
+    assert mx.array_equal(own.codes, given.codes).item() and mx.array_equal(C_own, C_given).item()
+    with pytest.raises(ValueError, match="another damp"):
+        gptq.gptq_pass(mx.array(w), H, 4, 32, damp=0.1, factor=f)

@@ -218,6 +218,26 @@ def test_gptq_head_lowers_the_tied_head_error(tiny_model_dir, text_file):
     assert err[True] is not None and err[True] < 0.9 * err[False], err
 
 
+def test_head_gptq_in_slices_factors_h_once(tiny_model_dir, text_file, monkeypatch):
+    """A table GPTQ'd in slices of rows: H's factor is made once for all slices, and the result is the one pass
+    over the whole table."""
+    from mlx_holo.quant import gptq
+
+    calib = make_calib(tiny_model_dir, text_file, 256, 128)
+    head_x = head.forward_head_inputs(models.open_model(str(tiny_model_dir), lazy=True)[0], calib)
+    H = capture.hessian(head_x)
+    table = models.open_model(str(tiny_model_dir), lazy=True)[0].model.embed_tokens
+    recipe = Recipe(method="gptq", bits=3)
+    whole = gptq.gptq_quantize(table.weight.astype(mx.float32), H, 3, 64, damp=recipe.head_damp).dequantize()
+    factorised = []
+    real = gptq.inverse_cholesky
+    monkeypatch.setattr(gptq, "inverse_cholesky", lambda *a, **k: factorised.append(1) or real(*a, **k))
+    monkeypatch.setattr(head, "HEAD_GPTQ_ELEMENTS", table.weight.size // 5)
+    qw, _ = head.quantize_table(table, 3, 64, recipe, H)
+    assert len(factorised) == 1
+    assert mx.allclose(qw.dequantize(), whole, atol=1e-6).item()
+
+
 def test_embed_first_feeds_the_blocks_the_quantized_table(tiny_model_dir, text_file, monkeypatch):
     """embed_first: the tied table is GPTQ'd on the float model's head inputs before the blocks, and block 0
     calibrates on the quantized table's lookups (without it, on the float table's)."""

@@ -15,7 +15,7 @@ from ..model.structure import (block_prefix, blocks, final_norm, get_module, hea
                                release_block)
 from ..model.tables import n_rows, release_table, row_slices, table_rows, table_width
 from ..quant.formats import QuantizedWeight, concat_rows, float_quantize
-from ..quant.gptq import gptq_quantize
+from ..quant.gptq import HessianFactor, gptq_quantize, hessian_factor
 from ..quant.qep import propagation_stats, qep_apply, qep_matrix
 from ..quant.rtn import quantize_rtn
 from ..recipe import Recipe
@@ -47,10 +47,17 @@ def forward_head_inputs(model: nn.Module, calib: mx.array, *, release: bool = Tr
     return head_inputs(model, x)
 
 
-def gptq_head(w: mx.array, H: mx.array, bits: int, group_size: int, recipe: Recipe) -> QuantizedWeight:
-    """The output head's GPTQ (an lm_head, or a tied table) on its inputs' H, with the head's damping."""
+def gptq_head(w: mx.array, H: mx.array, bits: int, group_size: int, recipe: Recipe,
+              factor: HessianFactor | None = None) -> QuantizedWeight:
+    """The output head's GPTQ (an lm_head, or a tied table) on its inputs' H, with the head's damping (``factor``:
+    ``head_factor(H, recipe)``, made once for all of a table's slices)."""
     return gptq_quantize(w, H, bits, group_size, act_order=recipe.act_order, damp=recipe.head_damp,
-                         fit=grid_fit(recipe, bits, compensated=True), iters=recipe.gptq_iters)
+                         fit=grid_fit(recipe, bits, compensated=True), iters=recipe.gptq_iters, factor=factor)
+
+
+def head_factor(H: mx.array, recipe: Recipe) -> HessianFactor:
+    """H of the head's inputs -> GPTQ's factor of it at the head's damping."""
+    return hessian_factor(H, recipe.head_damp, recipe.act_order)
 
 
 HEAD_GPTQ_ELEMENTS = 1 << 22  # weights of a table GPTQ'd at once: its pass holds ~15 float32 copies of them
@@ -69,6 +76,7 @@ def quantize_table(table: nn.Module, bits: int, group_size: int, recipe: Recipe,
     parts, num, den = [], 0.0, 0.0
     width = table_width(table)
     gptq = recipe.mode == "affine" and H is not None and recipe.gptq_head
+    factor = head_factor(H, recipe) if gptq else None  # one O(D^3) factorisation for every slice of rows
     for k, (r0, r1) in enumerate(row_slices(n_rows(table), width, HEAD_GPTQ_ELEMENTS if gptq else None)):
         w = table_rows(table, r0, r1)  # [rows, D] float32
         if recipe.mode != "affine":
@@ -76,7 +84,7 @@ def quantize_table(table: nn.Module, bits: int, group_size: int, recipe: Recipe,
             continue
         if gptq:
             target = w if qep is None else qep_apply(w, qep, recipe.qep_alpha)
-            qw = gptq_head(target, H, bits, group_size, recipe)
+            qw = gptq_head(target, H, bits, group_size, recipe, factor)
         else:
             qw = quantize_rtn(w, bits, group_size, fit=grid_fit(recipe, bits, compensated=False), seed=k)
         if H is not None:

@@ -28,6 +28,7 @@ The default is one pass (what more passes measured: docs/experiments.md).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
@@ -67,6 +68,37 @@ def inverse_cholesky(H: np.ndarray, damp: float = 0.01, overwrite: bool = False)
     for i in range(1, n):  # what potri/potrf leave below the diagonal is not part of U
         A[i, :i] = 0.0
     return A
+
+
+@dataclass
+class HessianFactor:
+    """What GPTQ derives from H alone, shared by every row slice of a weight (rows are independent given H): the
+    column order, the dead inputs, H's diagonal and the upper factor U of the damped inverse (``inverse_cholesky``,
+    in the column order) -- the O(in^3) step, done once per H instead of once per slice."""
+    perm: np.ndarray   # [in] int: columns by decreasing H_ii (act-order) or 0..in-1
+    dead: np.ndarray   # [in] bool: H_ii == 0
+    diag: np.ndarray   # [in] float64: H_ii, dead ones set to 1
+    U: np.ndarray      # [in, in] float32, upper, permuted
+    damp: float
+    act_order: bool
+
+
+def hessian_factor(H: mx.array | np.ndarray, damp: float = 0.01, act_order: bool = True) -> HessianFactor:
+    """H [in, in] -> its ``HessianFactor`` (dead inputs get H_ii = 1; ``damp`` as in ``inverse_cholesky``)."""
+    Hn = np.array(H, dtype=np.float64)  # [in, in]
+    if Hn.ndim != 2 or Hn.shape[0] != Hn.shape[1]:
+        raise ValueError(f"H must be square, got {Hn.shape}")
+    if not np.all(np.isfinite(Hn)):
+        raise ValueError("H contains NaN or inf")
+    diag = np.diag(Hn).copy()
+    dead = diag == 0
+    Hn[dead, dead] = 1.0
+    diag[dead] = 1.0
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(Hn.shape[0])
+    if act_order:
+        Hn = Hn[np.ix_(perm, perm)]
+    U = inverse_cholesky(Hn, damp, overwrite=True).astype(np.float32)  # [in, in] upper, permuted
+    return HessianFactor(perm, dead, diag, U, damp, act_order)
 
 
 def refit_params(w: mx.array, H: np.ndarray, codes: mx.array, scales: mx.array, biases: mx.array, group_size: int,
@@ -115,15 +147,17 @@ def gptq_pass(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order
           block_size: int = 128, scale_dtype=mx.float16, clip_search: bool = False,
           static_groups: bool | None = None, keep: mx.array | None = None, on_progress: Progress | None = None,
           fit: str = "lsq", refit: bool = True, grid: tuple[mx.array, mx.array] | None = None,
-          iters: int = 1) -> tuple[QuantizedWeight, mx.array]:
+          iters: int = 1, factor: HessianFactor | None = None) -> tuple[QuantizedWeight, mx.array]:
     """GPTQ core -> (QuantizedWeight, committed weight [out, in]); qw.dequantize() == committed exactly.
 
-    grid: fixed (scales, biases) [out, G] to round on (static groups); iters: see the module docstring."""
+    grid: fixed (scales, biases) [out, G] to round on (static groups); iters: see the module docstring;
+    factor: ``hessian_factor(H, damp, act_order)`` when the caller already has it (slices of one weight)."""
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     if iters > 1:
+        factor = factor or hessian_factor(H, damp, act_order)
         kw = dict(act_order=act_order, damp=damp, block_size=block_size, scale_dtype=scale_dtype,
-                  clip_search=clip_search, keep=keep, on_progress=on_progress, fit=fit, refit=refit)
+                  clip_search=clip_search, keep=keep, on_progress=on_progress, fit=fit, refit=refit, factor=factor)
         qw, C = gptq_pass(w, H, bits, group_size, static_groups=static_groups, grid=grid, **kw)
         H_obj = layer_objective_hessian(H)
         best = _objective(w, C, H_obj)
@@ -142,21 +176,19 @@ def gptq_pass(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order
     g = n_in if group_size == -1 else group_size
     if n_in % g:
         raise FormatError(f"input width {n_in} is not a multiple of group_size={g}")
-    Hn = np.array(H, dtype=np.float64)  # [in, in]
-    if Hn.shape != (n_in, n_in):
-        raise ValueError(f"H must be [{n_in}, {n_in}] for a weight of shape {tuple(w.shape)}, got {Hn.shape}")
-    if not np.all(np.isfinite(Hn)):
-        raise ValueError("H contains NaN or inf")
+    if tuple(H.shape) != (n_in, n_in):
+        raise ValueError(f"H must be [{n_in}, {n_in}] for a weight of shape {tuple(w.shape)}, got {tuple(H.shape)}")
     maxq = 2**bits - 1
     static = act_order if static_groups is None else static_groups
     if act_order and not static:
         raise ValueError("act_order needs static groups: dynamic groups over permuted columns are not MLX format")
     static = static or group_size == -1 or grid is not None  # per-row groups: range known before the loop anyway
 
-    diag = np.diag(Hn).copy()
-    dead = diag == 0
-    Hn[dead, dead] = 1.0
-    diag[dead] = 1.0
+    if factor is None:
+        factor = hessian_factor(H, damp, act_order)
+    elif (factor.damp, factor.act_order, factor.U.shape[0]) != (damp, act_order, n_in):
+        raise ValueError("factor was made for another damp, act_order or width")
+    perm, dead, diag = factor.perm, factor.dead, factor.diag
     W = w.astype(mx.float32) * mx.array((~dead).astype(np.float32))[None, :]  # w: [out, in], dead columns zeroed
     exact_zero = keep is not None
     if exact_zero:
@@ -165,9 +197,6 @@ def gptq_pass(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order
         W = W * keep.astype(mx.float32)
     importance = mx.array(diag.astype(np.float32)) if clip_search or fit in REFINES else None  # E[x_i^2]
 
-    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n_in)
-    U = inverse_cholesky(Hn[np.ix_(perm, perm)], damp, overwrite=True).astype(np.float32)  # [in, in] upper, perm.
-    U = mx.array(U)  # (the float64 factor is gone before this copy: at most H, Hn, the factor and one float32 U)
 
     if grid is not None:
         scales, biases = grid
@@ -188,7 +217,7 @@ def gptq_pass(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order
     # The column loop runs in numpy float32: per-column work is tiny vector ops, where MLX's per-op overhead dominates.
     cols = mx.array(perm.astype(np.int32))
     rest = np.array(W[:, cols] if act_order else W, dtype=np.float32)  # [out, in], permuted
-    Un = np.array(U, dtype=np.float32)
+    Un = factor.U
     K = None if keep is None else np.array(keep[:, cols] if act_order else keep, dtype=bool)  # [out, in], permuted
     if static:
         cs, cb = np.array(col_s, dtype=np.float32), np.array(col_b, dtype=np.float32)
@@ -259,7 +288,7 @@ def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_o
                   damp: float = 0.01, block_size: int = 128, scale_dtype=mx.float16, clip_search: bool = False,
                   static_groups: bool | None = None, keep: mx.array | None = None,
                   on_progress: Progress | None = None, fit: str = "lsq", refit: bool = True,
-                  iters: int = 1) -> QuantizedWeight:
+                  iters: int = 1, factor: HessianFactor | None = None) -> QuantizedWeight:
     """w: [out, in], H: [in, in] = mean over calibration tokens of x x^T -> QuantizedWeight (MLX affine groups).
 
     Dead inputs (H_ii == 0) get H_ii = 1 and w[:, i] = 0. ``damp`` adds damp * mean(diag H) to the diagonal.
@@ -272,17 +301,19 @@ def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_o
     ``fit``: how the groups' grids are fitted (``rtn.quantize_rtn``); "lsq"/"zlsq" weight their least squares by diag(H)
     whether or not ``clip_search`` is on. ``refit``: re-solve the group parameters for the final codes on the layer
     objective (module docstring; skipped with ``keep``). ``iters``: GPTQ passes alternated with the refit, each
-    on the last refitted grid, while the layer objective goes down (module docstring).
+    on the last refitted grid, while the layer objective goes down (module docstring). ``factor``: H's
+    ``hessian_factor`` when the caller quantizes several weights (or slices of one) on the same H.
     """
     kw = dict(act_order=act_order, damp=damp, block_size=block_size, scale_dtype=scale_dtype,
               clip_search=clip_search, static_groups=static_groups, on_progress=on_progress, fit=fit, refit=refit,
               iters=iters)
     rows = max(1, CHUNK_ELEMENTS // w.shape[1])
     if w.shape[0] <= rows:
-        return gptq_pass(w, H, bits, group_size, keep=keep, **kw)[0]
+        return gptq_pass(w, H, bits, group_size, keep=keep, factor=factor, **kw)[0]
     # Rows are independent given H (each row's errors feed only its own later columns): a large matrix (an LM head)
-    # in slices of rows bounds the dozen [out, in] work copies the pass holds. (With iters > 1 each slice decides
-    # its own passes.)
+    # in slices of rows bounds the dozen [out, in] work copies the pass holds; H's factor is made once for all of
+    # them. (With iters > 1 each slice decides its own passes.)
+    kw["factor"] = factor or hessian_factor(H, damp, act_order)
     parts = []
     for r in range(0, w.shape[0], rows):
         q = gptq_pass(w[r:r + rows], H, bits, group_size, keep=None if keep is None else keep[r:r + rows], **kw)[0]
