@@ -252,8 +252,10 @@ def gptq_pass(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order
         if on_progress is not None:
             on_progress("gptq", i2, n_in)
 
+    rest = Un = factor = None  # the loop's work arrays (and a factor only this call held) before the refit's
     Q = mx.array(np.concatenate(codes, axis=1))  # [out, in], permuted order
     C = mx.array(np.concatenate(commits, axis=1))
+    codes = commits = None
     if act_order:
         inv = mx.array(np.argsort(perm).astype(np.int32))
         Q, C = Q[:, inv], C[:, inv]
