@@ -267,3 +267,17 @@ def test_hessian_factor_given_equals_computed():
     assert mx.array_equal(own.codes, given.codes).item() and mx.array_equal(C_own, C_given).item()
     with pytest.raises(ValueError, match="another damp"):
         gptq.gptq_pass(mx.array(w), H, 4, 32, damp=0.1, factor=f)
+
+
+def test_solve_spd_batched_and_fallback():
+    """Cholesky on positive definite systems, LU where one is not (the answer is the system's either way)."""
+    from mlx_holo.quant.gptq import solve_spd
+
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((3, 6, 6))
+    spd = A @ A.transpose(0, 2, 1) + 6 * np.eye(6)
+    b = rng.standard_normal((3, 6))
+    np.testing.assert_allclose(np.einsum("nij,nj->ni", spd, solve_spd(spd, b)), b, atol=1e-10)
+    indefinite = spd.copy()
+    indefinite[1] = np.diag([1.0, -2.0, 3.0, 4.0, 5.0, 6.0])
+    np.testing.assert_allclose(np.einsum("nij,nj->ni", indefinite, solve_spd(indefinite, b)), b, atol=1e-10)

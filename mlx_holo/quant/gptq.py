@@ -101,6 +101,17 @@ def hessian_factor(H: mx.array | np.ndarray, damp: float = 0.01, act_order: bool
     return HessianFactor(perm, dead, diag, U, damp, act_order)
 
 
+def solve_spd(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Batched symmetric positive definite systems A [n, k, k] x = b [n, k] -> x [n, k] by Cholesky (LAPACK posv:
+    half the work of a general solve); a system that is not numerically positive definite by LU instead."""
+    from scipy.linalg import LinAlgError, solve
+
+    try:
+        return solve(A, b[..., None], assume_a="pos")[..., 0]
+    except LinAlgError:
+        return np.linalg.solve(A, b[..., None])[..., 0]
+
+
 def refit_params(w: mx.array, H: np.ndarray, codes: mx.array, scales: mx.array, biases: mx.array, group_size: int,
                  ridge: float = 1e-6, scale_dtype=mx.float16) -> tuple[mx.array, mx.array]:
     """Least-squares (scale, bias) per group for frozen codes under the layer objective (module docstring).
@@ -130,13 +141,14 @@ def refit_params(w: mx.array, H: np.ndarray, codes: mx.array, scales: mx.array, 
                         np.concatenate([SB.transpose(0, 2, 1), np.broadcast_to(BB, SB.shape)], axis=2)], axis=1)
     lam = ridge * np.trace(M, axis1=1, axis2=2)[:, None] / (2 * G) + 1e-30  # [out, 1]
     theta0 = np.concatenate([np.asarray(scales, np.float64), np.asarray(biases, np.float64)], axis=1)  # [out, 2G]
-    theta = np.linalg.solve(M + lam[:, :, None] * np.eye(2 * G)[None], (rhs + lam * theta0)[..., None])[..., 0]
+    theta = solve_spd(M + lam[:, :, None] * np.eye(2 * G)[None], rhs + lam * theta0)
     new_s = mx.array(theta[:, :G].astype(np.float32)).astype(scale_dtype).astype(mx.float32)
     new_b = mx.array(theta[:, G:].astype(np.float32)).astype(scale_dtype).astype(mx.float32)
+    wHw = np.einsum("oj,oj->o", W, HW)  # [out]
 
-    def row_obj(s, b):  # [out]
-        d = W - (Q * np.asarray(s, np.float64)[..., None] + np.asarray(b, np.float64)[..., None]).reshape(n_out, n_in)
-        return ((d @ H) * d).sum(axis=1)
+    def row_obj(s, b):  # [out]: (w - A theta) H (w - A theta)^T = wHw - 2 rhs.theta + theta M theta, from the sums
+        t = np.concatenate([np.asarray(s, np.float64), np.asarray(b, np.float64)], axis=1)  # [out, 2G]
+        return wHw - 2 * np.einsum("oa,oa->o", rhs, t) + np.einsum("oa,oab,ob->o", t, M, t)
 
     better = mx.array(row_obj(new_s, new_b) < row_obj(scales, biases))[:, None]
     ok = better & mx.isfinite(new_s).all(axis=1, keepdims=True) & mx.isfinite(new_b).all(axis=1, keepdims=True)
