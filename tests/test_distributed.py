@@ -194,3 +194,50 @@ def test_two_ranks_on_the_embedded_model(tmp_path):
     codes, outs = run_ranks([*args, "--out", str(tmp_path / "two")], 2, tmp_path, timeout=1800)
     assert codes == [r.returncode, 0], outs
     assert_same_output(tmp_path / "one", tmp_path / "two")
+
+
+class _Captured(Exception):
+    pass
+
+
+class PairWorld(World):
+    """Rank ``rank`` of two, whose exchange returns the given parts (or, with none given, hands back its own)."""
+
+    def __init__(self, rank: int, parts: list | None = None):
+        super().__init__(None, rank, 2)
+        self.parts = parts
+
+    def exchange_objects(self, obj):
+        if self.parts is None:
+            raise _Captured(obj)
+        return [from_wire(to_wire(p)) for p in self.parts]
+
+
+def test_a_tables_slices_are_split_between_ranks(tiny_model_dir, text_file, monkeypatch):
+    """The head's GPTQ in slices: each of two ranks works on its contiguous share of the slices, and after the
+    exchange both hold the one-process table (codes bit for bit) and its error."""
+    from mlx_holo import data, model as models
+    from mlx_holo.pipeline import capture, head
+    from mlx_holo.recipe import Recipe
+
+    tok = models.open_model(str(tiny_model_dir))[1]
+    calib = data.calibration_windows(tok, data.load_corpus(str(text_file)), 256, 128, seed=0)
+    H = capture.hessian(head.forward_head_inputs(models.open_model(str(tiny_model_dir), lazy=True)[0], calib))
+    recipe = Recipe(method="gptq", bits=3)
+
+    def table():
+        return models.open_model(str(tiny_model_dir), lazy=True)[0].model.embed_tokens
+
+    monkeypatch.setattr(head, "HEAD_GPTQ_ELEMENTS", table().weight.size // 5)
+    one, err_one = head.quantize_table(table(), 3, 64, recipe, H)
+    parts = []
+    for r in (0, 1):
+        with pytest.raises(_Captured) as got:
+            head.quantize_table(table(), 3, 64, recipe, H, world=PairWorld(r))
+        parts.append(got.value.args[0])
+    a, b = sorted(parts[0]), sorted(parts[1])
+    assert len(a + b) >= 5 and a + b == list(range(len(a + b))) and a and b  # contiguous shares of the slices
+    for r in (0, 1):
+        two, err_two = head.quantize_table(table(), 3, 64, recipe, H, world=PairWorld(r, parts))
+        assert mx.array_equal(two.wq, one.wq).item() and mx.array_equal(two.scales, one.scales).item()
+        assert mx.array_equal(two.biases, one.biases).item() and err_two == err_one

@@ -7,10 +7,13 @@ tables are rounded (RTN) at the recipe's bits, as ``mlx_lm.convert`` does.
 """
 from __future__ import annotations
 
+from dataclasses import fields
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..distributed import World
 from ..model.structure import (block_prefix, blocks, final_norm, get_module, head_module, outside_quantizable,
                                release_block)
 from ..model.tables import n_rows, release_table, row_slices, table_rows, table_width
@@ -64,7 +67,7 @@ HEAD_GPTQ_ELEMENTS = 1 << 22  # weights of a table GPTQ'd at once: its pass hold
 
 
 def quantize_table(table: nn.Module, bits: int, group_size: int, recipe: Recipe, H: mx.array | None = None,
-                   qep: mx.array | None = None) -> tuple[QuantizedWeight, float | None]:
+                   qep: mx.array | None = None, world: World | None = None) -> tuple[QuantizedWeight, float | None]:
     """A table outside the blocks (embedding or lm_head module, float or stored as read: ``model.tables``) -> its
     QuantizedWeight (packed) and, given H [D, D], the H-weighted relative error of the result.
 
@@ -72,27 +75,38 @@ def quantize_table(table: nn.Module, bits: int, group_size: int, recipe: Recipe,
     each cast to float32 only while it is worked on, so no float32 copy of a whole table is made; rows are
     independent for every quantizer here, so the result is that of one pass over the whole table. With H and
     ``recipe.gptq_head``, GPTQ on H (aiming at ``w + qep_alpha * w M`` when the QEP matrix M [D, D] is given);
-    otherwise RTN; MLX's float modes by ``float_quantize``."""
-    parts, num, den = [], 0.0, 0.0
+    otherwise RTN; MLX's float modes by ``float_quantize``.
+    world: the ranks of a distributed job split the slices (contiguous shares) and exchange the packed results, so
+    each slice is worked on once and every rank ends with the whole table, the same as one process's."""
+    world = world or World()
     width = table_width(table)
     gptq = recipe.mode == "affine" and H is not None and recipe.gptq_head
-    factor = head_factor(H, recipe) if gptq else None  # one O(D^3) factorisation for every slice of rows
-    for k, (r0, r1) in enumerate(row_slices(n_rows(table), width, HEAD_GPTQ_ELEMENTS if gptq else None)):
+    slices = list(row_slices(n_rows(table), width, HEAD_GPTQ_ELEMENTS if gptq else None))
+    owners = [k * world.size // len(slices) for k in range(len(slices))]
+    factor = head_factor(H, recipe) if gptq and world.rank in owners else None  # one O(D^3) step for all slices
+    done = {}  # slice -> (compact QuantizedWeight, its error terms or None)
+    for k, (r0, r1) in enumerate(slices):
+        if owners[k] != world.rank:
+            continue
         w = table_rows(table, r0, r1)  # [rows, D] float32
         if recipe.mode != "affine":
-            parts.append(float_quantize(w, recipe.mode))
+            done[k] = (float_quantize(w, recipe.mode), None)
             continue
         if gptq:
             target = w if qep is None else qep_apply(w, qep, recipe.qep_alpha)
             qw = gptq_head(target, H, bits, group_size, recipe, factor)
         else:
             qw = quantize_rtn(w, bits, group_size, fit=grid_fit(recipe, bits, compensated=False), seed=k)
-        if H is not None:
-            n, d = error_terms(w, qw.dequantize(), H)
-            num, den = num + n, den + d
-        parts.append(qw.compact())
+        done[k] = (qw.compact(), error_terms(w, qw.dequantize(), H) if H is not None else None)
+    if world.distributed:
+        wire = {k: ({f.name: getattr(q, f.name) for f in fields(q)}, t) for k, (q, t) in done.items()}
+        done = {k: (QuantizedWeight(**q), t) for part in world.exchange_objects(wire) for k, (q, t) in part.items()}
+    num = den = 0.0
+    if H is not None and recipe.mode == "affine":
+        for k in range(len(slices)):  # added in slice order: the same sums as one process's
+            num, den = num + done[k][1][0], den + done[k][1][1]
     err = num / max(den, 1e-12) if H is not None and recipe.mode == "affine" else None
-    return concat_rows(parts), err
+    return concat_rows([done[k][0] for k in range(len(slices))]), err
 
 
 def tied_table_first(model: nn.Module, recipe: Recipe, layer_bits: dict | None, head_x: mx.array,
@@ -111,7 +125,7 @@ def tied_table_first(model: nn.Module, recipe: Recipe, layer_bits: dict | None, 
 
 def finish_outside_blocks(model: nn.Module, recipe: Recipe, res,
                            layer_bits: dict[str, int | None] | None = None, head_x: mx.array | None = None,
-                           head_x_fp: mx.array | None = None) -> None:
+                           head_x_fp: mx.array | None = None, world: World | None = None) -> None:
     """Embeddings and lm_head: RTN at the recipe's bits (as mlx_lm.convert does) or at their entry in
     ``layer_bits`` (mixed precision); everything else kept float. The model is consumed: each table is released
     once quantized.
@@ -122,7 +136,8 @@ def finish_outside_blocks(model: nn.Module, recipe: Recipe, res,
     tied table is also read row by row as the input embedding, an error GPTQ's objective does not see;
     ``recipe.head_damp`` (a larger damping, i.e. a pull toward plain rounding) weighs that in.
     head_x_fp [n, D]: the same tokens' head inputs in the float model; given, an untied GPTQ head aims at QEP's
-    corrected weight (a tied table is not corrected: the input embedding reads it too)."""
+    corrected weight (a tied table is not corrected: the input embedding reads it too). world: the ranks of a
+    distributed job share each table's slices (``quantize_table``)."""
     prefix = block_prefix(model)
     quantized = {k for k, _ in outside_quantizable(model, recipe)}
     params = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith(prefix + ".") and v.size}
@@ -151,7 +166,7 @@ def finish_outside_blocks(model: nn.Module, recipe: Recipe, res,
         if (recipe.mode == "affine" and H is not None and recipe.gptq_head and head_x_fp is not None
                 and recipe.qep_alpha > 0 and isinstance(table, nn.Linear)):
             qep = qep_matrix(*propagation_stats(head_x_fp, head_x), damp=recipe.qep_damp)
-        res.quantized[mod], err = quantize_table(table, bits, g, recipe, H, qep)
+        res.quantized[mod], err = quantize_table(table, bits, g, recipe, H, qep, world)
         if recipe.mode != "affine":
             bits, g = recipe.bits, recipe.group_size
         del v

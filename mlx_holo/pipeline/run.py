@@ -241,7 +241,7 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
         if x_fp is not None:
             head_x_fp = gather(head_inputs(model, x_fp))
     del x, x_fp
-    finish_outside_blocks(model, recipe, res, layer_bits, head_x, head_x_fp)
+    finish_outside_blocks(model, recipe, res, layer_bits, head_x, head_x_fp, world)
     if sink is not None:
         _drain(res, "", sink)
     if res.fallback:
