@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -162,10 +162,21 @@ class _Array:
         return mx.array(np.frombuffer(self.data, np.dtype(self.dtype)).reshape(self.shape))
 
 
+class _Fields:
+    """A dataclass instance on the wire: its class and its fields (each through ``to_wire``)."""
+
+    def __init__(self, obj):
+        self.cls = type(obj)
+        self.values = {f.name: to_wire(getattr(obj, f.name)) for f in fields(obj)}
+
+
 def to_wire(obj):
-    """Replace every mx array in nested dicts / lists / tuples by its bytes (``from_wire`` undoes it)."""
+    """Replace every mx array in nested dicts / lists / tuples / dataclasses by its bytes (``from_wire`` undoes
+    it)."""
     if isinstance(obj, mx.array):
         return _Array(obj)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _Fields(obj)
     if isinstance(obj, dict):
         return {k: to_wire(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -176,6 +187,8 @@ def to_wire(obj):
 def from_wire(obj):
     if isinstance(obj, _Array):
         return obj.array()
+    if isinstance(obj, _Fields):
+        return obj.cls(**{k: from_wire(v) for k, v in obj.values.items()})
     if isinstance(obj, dict):
         return {k: from_wire(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -105,6 +105,13 @@ def test_wire_round_trip_keeps_dtypes_and_bits():
     assert back["a"][1] is None and back["b"][1:] == [3, "x"]
     for x, y in ((obj["a"][0], back["a"][0]), (obj["b"][0], back["b"][0]), (obj["c"], back["c"])):
         assert x.dtype == y.dtype and x.shape == y.shape and mx.array_equal(x, y).item()
+    from mlx_holo.quant.formats import QuantizedWeight
+    q = QuantizedWeight(None, mx.array([[0.5]], dtype=mx.float16), None, 4, 32,
+                        wq=mx.arange(4, dtype=mx.uint32).reshape(1, 4), experts=2)
+    q2 = from_wire(to_wire({"q": (q, 1.0)}))["q"][0]  # a dataclass travels as its class and fields
+    assert type(q2) is QuantizedWeight and (q2.bits, q2.group_size, q2.experts, q2.codes, q2.biases) == (4, 32, 2,
+                                                                                                        None, None)
+    assert q2.scales.dtype == mx.float16 and mx.array_equal(q2.wq, q.wq).item()
 
 
 COMMON = ["--calib-tokens", "512", "--calib-seq-len", "64", "--eval-tokens", "256", "--eval-seq-len", "64"]

@@ -7,8 +7,6 @@ tables are rounded (RTN) at the recipe's bits, as ``mlx_lm.convert`` does.
 """
 from __future__ import annotations
 
-from dataclasses import fields
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -99,13 +97,13 @@ def quantize_table(table: nn.Module, bits: int, group_size: int, recipe: Recipe,
             qw = quantize_rtn(w, bits, group_size, fit=grid_fit(recipe, bits, compensated=False), seed=k)
         done[k] = (qw.compact(), error_terms(w, qw.dequantize(), H) if H is not None else None)
     if world.distributed:
-        wire = {k: ({f.name: getattr(q, f.name) for f in fields(q)}, t) for k, (q, t) in done.items()}
-        done = {k: (QuantizedWeight(**q), t) for part in world.exchange_objects(wire) for k, (q, t) in part.items()}
-    num = den = 0.0
+        done = {k: v for part in world.exchange_objects(done) for k, v in part.items()}
+    err = None
     if H is not None and recipe.mode == "affine":
+        num = den = 0.0
         for k in range(len(slices)):  # added in slice order: the same sums as one process's
             num, den = num + done[k][1][0], den + done[k][1][1]
-    err = num / max(den, 1e-12) if H is not None and recipe.mode == "affine" else None
+        err = num / max(den, 1e-12)
     return concat_rows([done[k][0] for k in range(len(slices))]), err
 
 

@@ -8,7 +8,7 @@ peak memory is about one block in float32 plus the calibration activations, what
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,7 +21,6 @@ from ..model.structure import block_prefix, blocks, find_module, get_module, lin
 from ..options import PRUNE_METHODS
 from ..model.tables import table_width
 from ..quant import awq_fold
-from ..quant.formats import QuantizedWeight
 from ..quant.rotate import make_rotation, rotate_block, rotate_outside
 from ..recipe import Recipe
 from ..tune.block import tune_block
@@ -292,13 +291,7 @@ def _exchange(world: World, done: dict) -> dict:
     """Each rank's finished layers {path: (QuantizedWeight | None, float weight | None, LayerRecord)} -> every
     rank's, on every rank (codes, scales and biases travel packed: bits/8 bytes a weight plus the group's
     scale and bias)."""
-    wire = {p: (None if q is None else {f.name: getattr(q, f.name) for f in fields(q)}, w, asdict(r))
-            for p, (q, w, r) in done.items()}
-    merged = {}
-    for part in world.exchange_objects(wire):
-        for p, (q, w, r) in part.items():
-            merged[p] = (None if q is None else QuantizedWeight(**q), w, LayerRecord(**r))
-    return merged
+    return {p: v for part in world.exchange_objects(done) for p, v in part.items()}
 
 
 def _drain(res: PipelineResult, prefix: str, sink) -> None:

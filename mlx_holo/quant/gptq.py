@@ -209,7 +209,6 @@ def gptq_pass(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order
         W = W * keep.astype(mx.float32)
     importance = mx.array(diag.astype(np.float32)) if clip_search or fit in REFINES else None  # E[x_i^2]
 
-
     if grid is not None:
         scales, biases = grid
         if tuple(scales.shape) != (n_out, n_in // g) or tuple(biases.shape) != (n_out, n_in // g):
