@@ -47,6 +47,7 @@ def job(model: str, ranks: int, out: Path, args) -> dict:
             "sent_mb_per_block": [round(statistics.median(p["sent_bytes_per_block"]) / 1e6, 2) for p in per_rank],
             "wait_s": [p["collective_wait_s"] for p in per_rank],
             "peak_rss_gb": [round(p["peak_rss_bytes"] / 1e9, 2) for p in per_rank],
+            "threads": [p.get("threads", 0) for p in per_rank],
             "output_bytes": ev["bytes"]["total"], "command": " ".join(cmd)}
 
 

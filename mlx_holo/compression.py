@@ -151,6 +151,7 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
             ranks = world.exchange_objects({"rank": world.rank, "block_seconds": [round(t, 3) for t in res.block_seconds],
                                             "sent_bytes_per_block": extra.pop("sent_bytes_per_block", []),
                                             "collective_wait_s": round(world.wait_s, 3),
+                                            "ranks_on_host": world.local, "threads": world.threads,
                                             "peak_rss_bytes": hardware.peak_rss()})
             extra["distributed"] = {"world_size": world.size, "ranks": ranks}
             if world.rank != 0:

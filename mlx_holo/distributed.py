@@ -12,13 +12,17 @@ bytes this rank contributed to them, which the evidence records per block.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import socket
 import time
 from dataclasses import dataclass, field, fields, is_dataclass
 
 import mlx.core as mx
 import numpy as np
+
+from .hardware import share_cores
 
 
 class DistributedError(RuntimeError):
@@ -33,6 +37,8 @@ class World:
     sent: int = 0                 # bytes this rank contributed to collectives so far
     wait_s: float = 0.0           # seconds spent inside collectives (waiting for the others included)
     load: list = field(default_factory=list)  # work assigned to each rank so far (``assign``)
+    local: int = 1                # ranks on this rank's host (this one included)
+    threads: int = 0              # threads this rank works with (0: not limited)
 
     def __post_init__(self):
         self.load = self.load or [0] * self.size
@@ -103,6 +109,15 @@ class World:
         """``exchange`` for Python objects whose arrays are mx arrays (``to_wire`` / ``from_wire``)."""
         return [from_wire(pickle.loads(b)) for b in self.exchange(pickle.dumps(to_wire(obj)))]
 
+    def local_ranks(self) -> int:
+        """How many ranks of the job run on this rank's host (this one included): ranks that share a host share
+        its cores."""
+        if not self.distributed:
+            return 1
+        key = int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:7], "little")
+        keys = self._collect(mx.distributed.all_gather, mx.array([key], dtype=mx.int64)).tolist()
+        return keys.count(key)
+
     def max(self, v: float) -> float:
         if not self.distributed:
             return v
@@ -144,7 +159,10 @@ def world_from_env() -> World:
         raise DistributedError(f"this process was launched as one rank of a job but the job could not be joined "
                                f"({e}); launch with `mlx.launch -n N --backend ring python -m mlx_holo.compress ...`"
                                ) from e
-    return World(g, g.rank(), g.size())
+    world = World(g, g.rank(), g.size())
+    world.local = world.local_ranks()
+    world.threads = share_cores(world.local)
+    return world
 
 
 class _Array:

@@ -123,6 +123,39 @@ def matvec_bandwidth_gbps(mb: int = 256, repeats: int = 5) -> float:
     return w.nbytes / best / 1e9
 
 
+_SHARED_THREADS: int | None = None  # set by ``share_cores`` when processes of one job share this host
+
+
+def cpu_threads() -> int:
+    """Threads this process should use for its own parallel work: ``MLX_HOLO_THREADS`` when set, else its share of
+    the host's cores (``share_cores``), else every core it may run on."""
+    env = os.environ.get("MLX_HOLO_THREADS")
+    if env:
+        return max(1, int(env))
+    if _SHARED_THREADS is not None:
+        return _SHARED_THREADS
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+def share_cores(processes: int) -> int:
+    """``processes`` processes of one job run on this host: give this one cores // processes threads (at least
+    one) -- for its own thread pools (``cpu_threads``) and for the BLAS/OpenMP libraries it has loaded
+    (threadpoolctl) -- so that the processes do not oversubscribe the cores. ``MLX_HOLO_THREADS`` set by the user
+    is kept as it is. Returns the thread count."""
+    global _SHARED_THREADS
+    _SHARED_THREADS = None
+    n = max(1, cpu_threads() // max(1, processes))
+    if processes > 1 and not os.environ.get("MLX_HOLO_THREADS"):
+        from threadpoolctl import threadpool_limits
+
+        _SHARED_THREADS = n
+        threadpool_limits(n)
+    return n
+
+
 def peak_rss() -> int:
     """This process's peak resident memory in bytes (ru_maxrss: bytes on macOS, KiB on Linux)."""
     import resource

@@ -98,6 +98,29 @@ def test_assign_balances_and_single_process_owns_everything():
     assert w.assign([50]) == [0]  # the load carries over between calls
 
 
+def test_processes_sharing_a_host_share_its_cores(monkeypatch):
+    from threadpoolctl import ThreadpoolController
+
+    from mlx_holo import hardware
+
+    monkeypatch.delenv("MLX_HOLO_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    libs = ThreadpoolController().lib_controllers
+    before = [lib.num_threads for lib in libs]
+    assert libs, "no BLAS library loaded to limit"
+    try:
+        assert hardware.share_cores(1) == cores and hardware.cpu_threads() == cores
+        n = hardware.share_cores(2)
+        assert n == max(1, cores // 2) and hardware.cpu_threads() == n
+        assert {lib.num_threads for lib in ThreadpoolController().lib_controllers} == {n}
+        monkeypatch.setenv("MLX_HOLO_THREADS", "3")  # the user's count is kept
+        assert hardware.cpu_threads() == 3
+    finally:
+        hardware.share_cores(1)
+        for lib, k in zip(libs, before):
+            lib.set_num_threads(k)
+
+
 def test_wire_round_trip_keeps_dtypes_and_bits():
     obj = {"a": (mx.arange(6, dtype=mx.uint32).reshape(2, 3), None),
            "b": [mx.array([1.5, -2.25], dtype=mx.bfloat16), 3, "x"], "c": mx.array([0.1], dtype=mx.float32)}
@@ -137,6 +160,9 @@ def test_two_ranks_give_one_process_output(tmp_path, tiny_model_dir, text_file, 
     d = ev["distributed"]
     assert d["world_size"] == 2 and [x["rank"] for x in d["ranks"]] == [0, 1]
     assert all(len(x["block_seconds"]) == 2 and min(x["sent_bytes_per_block"]) > 0 for x in d["ranks"])
+    assert [x["ranks_on_host"] for x in d["ranks"]] == [2, 2]  # both on 127.0.0.1: they share its cores
+    if not os.environ.get("MLX_HOLO_THREADS"):
+        assert [x["threads"] for x in d["ranks"]] == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no rank's copy left
 
 

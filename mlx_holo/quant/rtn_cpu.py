@@ -12,24 +12,14 @@ face for the fits it covers when MLX's default device is the CPU.
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..hardware import cpu_threads
+
 FITS = ("mlx", "minmax", "lsq")
 SLICE_ELEMENTS = 1 << 20  # weights per work item (a thread fits one slice at a time)
-
-
-def threads() -> int:
-    """Worker threads: the CPUs this process may use (``MLX_HOLO_THREADS`` overrides)."""
-    env = os.environ.get("MLX_HOLO_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
 
 
 def _f16(x: np.ndarray) -> np.ndarray:
@@ -183,7 +173,7 @@ def quantize_rows(w: np.ndarray, bits: int, group_size: int, fit: str, importanc
         scales[r0:r1], biases[r0:r1] = s.reshape(r1 - r0, G), b.reshape(r1 - r0, G)
 
     starts = range(0, out, rows)
-    n_workers = min(workers or threads(), len(starts))
+    n_workers = min(workers or cpu_threads(), len(starts))
     if n_workers <= 1:
         for r0 in starts:
             work(r0)
