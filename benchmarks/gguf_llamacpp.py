@@ -71,6 +71,8 @@ def main() -> int:
     from mlx_holo.recipe import Recipe
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default", help="the float base (default: the embedded model); e.g. a "
+                    "rotated copy (`compress --method none --rotate hadamard`), whose weights sit on no grid")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--mixed-bpw", type=float, default=5.0, help="bits per weight of the mixed row")
@@ -80,13 +82,13 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    tok = open_model("default", lazy=True)[1]
+    tok = open_model(args.model, lazy=True)[1]
     wins = data.text_windows(tok, data.load_corpus("wiki"), args.eval_tokens, 512)
     windows = np.asarray(wins)
     rows = []
     f16 = work / "base-f16.gguf"
     if not f16.exists():
-        export_gguf(embedded_default_dir(), f16)
+        export_gguf(embedded_default_dir() if args.model == "default" else Path(args.model), f16)
     recipes = {"ours:rtn-q4_1": Recipe(method="rtn", bits=4, group_size=32, gguf=True),
                "ours:rtn-q4_1-emb8": Recipe(method="rtn", bits=4, group_size=32, gguf=True, embed_bits=8),
                "ours:gptq-q4_1-emb8": Recipe(method="gptq", bits=4, group_size=32, gguf=True, embed_bits=8,
@@ -105,7 +107,7 @@ def main() -> int:
             llama_quantize(f16, path, name.split(":")[1])
         else:
             folder = work / name.split(":")[1]
-            ev = compress("default", recipes[name], folder, eval_tokens=args.eval_tokens, overwrite=True, gates=[])
+            ev = compress(args.model, recipes[name], folder, eval_tokens=args.eval_tokens, overwrite=True, gates=[])
             ours_ppl = ev["metrics"]["ppl"]
             path = work / f"{folder.name}.gguf"
             export_gguf(folder, path)

@@ -6,7 +6,7 @@ import pytest
 from mlx_holo import model as models
 from mlx_holo.pipeline import capture
 from mlx_holo.quant.gptq import gptq_quantize
-from mlx_holo.quant.qep import propagation_stats, qep_correct
+from mlx_holo.quant.qep import propagation_stats, qep_correct, qep_matrix
 from mlx_holo.recipe import Recipe, RecipeError
 
 
@@ -26,8 +26,7 @@ def _qep_objective(w, q, x, xq):  # mean ||w x - q x_q||^2 per token
 
 def test_full_correction_is_the_least_squares_map():
     w, x, xq = _problem()
-    H, D = propagation_stats(mx.array(x), mx.array(xq))
-    w_star = np.array(qep_correct(mx.array(w), H, D, alpha=1.0, damp=1e-8))
+    w_star = np.array(qep_correct(mx.array(w), mx.array(x), mx.array(xq), alpha=1.0, damp=1e-8))
     ref = np.linalg.lstsq(xq.astype(np.float64), (x @ w.T).astype(np.float64), rcond=None)[0].T  # min ||x w^T - xq W^T||
     np.testing.assert_allclose(w_star, ref, rtol=2e-3, atol=2e-3)
     assert _qep_objective(w, w_star, x, xq) < 0.5 * _qep_objective(w, w, x, xq)
@@ -35,10 +34,10 @@ def test_full_correction_is_the_least_squares_map():
 
 def test_alpha_zero_is_the_identity_and_alpha_interpolates():
     w, x, xq = _problem(1)
-    H, D = propagation_stats(mx.array(x), mx.array(xq))
-    assert np.array_equal(np.array(qep_correct(mx.array(w), H, D, alpha=0.0)), w)
-    full = np.array(qep_correct(mx.array(w), H, D, alpha=1.0))
-    half = np.array(qep_correct(mx.array(w), H, D, alpha=0.5))
+    X, Xq = mx.array(x), mx.array(xq)
+    assert np.array_equal(np.array(qep_correct(mx.array(w), X, Xq, alpha=0.0)), w)
+    full = np.array(qep_correct(mx.array(w), X, Xq, alpha=1.0))
+    half = np.array(qep_correct(mx.array(w), X, Xq, alpha=0.5))
     np.testing.assert_allclose(half, (w + full) / 2, rtol=1e-4, atol=1e-5)
 
 
@@ -46,8 +45,7 @@ def test_dead_inputs_get_no_correction():
     w, x, xq = _problem(2)
     x[:, 5] = 3.0  # the float model drives input 5, the compressed one never does
     xq[:, 5] = 0.0
-    H, D = propagation_stats(mx.array(x), mx.array(xq))
-    w_star = np.array(qep_correct(mx.array(w), H, D, alpha=1.0))
+    w_star = np.array(qep_correct(mx.array(w), mx.array(x), mx.array(xq), alpha=1.0))
     assert np.all(np.isfinite(w_star))
     np.testing.assert_allclose(w_star[:, 5], w[:, 5])
 
@@ -56,10 +54,29 @@ def test_dead_inputs_get_no_correction():
 def test_gptq_on_the_corrected_weight_lowers_the_propagated_error(bits):
     """GPTQ of W* on H_q beats GPTQ of W on H_q on QEP's objective ||W x - Q x_q||^2: the point of the method."""
     w, x, xq = _problem(3)
-    H, D = propagation_stats(mx.array(x), mx.array(xq))
+    H, _ = propagation_stats(mx.array(x), mx.array(xq))
     plain = np.array(gptq_quantize(mx.array(w), H, bits, 32).dequantize())
-    corrected = np.array(gptq_quantize(qep_correct(mx.array(w), H, D, alpha=1.0), H, bits, 32).dequantize())
+    corrected = np.array(gptq_quantize(qep_correct(mx.array(w), mx.array(x), mx.array(xq), alpha=1.0), H, bits,
+                                       32).dequantize())
     assert _qep_objective(w, corrected, x, xq) < 0.8 * _qep_objective(w, plain, x, xq)
+
+
+@pytest.mark.parametrize("damp", [1.0, 1e-8])
+def test_the_in_place_solve_is_the_float64_formula(damp):
+    """M = D (H + damp * mean(diag H) I)^-1 from H and D formed one at a time and solved in place equals the formula
+    solved directly in float64 (a well-damped H by Cholesky; a nearly singular one too, or by LU)."""
+    w, x, xq = _problem(4, n=256, d_in=96)
+    xq[:, 7] = 0.0  # a dead input
+    xq[:, 11] = xq[:, 12]  # two equal inputs: H singular before damping
+    H, D = (np.array(a, np.float64) for a in propagation_stats(mx.array(x), mx.array(xq)))
+    diag = np.diag(H).copy()
+    Hd = H + damp * diag.mean() * np.eye(96)
+    Hd[7, 7] += 1.0
+    ref = np.linalg.solve(Hd, D.T).T
+    ref[:, 7] = 0.0
+    M = np.array(qep_matrix(mx.array(x), mx.array(xq), damp))
+    assert M.dtype == np.float32 and np.all(M[:, 7] == 0)
+    np.testing.assert_allclose(M, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
 def test_recipe_checks_qep():
@@ -102,15 +119,15 @@ def test_untied_head_aims_at_the_qep_target(tmp_path, tiny_model_dir, text_file,
 
     calls, real = [], head.qep_matrix
 
-    def spy(H, D, damp):
-        calls.append(tuple(H.shape))
-        return real(H, D, damp)
+    def spy(x_fp, x_q, damp):
+        calls.append(tuple(x_fp.shape[1:]) + tuple(x_q.shape[1:]))
+        return real(x_fp, x_q, damp)
 
     monkeypatch.setattr(head, "qep_matrix", spy)
     d = make_tiny_model(tmp_path / "untied", {"tie_word_embeddings": False})
     calib = make_calib(d, text_file, 256, 128)
     res = run_pipeline(d, calib, Recipe(method="gptq", bits=3))
-    assert calls == [(128, 128)]  # once, on the head's [D, D] statistics
+    assert calls == [(128, 128)]  # once, on the head's D-wide inputs
     corrected = res.quantized["lm_head"].dequantize()
     plain = run_pipeline(d, calib, Recipe(method="gptq", bits=3, qep_alpha=0.0)).quantized["lm_head"].dequantize()
     assert not mx.array_equal(corrected, plain).item()

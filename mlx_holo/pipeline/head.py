@@ -17,7 +17,7 @@ from ..model.structure import (block_prefix, blocks, final_norm, get_module, hea
 from ..model.tables import n_rows, release_table, row_slices, table_rows, table_width
 from ..quant.formats import QuantizedWeight, concat_rows, float_quantize
 from ..quant.gptq import HessianFactor, gptq_quantize, hessian_factor
-from ..quant.qep import propagation_stats, qep_apply, qep_matrix
+from ..quant.qep import qep_apply, qep_matrix
 from ..quant.rtn import quantize_rtn
 from ..recipe import Recipe
 from .capture import block_inputs, error_terms, hessian, rel_error
@@ -163,7 +163,7 @@ def finish_outside_blocks(model: nn.Module, recipe: Recipe, res,
         qep = None
         if (recipe.mode == "affine" and H is not None and recipe.gptq_head and head_x_fp is not None
                 and recipe.qep_alpha > 0 and isinstance(table, nn.Linear)):
-            qep = qep_matrix(*propagation_stats(head_x_fp, head_x), damp=recipe.qep_damp)
+            qep = qep_matrix(head_x_fp, head_x, damp=recipe.qep_damp)
         res.quantized[mod], err = quantize_table(table, bits, g, recipe, H, qep, world)
         if recipe.mode != "affine":
             bits, g = recipe.bits, recipe.group_size

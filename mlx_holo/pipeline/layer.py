@@ -24,7 +24,7 @@ from ..prune.wanda import wanda_prune
 from ..quant.awq import awq_clip
 from ..quant.formats import FLOAT_MODES, QuantizedWeight, bits_group, fit_group, float_quantize, stack_experts
 from ..quant.gptq import gptq_quantize
-from ..quant.qep import propagation_stats, qep_correct
+from ..quant.qep import qep_correct
 from ..quant.rtn import quantize_rtn
 from ..recipe import Recipe
 from .capture import hessian, rel_error
@@ -176,7 +176,6 @@ def compress_experts(w: mx.array, full: str, routed: tuple, recipe: Recipe, quan
 def qep_target(w: mx.array, x_fp: mx.array, x_q: mx.array, recipe: Recipe) -> mx.array:
     """w [out, in] -> the QEP-corrected weight the quantizer should aim at (quant/qep.py), from the same calibration
     tokens' inputs in the float model x_fp and in the compressed one x_q [n, in]."""
-    H, D = propagation_stats(x_fp, x_q)
-    w_star = qep_correct(w, H, D, alpha=recipe.qep_alpha, damp=recipe.qep_damp)
+    w_star = qep_correct(w, x_fp, x_q, alpha=recipe.qep_alpha, damp=recipe.qep_damp)
     mx.eval(w_star)
     return w_star

@@ -1,0 +1,97 @@
+"""Question: how much memory does QEP's correction matrix M = D (H + damp I)^-1 of an [in, in] problem take, before
+and after H and D were formed one at a time and solved in place (``quant.qep.qep_matrix``)?
+
+Answer: see ``evidence/experiments/qep_memory.json`` (each way in its own process, peak resident memory above the
+inputs; M compared entry by entry). The earlier way held H and D in float32 (MLX) and float64 (NumPy), the damping's
+identity matrix and a general solve's copies of both -- about 60 bytes per entry of [in, in]; the in-place way
+about 20.
+
+Run: python experiments/qep_memory.py --n 8192 --json evidence/experiments/qep_memory.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def earlier(x_float, x_quant, damp: float):
+    """The previous quant.qep.propagation_stats + qep_matrix, kept here for the comparison."""
+    import mlx.core as mx
+
+    xq = x_quant.astype(mx.float32)
+    n = xq.shape[0]
+    H = (xq.T @ xq) / n
+    D = ((x_float.astype(mx.float32) - xq).T @ xq) / n
+    Hn = np.array(H, dtype=np.float64)
+    Dn = np.array(D, dtype=np.float64)
+    diag = np.diag(Hn).copy()
+    dead = diag == 0
+    Hn[dead, dead] = 1.0
+    Hn += damp * float(np.mean(diag)) * np.eye(Hn.shape[0])
+    M = np.linalg.solve(Hn, Dn.T).T
+    M[:, dead] = 0.0
+    return mx.array(M.astype(np.float32))
+
+
+def child(variant: str, n: int, tokens: int, out: str) -> None:
+    import mlx.core as mx
+
+    from mlx_holo.hardware import peak_rss
+    from mlx_holo.quant.qep import qep_matrix
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((tokens, n)).astype(np.float32)
+    x[:, : n // 100] *= 30.0  # a few outlier channels
+    xq = x + 0.05 * rng.standard_normal((tokens, n)).astype(np.float32)
+    X, Xq = mx.array(x), mx.array(xq)
+    mx.eval(X, Xq)
+    del x, xq
+    base = peak_rss()
+    t0 = time.perf_counter()
+    M = earlier(X, Xq, 1.0) if variant == "earlier" else qep_matrix(X, Xq, 1.0)
+    mx.eval(M)
+    s = time.perf_counter() - t0
+    np.save(out, np.array(M))
+    print(json.dumps({"variant": variant, "peak_above_inputs_mb": (peak_rss() - base) / 1e6, "seconds": s}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=8192, help="input width (14336: Llama-3-8B's down_proj)")
+    ap.add_argument("--tokens", type=int, default=1024, help="calibration tokens")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.n, args.tokens, args.out)
+    rows, Ms = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in ("earlier", "in-place"):
+            out = str(Path(tmp) / f"{v}.npy")
+            r = subprocess.run([sys.executable, __file__, "--child", v, "--n", str(args.n), "--tokens",
+                                str(args.tokens), "--out", out], capture_output=True, text=True, check=True)
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            Ms[v] = np.load(out)
+    matrix_mb = args.n * args.n * 8 / 1e6
+    res = {"n": args.n, "tokens": args.tokens, "float64_matrix_mb": matrix_mb,
+           "rows": [dict(r, float64_copies=r["peak_above_inputs_mb"] / matrix_mb) for r in rows],
+           "max_abs_diff": float(np.abs(Ms["earlier"] - Ms["in-place"]).max()),
+           "max_abs_M": float(np.abs(Ms["earlier"]).max()),
+           "equal_entries": float(np.mean(Ms["earlier"] == Ms["in-place"])),
+           "command": " ".join(sys.orig_argv)}
+    print(json.dumps(res, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
