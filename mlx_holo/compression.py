@@ -22,7 +22,7 @@ from .distributed import DistributedError, check_distributable, world_from_env
 from .allocate.mixed import mixed_allocation
 from .allocate.sparsity import allocate_sparsity
 from .evaluation import compare, stream_compare
-from .model.files import prefetcher
+from .model.files import prefetcher, reloader
 from .model.gguf_export import ARCHS as GGUF_ARCHS, GGUFExportError, export_gguf
 from .model.open import open_model
 from .model.save import SHARD_BYTES, FolderWriter, atomic_dir, check_out, rank_dir, replace_tensors
@@ -93,8 +93,8 @@ def compress(model: str | None, recipe: Recipe | None = None, out: str | Path = 
         writer = FolderWriter(tmp, default_bits=recipe.bits, default_group_size=max(recipe.group_size, 32)
                               if recipe.group_size != -1 else 128, mode=recipe.mode, shard_bytes=shard_bytes)
         res = run(base, calib, recipe, layer_bits=layer_bits, layer_sparsity=layer_sparsity,
-                  head_x_first=head_x_first, sink=writer.add, prefetch=prefetcher(Path(info.path)), world=world,
-                  on_progress=on_progress)
+                  head_x_first=head_x_first, sink=writer.add, prefetch=prefetcher(Path(info.path)),
+                  reload=reloader(Path(info.path)), world=world, on_progress=on_progress)
         del head_x_first, base
         rotation = res.extra.get("rotation")
         if rotation:  # the rotated model: its own head, and the rotation that evaluation undoes for the cosines

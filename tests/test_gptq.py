@@ -244,8 +244,16 @@ def test_gptq_in_row_slices_matches_whole(monkeypatch):
     factorised = []
     real = gptq.inverse_cholesky
     monkeypatch.setattr(gptq, "inverse_cholesky", lambda *a, **k: factorised.append(1) or real(*a, **k))
+    objectives = []
+    real_obj = gptq.layer_objective_hessian
+    monkeypatch.setattr(gptq, "layer_objective_hessian", lambda *a: objectives.append(1) or real_obj(*a))
     sliced = gptq.gptq_quantize(w, H, 3, 64)
     assert len(factorised) == 1  # H's O(in^3) factor made once for the 4 slices
+    assert len(objectives) == 1  # and the refit's float64 H once, after the loops (the factor released by then)
+    f = gptq.hessian_factor(H, 0.01, True)  # each slice refitted inside its own pass: the same numbers
+    each = [gptq.gptq_pass(w[r:r + 64], H, 3, 64, factor=f)[0] for r in range(0, 200, 64)]
+    for name in ("codes", "scales", "biases"):
+        assert mx.array_equal(getattr(sliced, name), mx.concatenate([getattr(q, name) for q in each])).item(), name
     assert np.mean(np.array(whole.codes) == np.array(sliced.codes)) > 0.999
     np.testing.assert_allclose(np.array(sliced.dequantize()), np.array(whole.dequantize()), atol=1e-3)
 

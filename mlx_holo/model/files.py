@@ -95,6 +95,21 @@ def tensor_extents(path: Path) -> dict[str, tuple[Path, int, int]]:
     return out
 
 
+def reloader(path: Path):
+    """-> reload(name): a fresh lazy array of the folder's tensor ``name`` (nothing read until it is evaluated), or
+    None when no safetensors file of the folder holds it. Lets a caller drop a large tensor it has read (e.g. a
+    vocabulary table needed only at the start and the end) and read it again later."""
+    try:
+        where = {name: f for name, (f, _, _) in tensor_extents(path).items()}
+    except (OSError, ValueError, struct.error):
+        where = {}
+
+    def reload(name: str) -> mx.array | None:
+        f = where.get(name)
+        return None if f is None else load_file(f).get(name)
+    return reload
+
+
 def prefetcher(path: Path):
     """-> prefetch(prefix): ask the OS to start reading the tensors whose names start with ``prefix`` (e.g. the
     next block's, while this one is worked on), so that they come from memory when they are needed. A no-op where

@@ -134,6 +134,24 @@ def release_table(m: nn.Module) -> None:
     m.update({k: mx.zeros((0,), v.dtype) for k, v in m.items() if isinstance(v, mx.array)})
 
 
+def reread_tables(model: nn.Module, reload) -> int:
+    """Swap the tables' tensors outside the blocks for fresh lazy reads of the same tensors (``reload(name)``,
+    ``model.files.reloader``), so that a table that was read (e.g. for the calibration inputs) does not stay in
+    memory until it is needed again. Only tensors that the file holds with the same shape and dtype are swapped
+    (a table that was changed in memory, cast or renamed stays). -> bytes released."""
+    freed = 0
+    for path, m in table_modules(model):
+        fresh = {}
+        for k, v in m.items():
+            if isinstance(v, mx.array):
+                f = reload(f"{path}.{k}")
+                if f is not None and f.shape == v.shape and f.dtype == v.dtype:
+                    fresh[k] = f
+                    freed += v.nbytes
+        m.update(fresh)
+    return freed
+
+
 def is_stored(m: nn.Module) -> bool:
     """Was ``m`` swapped by ``keep_stored``?"""
     return bool(getattr(type(m), "_stored_table", False))

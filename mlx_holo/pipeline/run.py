@@ -19,7 +19,7 @@ from ..model.experts import expert_modules
 from ..model.open import dequantize_model
 from ..model.structure import block_prefix, blocks, find_module, get_module, linear_modules, release_block
 from ..options import PRUNE_METHODS
-from ..model.tables import table_width
+from ..model.tables import reread_tables, table_width
 from ..quant import awq_fold
 from ..quant.rotate import make_rotation, rotate_block, rotate_outside
 from ..recipe import Recipe
@@ -48,7 +48,7 @@ class PipelineResult:
 
 def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits: dict[str, int | None] | None = None,
         layer_sparsity: list[float] | None = None, head_x_first: mx.array | None = None, sink=None,
-        prefetch=None, world: World | None = None, on_progress=None) -> PipelineResult:
+        prefetch=None, reload=None, world: World | None = None, on_progress=None) -> PipelineResult:
     """Compress ``model`` block by block with ``recipe``.
 
     calib: [N, S] calibration token windows (None for data-free RTN / magnitude).
@@ -63,6 +63,9 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
     memory; without it they accumulate in ``res.floats`` / ``res.quantized``.
     prefetch(prefix): given (``model.files.prefetcher``), called with the next block's parameter prefix when a
     block starts, so that its weights are read from disk while this one is worked on.
+    reload(name): given (``model.files.reloader``), the tables outside the blocks that the calibration inputs read
+    are swapped for fresh lazy reads once those inputs are made (``model.tables.reread_tables``): they are not held
+    through the block loop.
     world: the ranks of a distributed job (``distributed.World``): each pushes its share of the windows through
     the blocks, the linears' inputs are gathered in rank order (every method sees a single process's rows), each
     layer is compressed by one rank and its result exchanged, so every rank ends with the same result.
@@ -111,6 +114,9 @@ def run(model: nn.Module, calib: mx.array | None, recipe: Recipe, *, layer_bits:
                 x, _ = block_inputs(model, calib)  # the compressed stream starts from the quantized table
                 mx.eval(x)
                 table.weight = w_float
+                del w_float
+        if reload is not None and rot is None:  # a rotated table was changed in memory: it stays
+            res.extra["tables_released_bytes"] = reread_tables(model, reload)
     prefix = block_prefix(model)
     for i, block in enumerate(bs):
         tb = time.perf_counter()

@@ -327,10 +327,23 @@ def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_o
     # in slices of rows bounds the dozen [out, in] work copies the pass holds; H's factor is made once for all of
     # them. (With iters > 1 each slice decides its own passes.)
     kw["factor"] = factor or hessian_factor(H, damp, act_order)
+    late_refit = refit and iters == 1 and keep is None and fit != "sym"
+    if late_refit:  # every slice's loop on the factor, then the factor released before the refit's float64 H
+        kw["refit"] = False
     parts = []
     for r in range(0, w.shape[0], rows):
         q = gptq_pass(w[r:r + rows], H, bits, group_size, keep=None if keep is None else keep[r:r + rows], **kw)[0]
         mx.eval(q.codes, q.scales, q.biases)
         parts.append(q)
+    if late_refit:
+        kw = None  # the factor, unless the caller holds it
+        H_obj = layer_objective_hessian(H)
+        for k, r in enumerate(range(0, w.shape[0], rows)):
+            q = parts[k]
+            s, b = refit_params(w[r:r + rows].astype(mx.float32), H_obj, q.codes, q.scales, q.biases, group_size,
+                                scale_dtype=scale_dtype)
+            mx.eval(s, b)
+            parts[k] = QuantizedWeight(q.codes, s, b, bits, group_size)
+        H_obj = None
     return QuantizedWeight(mx.concatenate([q.codes for q in parts]), mx.concatenate([q.scales for q in parts]),
                            mx.concatenate([q.biases for q in parts]), bits, group_size)
