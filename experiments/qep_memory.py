@@ -3,10 +3,11 @@ and after H and D were formed one at a time and solved in place (``quant.qep.qep
 
 Answer (n = 8192, 1024 tokens, ``evidence/experiments/qep_memory.json``; each way in its own process, peak resident
 memory above the inputs): the earlier way (H and D in float32 in MLX and float64 in NumPy, the damping's identity
-matrix, a general solve's copies of both) peaked at 5.95 float64 copies of [in, in] (3.2 GB), the in-place way at
-2.34 (1.26 GB); M equal in all but 4 of 67M entries, those within 4e-9 of M's largest. At n = 4096: 6.05 -> 2.73.
-For Llama-3-8B's 14336-wide down_proj that is about 9.8 GB -> 3.8 GB; for a 70B's 28672-wide one 39 -> 15 GB.
-Seconds are not compared: both ran beside other jobs.
+matrix, a general solve's copies of both) peaked at 5.95 float64 copies of [in, in] (3.2 GB); H factorised in place
+and M solved 1024 rows of D at a time into a float32 result, 1.91 (1.02 GB); M equal in all but 4 of 67M entries,
+those within 4e-9 of M's largest. (H and D whole, solved in place: 2.34.) For Llama-3-8B's 14336-wide down_proj that
+is about 9.8 GB -> 3.1 GB; for a 70B's 28672-wide one 39 -> 12.5 GB. Seconds are not compared: both ran beside other
+jobs.
 
 Run: python experiments/qep_memory.py --n 8192 --json evidence/experiments/qep_memory.json
 """

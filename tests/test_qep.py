@@ -61,10 +61,14 @@ def test_gptq_on_the_corrected_weight_lowers_the_propagated_error(bits):
     assert _qep_objective(w, corrected, x, xq) < 0.8 * _qep_objective(w, plain, x, xq)
 
 
-@pytest.mark.parametrize("damp", [1.0, 1e-8])
-def test_the_in_place_solve_is_the_float64_formula(damp):
+@pytest.mark.parametrize("damp,rows", [(1.0, 1024), (1e-8, 1024), (1.0, 40)])
+def test_the_in_place_solve_is_the_float64_formula(damp, rows, monkeypatch):
     """M = D (H + damp * mean(diag H) I)^-1 from H and D formed one at a time and solved in place equals the formula
-    solved directly in float64 (a well-damped H by Cholesky; a nearly singular one too, or by LU)."""
+    solved directly in float64 (a well-damped H by Cholesky; a nearly singular one too, or by LU), whether M is
+    solved in one block of rows or several."""
+    from mlx_holo.quant import qep
+
+    monkeypatch.setattr(qep, "SOLVE_ROWS", rows)
     w, x, xq = _problem(4, n=256, d_in=96)
     xq[:, 7] = 0.0  # a dead input
     xq[:, 11] = xq[:, 12]  # two equal inputs: H singular before damping

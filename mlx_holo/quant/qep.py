@@ -18,6 +18,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+SOLVE_ROWS = 1024  # rows of QEP's M solved at a time
+
 
 def propagation_stats(x_float: mx.array, x_quant: mx.array) -> tuple[mx.array, mx.array]:
     """x_float, x_quant [n, in] (the same tokens through the float / the compressed model) ->
@@ -35,33 +37,45 @@ def qep_matrix(x_float: mx.array, x_quant: mx.array, damp: float = 0.01) -> mx.a
     W* = w + alpha * w M of every row (module docstring; H, D as ``propagation_stats``). Dead inputs (H_ii == 0: the
     compressed model never drives them) get no correction.
 
-    Memory: H and D are formed one at a time and solved in place (Cholesky; LU where H is not numerically positive
-    definite), about 20 bytes per entry of [in, in] at the peak -- a 14336-wide input (an 8B model's down_proj) needs
-    4 GB, not the 12 GB of a general solve over copies."""
-    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+    Memory: H is factorised in place in float64 (Cholesky; LU where it is not numerically positive definite) and M
+    solved ``SOLVE_ROWS`` rows of D at a time into a float32 result: about 12 bytes per entry of [in, in] at the
+    peak -- 2.5 GB for a 14336-wide input (an 8B model's down_proj), not the 12 GB of a general solve over copies."""
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve, lu_factor, lu_solve
+
+    def damp_h(Hn: np.ndarray) -> np.ndarray:  # in place
+        Hn[dead, dead] = 1.0
+        Hn.flat[:: d + 1] += damp * float(np.mean(diag))
+        return Hn
 
     Hn = _f64(_stat(x_quant, x_quant))  # [in, in] float64
+    mx.clear_cache()  # MLX's float32 H is not kept for reuse beside it
     d = Hn.shape[0]
     diag = np.diag(Hn).copy()
     dead = diag == 0
-    Hn[dead, dead] = 1.0
-    Hn.flat[:: d + 1] += damp * float(np.mean(diag))
-    Dn = _f64(_stat(x_float - x_quant.astype(mx.float32), x_quant))  # [in, in] float64; Dn.T is Fortran-ordered
+    damp_h(Hn)
     try:  # H is symmetric, so Hn.T is Hn in Fortran order: factorised in place
         c = cho_factor(Hn.T, lower=False, overwrite_a=True, check_finite=False)
-        Mt = cho_solve(c, Dn.T, overwrite_b=True, check_finite=False)  # H^-1 D^T, in Dn's memory
+
+        def solve(b):
+            return cho_solve(c, b, overwrite_b=True, check_finite=False)
     except LinAlgError:
         del Hn
-        Hn = _f64(_stat(x_quant, x_quant))
-        Hn[dead, dead] = 1.0
-        Hn.flat[:: d + 1] += damp * float(np.mean(diag))
-        Mt = np.linalg.solve(Hn, Dn.T)
-    del Hn
-    M = Mt.T  # D H^-1 [in, in]
+        Hn = damp_h(_f64(_stat(x_quant, x_quant)))
+        lu = lu_factor(Hn.T, overwrite_a=True, check_finite=False)  # factors H^T = H
+
+        def solve(b):
+            return lu_solve(lu, b, overwrite_b=True, check_finite=False)
+    xq = x_quant.astype(mx.float32)
+    diff = x_float.astype(mx.float32) - xq  # [n, in]
+    mx.eval(diff)
+    M = np.empty((d, d), np.float32)
+    for j0 in range(0, d, SOLVE_ROWS):
+        j1 = min(d, j0 + SOLVE_ROWS)
+        Dj = _f64((diff[:, j0:j1].T @ xq) / xq.shape[0])  # rows j0:j1 of D [b, in]
+        M[j0:j1] = solve(Dj.T).T  # rows of D H^-1 (H symmetric), solved in Dj's memory
+    del Hn, solve, diff
     M[:, dead] = 0.0
-    M32 = M.astype(np.float32)
-    del M, Mt, Dn
-    return mx.array(M32)
+    return mx.array(M)
 
 
 def _stat(a: mx.array, b: mx.array) -> mx.array:
