@@ -141,18 +141,15 @@ def cpu_threads() -> int:
 
 
 def share_cores(processes: int) -> int:
-    """``processes`` processes of one job run on this host: give this one cores // processes threads (at least
-    one) -- for its own thread pools (``cpu_threads``) and for the BLAS/OpenMP libraries it has loaded
-    (threadpoolctl) -- so that the processes do not oversubscribe the cores. ``MLX_HOLO_THREADS`` set by the user
-    is kept as it is. Returns the thread count."""
+    """``processes`` processes of one job run on this host: this one's own thread pools (``cpu_threads``, e.g. RTN's
+    grid fits, whose results do not depend on how many threads share the work) get cores // processes threads (at
+    least one). BLAS keeps its threads: OpenBLAS's results depend on its thread count, and a rank must compute what
+    a single process computes. ``MLX_HOLO_THREADS`` set by the user is kept as it is. Returns the thread count."""
     global _SHARED_THREADS
     _SHARED_THREADS = None
     n = max(1, cpu_threads() // max(1, processes))
     if processes > 1 and not os.environ.get("MLX_HOLO_THREADS"):
-        from threadpoolctl import threadpool_limits
-
         _SHARED_THREADS = n
-        threadpool_limits(n)
     return n
 
 

@@ -99,26 +99,20 @@ def test_assign_balances_and_single_process_owns_everything():
 
 
 def test_processes_sharing_a_host_share_its_cores(monkeypatch):
-    from threadpoolctl import ThreadpoolController
-
+    """Our own thread pools take a share of the cores; BLAS keeps its threads (its results depend on their number,
+    and two ranks must compute what one process does: the two-rank tests check that bit for bit)."""
     from mlx_holo import hardware
 
     monkeypatch.delenv("MLX_HOLO_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))
-    libs = ThreadpoolController().lib_controllers
-    before = [lib.num_threads for lib in libs]
-    assert libs, "no BLAS library loaded to limit"
     try:
         assert hardware.share_cores(1) == cores and hardware.cpu_threads() == cores
         n = hardware.share_cores(2)
         assert n == max(1, cores // 2) and hardware.cpu_threads() == n
-        assert {lib.num_threads for lib in ThreadpoolController().lib_controllers} == {n}
         monkeypatch.setenv("MLX_HOLO_THREADS", "3")  # the user's count is kept
         assert hardware.cpu_threads() == 3
     finally:
         hardware.share_cores(1)
-        for lib, k in zip(libs, before):
-            lib.set_num_threads(k)
 
 
 def test_wire_round_trip_keeps_dtypes_and_bits():
