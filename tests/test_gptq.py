@@ -277,6 +277,28 @@ def test_hessian_factor_given_equals_computed():
         gptq.gptq_pass(mx.array(w), H, 4, 32, damp=0.1, factor=f)
 
 
+@pytest.mark.parametrize("act_order", [True, False])
+def test_hessian_factor_built_by_blocks_is_the_formula(act_order, monkeypatch):
+    """The factor made from H permuted and cast a block of rows at a time is, to the bit, the inverse Cholesky
+    factor of the whole permuted float64 H with the dead input fixed; a NaN in H is refused."""
+    from mlx_holo.quant import gptq
+
+    monkeypatch.setattr(gptq, "FACTOR_ROWS", 16)  # 4 blocks of 64 rows
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((256, 64)).astype(np.float32) * rng.uniform(0.1, 3, 64).astype(np.float32)
+    x[:, 9] = 0.0
+    H = x.T @ x / 256
+    f = gptq.hessian_factor(mx.array(H), 0.01, act_order)
+    Hn = H.astype(np.float64)
+    Hn[9, 9] = 1.0
+    perm = np.argsort(-np.diag(Hn), kind="stable") if act_order else np.arange(64)
+    U = gptq.inverse_cholesky(Hn[np.ix_(perm, perm)].copy(), 0.01, overwrite=True).astype(np.float32)
+    assert np.array_equal(f.perm, perm) and np.array_equal(f.U, U) and f.dead[9] and f.dead.sum() == 1
+    H[3, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        gptq.hessian_factor(mx.array(H), 0.01, act_order)
+
+
 def test_solve_spd_batched_and_fallback():
     """Cholesky on positive definite systems, LU where one is not (the answer is the system's either way)."""
     from mlx_holo.quant.gptq import solve_spd

@@ -40,6 +40,7 @@ from .rtn import REFINES, quantize_rtn
 Progress = Callable[[str, int, int], None]
 
 
+FACTOR_ROWS = 512  # rows of H permuted / of the factor cast at a time (``hessian_factor``)
 CHUNK_ELEMENTS = 1 << 25  # gptq_quantize works on at most this many weights at once (larger: slices of rows)
 
 
@@ -84,20 +85,34 @@ class HessianFactor:
 
 
 def hessian_factor(H: mx.array | np.ndarray, damp: float = 0.01, act_order: bool = True) -> HessianFactor:
-    """H [in, in] -> its ``HessianFactor`` (dead inputs get H_ii = 1; ``damp`` as in ``inverse_cholesky``)."""
-    Hn = np.array(H, dtype=np.float64)  # [in, in]
-    if Hn.ndim != 2 or Hn.shape[0] != Hn.shape[1]:
-        raise ValueError(f"H must be square, got {Hn.shape}")
-    if not np.all(np.isfinite(Hn)):
-        raise ValueError("H contains NaN or inf")
-    diag = np.diag(Hn).copy()
+    """H [in, in] -> its ``HessianFactor`` (dead inputs get H_ii = 1; ``damp`` as in ``inverse_cholesky``).
+
+    The float64 working copy is made already permuted, a block of rows at a time, and the float32 factor a block of
+    rows at a time: beside H itself, one float64 and one float32 [in, in] array at the peak."""
+    if isinstance(H, mx.array):
+        mx.eval(H)
+    H32 = np.asarray(H)  # a view of an MLX array's buffer (or the caller's NumPy array)
+    if H32.ndim != 2 or H32.shape[0] != H32.shape[1]:
+        raise ValueError(f"H must be square, got {H32.shape}")
+    n = H32.shape[0]
+    diag = np.diag(H32).astype(np.float64)
     dead = diag == 0
-    Hn[dead, dead] = 1.0
     diag[dead] = 1.0
-    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(Hn.shape[0])
-    if act_order:
-        Hn = Hn[np.ix_(perm, perm)]
-    U = inverse_cholesky(Hn, damp, overwrite=True).astype(np.float32)  # [in, in] upper, permuted
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(n)
+    Hn = np.empty((n, n), np.float64)  # H[perm][:, perm] in float64
+    for r in range(0, n, FACTOR_ROWS):
+        rows = H32[perm[r:r + FACTOR_ROWS]]
+        Hn[r:r + FACTOR_ROWS] = rows[:, perm] if act_order else rows
+    if not np.all(np.isfinite(Hn.diagonal())) or not np.isfinite(Hn.sum()):
+        raise ValueError("H contains NaN or inf")
+    pdead = np.flatnonzero(dead[perm])
+    Hn[pdead, pdead] = 1.0
+    A = inverse_cholesky(Hn, damp, overwrite=True)  # [in, in] upper, permuted, float64 (Hn's memory)
+    del Hn
+    U = np.empty((n, n), np.float32)
+    for r in range(0, n, FACTOR_ROWS):
+        U[r:r + FACTOR_ROWS] = A[r:r + FACTOR_ROWS]
+    del A
     return HessianFactor(perm, dead, diag, U, damp, act_order)
 
 
