@@ -72,7 +72,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="the float base (default: the embedded model); e.g. a "
-                    "rotated copy (`compress --method none --rotate hadamard`), whose weights sit on no grid")
+                    "rotated copy (`compress --method none --bits 0 --rotate hadamard`), whose weights sit on no grid")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--mixed-bpw", type=float, default=5.0, help="bits per weight of the mixed row")

@@ -103,7 +103,7 @@ def hessian_factor(H: mx.array | np.ndarray, damp: float = 0.01, act_order: bool
     for r in range(0, n, FACTOR_ROWS):
         rows = H32[perm[r:r + FACTOR_ROWS]]
         Hn[r:r + FACTOR_ROWS] = rows[:, perm] if act_order else rows
-    if not np.all(np.isfinite(Hn.diagonal())) or not np.isfinite(Hn.sum()):
+    if not np.isfinite(Hn.sum()):  # a NaN or inf anywhere makes the sum non-finite
         raise ValueError("H contains NaN or inf")
     pdead = np.flatnonzero(dead[perm])
     Hn[pdead, pdead] = 1.0
@@ -287,13 +287,18 @@ def gptq_pass(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_order
         Q, C = Q[:, inv], C[:, inv]
     if not static:
         scales, biases = mx.concatenate(s_groups, axis=1), mx.concatenate(b_groups, axis=1)
-    if refit and keep is None and fit != "sym":  # (a pruned weight's zero code must stay 0; a symmetric grid must
-        # stay symmetric: no refit then)
+    if refits(refit, keep, fit):
         scales, biases = refit_params(w.astype(mx.float32), layer_objective_hessian(H), Q, scales, biases, group_size,
                                       scale_dtype=scale_dtype)
         C = (Q.astype(mx.float32).reshape(n_out, -1, g) * scales[..., None] + biases[..., None]).reshape(n_out, n_in)
     qw = QuantizedWeight(Q.astype(mx.uint8), scales, biases, bits, group_size)
     return qw, C
+
+
+def refits(refit: bool, keep: mx.array | None, fit: str) -> bool:
+    """Does a pass refit its group parameters for the final codes? Not for a pruned weight (its zero code must stay
+    0) nor on a symmetric grid (it must stay symmetric)."""
+    return refit and keep is None and fit != "sym"
 
 
 def layer_objective_hessian(H: mx.array) -> np.ndarray:
@@ -342,7 +347,7 @@ def gptq_quantize(w: mx.array, H: mx.array, bits: int, group_size: int, *, act_o
     # in slices of rows bounds the dozen [out, in] work copies the pass holds; H's factor is made once for all of
     # them. (With iters > 1 each slice decides its own passes.)
     kw["factor"] = factor or hessian_factor(H, damp, act_order)
-    late_refit = refit and iters == 1 and keep is None and fit != "sym"
+    late_refit = iters == 1 and refits(refit, keep, fit)
     if late_refit:  # every slice's loop on the factor, then the factor released before the refit's float64 H
         kw["refit"] = False
     parts = []

@@ -26,10 +26,7 @@ def propagation_stats(x_float: mx.array, x_quant: mx.array) -> tuple[mx.array, m
     (H [in, in] = mean x_q x_q^T, D [in, in] = mean (x - x_q) x_q^T), float32."""
     assert x_float.shape == x_quant.shape, (x_float.shape, x_quant.shape)
     xq = x_quant.astype(mx.float32)
-    n = xq.shape[0]
-    H = (xq.T @ xq) / n
-    D = ((x_float.astype(mx.float32) - xq).T @ xq) / n
-    return H, D
+    return _stat(xq, xq), _stat(x_float.astype(mx.float32) - xq, xq)
 
 
 def qep_matrix(x_float: mx.array, x_quant: mx.array, damp: float = 0.01) -> mx.array:
